@@ -1,0 +1,114 @@
+"""``NeuronConfig``: the neuron's settings, read from ``/etc/neuron/neuron.toml``.
+
+Every key is documented in ``configs/neuron.example.toml``; an unknown key, a wrong type or a
+bad value stops the neuron at start with one message naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from helexa.configfile import ConfigError, build, load_toml
+from neuron.errors import InvalidArgument
+from neuron.sources import ModelSpec
+
+DEFAULT_PATH = Path("/etc/neuron/neuron.toml")
+
+
+def _check_address(value: str, key: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    """Which devices models may go on, and how much memory they may take there."""
+
+    # "auto": every CUDA device, else the CPU. Or a list such as ["cuda:0", "cuda:1"] or ["cpu"].
+    use: list[str] = field(default_factory=lambda: ["auto"])
+    # Memory all models on the CPU may take together; None: 75% of physical memory.
+    cpu_memory_budget: int | None = field(default=None, metadata={"unit": "bytes"})
+    # Memory left free on each CUDA device for activations and KV caches.
+    cuda_memory_reserve: int = field(default=2 << 30, metadata={"unit": "bytes"})
+    # torch threads for CPU generation; 0: one per core.
+    cpu_threads: int = 0
+
+    def check_config(self, key: str) -> None:
+        for i, name in enumerate(self.use):
+            ok = name in ("auto", "cpu", "cuda") or (
+                name.startswith("cuda:") and name[5:].isdigit()
+            )
+            if not ok:
+                raise ConfigError(
+                    f"{key}.use[{i}]: expected auto, cpu, cuda or cuda:N, got {name!r}"
+                )
+        if self.cpu_threads < 0:
+            raise ConfigError(f"{key}.cpu_threads: must not be negative")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batching limits for every model this neuron holds (a spec may lower max_batch_size)."""
+
+    max_batch_size: int = 16
+    # Requests waiting for a batch slot per model before new ones are refused.
+    max_waiting: int = 256
+
+    def check_config(self, key: str) -> None:
+        if self.max_batch_size < 1:
+            raise ConfigError(f"{key}.max_batch_size: must be at least 1")
+        if self.max_waiting < 0:
+            raise ConfigError(f"{key}.max_waiting: must not be negative")
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    """How long in-flight generation may run after SIGTERM before it is cancelled."""
+
+    drain_timeout: float = 30.0
+
+    def check_config(self, key: str) -> None:
+        if self.drain_timeout < 0:
+            raise ConfigError(f"{key}.drain_timeout: must not be negative")
+
+
+@dataclass(frozen=True)
+class NeuronConfig:
+    """Everything ``neuron serve`` reads from its config file."""
+
+    listen: str = "0.0.0.0:13131"
+    metrics_listen: str = "0.0.0.0:13132"
+    cache_dir: str = "/var/lib/neuron/models"
+    log_level: str = "info"
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    default_models: list[ModelSpec] = field(default_factory=list)
+
+    def check_config(self, key: str) -> None:
+        _check_address(self.listen, "listen")
+        _check_address(self.metrics_listen, "metrics_listen")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError("log_level: expected debug, info, warning or error")
+        seen: set[str] = set()
+        for i, spec in enumerate(self.default_models):
+            try:
+                spec.validate(f"default_models[{i}]")
+            except InvalidArgument as e:
+                raise ConfigError(str(e)) from None
+            if spec.id in seen:
+                raise ConfigError(f"default_models[{i}].id: {spec.id!r} is listed twice")
+            seen.add(spec.id)
+
+
+def load(path: Path = DEFAULT_PATH) -> NeuronConfig:
+    """Read and check the config file; raises ``ConfigError`` naming the file and key."""
+    try:
+        return build(NeuronConfig, load_toml(path))
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(
+            message if message.startswith(str(path)) else f"{path}: {message}"
+        ) from None

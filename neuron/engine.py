@@ -1,0 +1,591 @@
+"""Generation for loaded models: continuous batching on one worker thread per device.
+
+Torch never runs on the asyncio loop. Each device has a ``DeviceWorker`` thread that owns
+torch for it and runs every model placed there. A model's ``ModelEngine`` keeps a queue of
+waiting sequences and one running batch whose KV cache has a row per sequence, left-padded
+to a common length, with each row's own positions. New sequences are prefilled together and
+merged into the batch; finished ones leave it at once; the loop is admit → decode → emit.
+
+The asyncio side talks to it only through ``ModelEngine.stream`` (an async iterator of
+``Chunk``), which hands a ``Sequence`` over to the thread and receives chunks back through
+``loop.call_soon_threadsafe``. Cancelling the iterator cancels the sequence; the thread
+drops it before its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from neuron import metrics
+from neuron.errors import QueueFull, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class Chunk:
+    """What a sequence produced since its last chunk; the last one has a finish reason."""
+
+    text: str
+    tokens: int
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str = ""
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state from waiting to finished."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[Chunk], None]
+    generated: list[int] = field(default_factory=list)
+    text: str = ""  # decoded completion so far
+    emitted: int = 0  # characters of text already sent
+    unsent_tokens: int = 0  # tokens generated since the last chunk
+    prefix_offset: int = 0  # incremental detokenisation window
+    read_offset: int = 0
+    generator: torch.Generator | None = None
+    arrived_at: float = field(default_factory=time.monotonic)
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    # Set from the asyncio side: the client is gone, nothing more is sent.
+    cancelled: bool = False
+    # Set by the neuron (drain past its bound): end with finish reason "cancelled".
+    aborted: bool = False
+    finished: bool = False
+
+
+class ModelEngine:
+    """Runs one loaded model: its waiting queue, its running batch, its generation steps."""
+
+    def __init__(
+        self,
+        model_id: str,
+        model: Any,
+        tokenizer: Any,
+        device: torch.device,
+        max_batch_size: int,
+        max_context: int,
+        max_waiting: int,
+    ) -> None:
+        self.model_id = model_id
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.max_context = max_context
+        self.max_waiting = max_waiting
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.worker: DeviceWorker | None = None
+        self.last_used = 0.0
+        # Shared with the asyncio side, guarded by the worker's condition lock.
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.unfinished = 0
+        # Owned by the worker thread.
+        self.running: list[Sequence] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # [B, T] 1 for real tokens, 0 for padding
+        self._positions: torch.Tensor | None = None  # [B] position of each row's next token
+        self._next_tokens: torch.Tensor | None = None  # [B] last sampled token per row
+        self._idle = threading.Event()
+        self._idle.set()
+        self._metric_labels = {"model": model_id}
+
+    # ---- asyncio side ----
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render messages with the tokenizer's own chat template and tokenise them."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; send a raw prompt instead")
+        encoded = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    async def stream(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str = ""
+    ) -> AsyncIterator[Chunk]:
+        """Generate for one request; chunks that arrive while the caller is busy are merged."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Chunk] = asyncio.Queue()
+
+        def sink(chunk: Chunk) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            except RuntimeError:  # the loop has closed: nobody is listening any more
+                pass
+
+        seq = Sequence(request_id or uuid.uuid4().hex, prompt_ids, params, sink)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self._submit(seq)
+        try:
+            while True:
+                chunk = await queue.get()
+                while chunk.finish_reason is None and not queue.empty():
+                    chunk = _merge(chunk, queue.get_nowait())
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            if not seq.finished:
+                seq.cancelled = True
+                if self.worker is not None:
+                    self.worker.wake()
+
+    def _submit(self, seq: Sequence) -> None:
+        worker = self.worker
+        if worker is None:
+            raise ShuttingDown(f"model {self.model_id} is not running")
+        with worker.cond:
+            if len(self.waiting) >= self.max_waiting and self.max_waiting > 0:
+                raise QueueFull(
+                    f"model {self.model_id} has {len(self.waiting)} requests waiting (the bound)"
+                )
+            self.waiting.append(seq)
+            self.unfinished += 1
+            self._idle.clear()
+            self.last_used = time.time()
+            metrics.WAITING.labels(**self._metric_labels).set(len(self.waiting))
+            worker.cond.notify()
+
+    def abort_all(self) -> None:
+        """End every unfinished sequence with finish reason ``cancelled`` (drain past its bound)."""
+        worker = self.worker
+        if worker is None:
+            return
+        with worker.cond:
+            for seq in list(self.waiting) + list(self.running):
+                seq.aborted = True
+            worker.cond.notify()
+
+    def release(self) -> None:
+        """Drop every reference to the model's tensors (called on the device thread)."""
+        self.model = None
+        self.tokenizer = None
+        self._reset_batch()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until nothing is waiting or running (call from a thread, not the loop)."""
+        return self._idle.wait(timeout)
+
+    # ---- worker thread ----
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or bool(self.running)
+
+    def step(self) -> None:
+        """One iteration: drop cancelled sequences, admit waiting ones, decode one token."""
+        try:
+            self._drop_cancelled()
+            self._admit()
+            if self.running:
+                self._decode()
+        except Exception as e:  # a failed forward must not kill the worker or hang clients
+            log.exception("generation step failed model=%s", self.model_id)
+            for seq in self.running:
+                self._finish(seq, ERROR, error=f"generation failed: {e}")
+            self._reset_batch()
+        finally:
+            self._update_gauges()
+
+    def _drop_cancelled(self) -> None:
+        assert self.worker is not None
+        with self.worker.cond:
+            for seq in [s for s in self.waiting if s.cancelled or s.aborted]:
+                self.waiting.remove(seq)
+                self._finish(seq, CANCELLED)
+        gone = [i for i, s in enumerate(self.running) if s.cancelled or s.aborted]
+        for i in gone:
+            self._finish(self.running[i], CANCELLED)
+        if gone:
+            self._keep_rows([i for i in range(len(self.running)) if i not in set(gone)])
+
+    def _admit(self) -> None:
+        assert self.worker is not None
+        room = self.max_batch_size - len(self.running)
+        if room <= 0:
+            return
+        with self.worker.cond:
+            new = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        if not new:
+            return
+        now = time.monotonic()
+        for seq in new:
+            metrics.QUEUE_TIME.labels(**self._metric_labels).observe(now - seq.arrived_at)
+        self._prefill(new)
+
+    @torch.inference_mode()
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Run the prompts of ``seqs`` together (left-padded) and merge them into the batch."""
+        from transformers import DynamicCache
+
+        longest = max(len(s.prompt_ids) for s in seqs)
+        pad = self.eos_ids[0] if self.eos_ids else 0
+        ids = torch.tensor(
+            [[pad] * (longest - len(s.prompt_ids)) + s.prompt_ids for s in seqs],
+            device=self.device,
+        )
+        lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)
+        columns = torch.arange(longest, device=self.device)
+        mask = (columns[None, :] >= (longest - lengths)[:, None]).long()
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        tokens = self._sample(out.logits[:, -1, :], seqs)
+        metrics.PROMPT_TOKENS.labels(**self._metric_labels).inc(int(lengths.sum()))
+        first_row = len(self.running)
+        self._merge_batch(seqs, cache, mask, lengths, tokens)
+        self._emit(first_row, tokens)
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        assert self._mask is not None and self._positions is not None
+        assert self._next_tokens is not None
+        batch = len(self.running)
+        self._mask = torch.cat(
+            [self._mask, torch.ones(batch, 1, dtype=self._mask.dtype, device=self.device)], dim=1
+        )
+        out = self.model(
+            input_ids=self._next_tokens[:, None],
+            attention_mask=self._mask,
+            position_ids=self._positions[:, None],
+            past_key_values=self._cache,
+            use_cache=True,
+        )
+        self._positions = self._positions + 1
+        tokens = self._sample(out.logits[:, -1, :], self.running)
+        self._next_tokens = tokens
+        self._emit(0, tokens)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Pick one token per row: greedy where temperature is 0, else seeded sampling."""
+        logits = logits.float()
+        for i, seq in enumerate(seqs):
+            penalty = seq.params.repetition_penalty
+            if penalty != 1.0:
+                seen = torch.tensor(
+                    sorted(set(seq.prompt_ids + seq.generated)), device=logits.device
+                )
+                scores = logits[i, seen]
+                logits[i, seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
+        tokens = logits.argmax(dim=-1)
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.temperature == 0:
+                continue
+            row = logits[i] / p.temperature
+            if p.top_k > 0 and p.top_k < row.numel():
+                kth = torch.topk(row, p.top_k).values[-1]
+                row = row.masked_fill(row < kth, float("-inf"))
+            if p.top_p < 1.0:
+                sorted_logits, order = torch.sort(row, descending=True)
+                probs = torch.softmax(sorted_logits, dim=-1)
+                drop = probs.cumsum(-1) - probs > p.top_p
+                row = row.scatter(0, order[drop], float("-inf"))
+            probs = torch.softmax(row, dim=-1)
+            tokens[i] = torch.multinomial(probs, 1, generator=seq.generator)[0]
+        return tokens
+
+    def _emit(self, first_row: int, tokens: torch.Tensor) -> None:
+        """Account the new token of rows ``first_row``..., send text, let finished rows leave."""
+        now = time.monotonic()
+        keep = list(range(first_row))
+        rows = self.running[first_row:]
+        for i, (seq, token) in enumerate(zip(rows, tokens.tolist(), strict=True), first_row):
+            seq.generated.append(token)
+            seq.unsent_tokens += 1
+            labels = self._metric_labels
+            if seq.first_token_at == 0.0:
+                seq.first_token_at = now
+                metrics.TIME_TO_FIRST_TOKEN.labels(**labels).observe(now - seq.arrived_at)
+            else:
+                metrics.INTER_TOKEN_LATENCY.labels(**labels).observe(now - seq.last_token_at)
+            seq.last_token_at = now
+            metrics.GENERATION_TOKENS.labels(**labels).inc()
+            reason = self._advance_text(seq, token)
+            if reason is not None:
+                self._finish(seq, reason)
+            else:
+                keep.append(i)
+        if len(keep) < len(self.running):
+            self._keep_rows(keep)
+
+    def _advance_text(self, seq: Sequence, token: int) -> str | None:
+        """Decode the new token, apply stop sequences, send what is safe; maybe finish."""
+        if token in self.eos_ids:
+            return STOP
+        new_text = self._detokenize(seq)
+        seq.text += new_text
+        stops = seq.params.stop
+        if stops and new_text:
+            window = max(len(s) for s in stops) + len(new_text)
+            start = max(0, len(seq.text) - window)
+            hits = [p for p in (seq.text.find(s, start) for s in stops) if p >= 0]
+            if hits:
+                seq.text = seq.text[: min(hits)]
+                return STOP
+        position = len(seq.prompt_ids) + len(seq.generated)
+        if len(seq.generated) >= seq.params.max_tokens or position >= self.max_context:
+            return LENGTH
+        safe = len(seq.text) - _held_back(seq.text, stops)
+        if safe > seq.emitted:
+            seq.sink(Chunk(seq.text[seq.emitted : safe], seq.unsent_tokens))
+            seq.emitted, seq.unsent_tokens = safe, 0
+        return None
+
+    def _detokenize(self, seq: Sequence) -> str:
+        # Decode a small window of tokens so multi-token characters come out whole.
+        tokens = seq.generated
+        prefix = self.tokenizer.decode(
+            tokens[seq.prefix_offset : seq.read_offset], skip_special_tokens=True
+        )
+        full = self.tokenizer.decode(tokens[seq.prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(tokens)
+            return full[len(prefix) :]
+        return ""
+
+    def _finish(self, seq: Sequence, reason: str, error: str = "") -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if not seq.cancelled:  # a client that is gone gets nothing more
+            rest = seq.text[seq.emitted :] if reason != ERROR else ""
+            seq.sink(
+                Chunk(
+                    rest,
+                    seq.unsent_tokens,
+                    finish_reason=reason,
+                    prompt_tokens=len(seq.prompt_ids),
+                    completion_tokens=len(seq.generated),
+                    error=error,
+                )
+            )
+        now = time.monotonic()
+        metrics.REQUESTS.labels(model=self.model_id, finish_reason=reason).inc()
+        metrics.END_TO_END.labels(**self._metric_labels).observe(now - seq.arrived_at)
+        assert self.worker is not None
+        with self.worker.cond:
+            self.unfinished -= 1
+            if self.unfinished == 0:
+                self._idle.set()
+        log.debug(
+            "request finished model=%s request_id=%s reason=%s prompt_tokens=%d "
+            "completion_tokens=%d seconds=%.3f",
+            self.model_id, seq.request_id, reason, len(seq.prompt_ids), len(seq.generated),
+            now - seq.arrived_at,
+        )  # fmt: skip
+
+    # ---- the batch's KV cache ----
+
+    def _merge_batch(
+        self,
+        seqs: list[Sequence],
+        cache: Any,
+        mask: torch.Tensor,
+        lengths: torch.Tensor,
+        tokens: torch.Tensor,
+    ) -> None:
+        if not self.running:
+            self.running = list(seqs)
+            self._cache, self._mask, self._positions = cache, mask, lengths
+            self._next_tokens = tokens
+            return
+        assert self._mask is not None and self._positions is not None
+        assert self._next_tokens is not None
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        total = max(old_len, new_len)
+        for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
+            old_layer.keys = torch.cat(
+                [
+                    _pad_left(old_layer.keys, total - old_len),
+                    _pad_left(new_layer.keys, total - new_len),
+                ]
+            )
+            old_layer.values = torch.cat(
+                [
+                    _pad_left(old_layer.values, total - old_len),
+                    _pad_left(new_layer.values, total - new_len),
+                ]
+            )
+        self._mask = torch.cat(
+            [F.pad(self._mask, (total - old_len, 0)), F.pad(mask, (total - new_len, 0))]
+        )
+        self._positions = torch.cat([self._positions, lengths])
+        self._next_tokens = torch.cat([self._next_tokens, tokens])
+        self.running.extend(seqs)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        """Keep only the rows ``keep`` and cut the padding columns no row needs any more."""
+        if not keep:
+            self._reset_batch()
+            return
+        assert self._mask is not None and self._positions is not None
+        assert self._next_tokens is not None
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, index)
+        # Leading columns that are padding in every remaining row can go.
+        real = mask.any(dim=0).nonzero()
+        cut = int(real[0]) if real.numel() else 0
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, cut:]
+            layer.values = layer.values.index_select(0, index)[:, :, cut:]
+        self._mask = mask[:, cut:]
+        self._positions = self._positions.index_select(0, index)
+        self._next_tokens = self._next_tokens.index_select(0, index)
+        self.running = [self.running[i] for i in keep]
+
+    def _reset_batch(self) -> None:
+        self.running = []
+        self._cache = self._mask = self._positions = self._next_tokens = None
+
+    def _update_gauges(self) -> None:
+        metrics.RUNNING.labels(**self._metric_labels).set(len(self.running))
+        metrics.WAITING.labels(**self._metric_labels).set(len(self.waiting))
+
+
+class DeviceWorker:
+    """The thread that owns torch for one device and runs every model placed on it."""
+
+    def __init__(self, device: torch.device, cpu_threads: int = 0) -> None:
+        self.device = device
+        self.cond = threading.Condition()
+        self._engines: list[ModelEngine] = []
+        self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
+        self._stopped = False
+        self._cpu_threads = cpu_threads
+        self._thread = threading.Thread(target=self._run, name=f"torch-{device}", daemon=True)
+        self._thread.start()
+
+    def attach(self, engine: ModelEngine) -> None:
+        with self.cond:
+            engine.worker = self
+            self._engines.append(engine)
+
+    def detach(self, engine: ModelEngine) -> None:
+        with self.cond:
+            if engine in self._engines:
+                self._engines.remove(engine)
+            engine.worker = None
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on this device's thread between steps (torch work that must not race)."""
+        future: Future[Any] = Future()
+        with self.cond:
+            self._calls.append((fn, future))
+            self.cond.notify()
+        return future
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify()
+
+    def stop(self) -> None:
+        with self.cond:
+            self._stopped = True
+            self.cond.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        if self.device.type == "cpu" and self._cpu_threads > 0:
+            torch.set_num_threads(self._cpu_threads)
+        while True:
+            with self.cond:
+                while (
+                    not self._stopped
+                    and not self._calls
+                    and not any(e.has_work() for e in self._engines)
+                ):
+                    self.cond.wait()
+                if self._stopped:
+                    return
+                calls = list(self._calls)
+                self._calls.clear()
+                engines = [e for e in self._engines if e.has_work()]
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:
+                        future.set_exception(e)
+            for engine in engines:
+                engine.step()
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    # KV tensors are [batch, heads, length, dim]: pad the length dimension on the left.
+    return F.pad(t, (0, 0, n, 0)) if n else t
+
+
+def _merge(a: Chunk, b: Chunk) -> Chunk:
+    return Chunk(
+        a.text + b.text,
+        a.tokens + b.tokens,
+        b.finish_reason,
+        b.prompt_tokens,
+        b.completion_tokens,
+        b.error,
+    )
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of ``text`` that could still grow into a stop sequence."""
+    held = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:n]):
+                held = n
+                break
+    return held
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (config_eos, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, list | tuple):
+            ids.extend(int(v) for v in value)
+    return list(dict.fromkeys(ids))

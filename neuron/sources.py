@@ -1,0 +1,196 @@
+"""Turn a ``ModelSpec`` into local files a model can be loaded from.
+
+Three kinds of source: a Hugging Face repository (fetched with huggingface_hub into the cache
+dir, at a revision), a local model directory, and a GGUF file (local or inside a Hugging Face
+repo). A GGUF file is dequantised once and materialised into the cache as safetensors plus its
+tokenizer, so every later load reads plain safetensors and takes well under a second.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from neuron.errors import InvalidArgument, LoadFailed
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load and how: the in-process twin of the proto's ``ModelSpec``.
+
+    Exactly one of ``hf_repo`` and ``path`` names the source. ``gguf_file`` picks a GGUF file
+    inside the repo or directory (or ``path`` is the GGUF file itself).
+    """
+
+    id: str
+    hf_repo: str = ""
+    revision: str = ""
+    path: str = ""
+    gguf_file: str = ""
+    dtype: str = "auto"
+    device: str = "auto"
+    max_batch_size: int = 0
+    max_context: int = 0
+
+    def validate(self, key: str = "spec") -> None:
+        """Raise ``InvalidArgument`` naming the first wrong field."""
+        prefix = f"{key}." if key else ""
+        if not self.id or not self.id.strip():
+            raise InvalidArgument(f"{prefix}id", "must not be empty")
+        if bool(self.hf_repo) == bool(self.path):
+            raise InvalidArgument(
+                f"{prefix}source", "give exactly one of hf_repo (Hugging Face) or path (local)"
+            )
+        if self.dtype not in DTYPES:
+            raise InvalidArgument(f"{prefix}dtype", f"must be one of {', '.join(DTYPES)}")
+        if not (
+            self.device in ("auto", "cpu", "cuda")
+            or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        ):
+            raise InvalidArgument(f"{prefix}device", "must be auto, cpu, cuda or cuda:N")
+        if self.max_batch_size < 0:
+            raise InvalidArgument(f"{prefix}max_batch_size", "must not be negative")
+        if self.max_context < 0:
+            raise InvalidArgument(f"{prefix}max_context", "must not be negative")
+
+    def same_source(self, other: ModelSpec) -> bool:
+        """Whether two specs load the same weights in the same dtype."""
+        keys = ("hf_repo", "revision", "path", "gguf_file", "dtype")
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
+
+    def describe(self) -> str:
+        where = f"hf:{self.hf_repo}@{self.revision or 'main'}" if self.hf_repo else self.path
+        return f"{where}/{self.gguf_file}" if self.gguf_file else where
+
+
+def resolve(spec: ModelSpec, cache_dir: Path) -> Path:
+    """Return a directory holding config.json, safetensors weights and a tokenizer."""
+    if spec.hf_repo:
+        return _resolve_hub(spec, cache_dir)
+    path = Path(spec.path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return materialise_gguf(path, cache_dir)
+    if spec.gguf_file:
+        gguf = path / spec.gguf_file
+        if not gguf.is_file():
+            raise LoadFailed(f"{gguf}: no such GGUF file")
+        return materialise_gguf(gguf, cache_dir)
+    if not (path / "config.json").is_file():
+        raise LoadFailed(f"{path}: not a model directory (no config.json)")
+    return path
+
+
+def _resolve_hub(spec: ModelSpec, cache_dir: Path) -> Path:
+    # Imported here so that the cache-only paths never pay for huggingface_hub's import.
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    hub_cache = cache_dir / "hub"
+    revision = spec.revision or None
+    try:
+        if spec.gguf_file:
+            gguf = hf_hub_download(
+                spec.hf_repo, spec.gguf_file, revision=revision, cache_dir=hub_cache
+            )
+            return materialise_gguf(Path(gguf), cache_dir)
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+        snapshot = snapshot_download(
+            spec.hf_repo, revision=revision, cache_dir=hub_cache, allow_patterns=patterns
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        raise LoadFailed(f"hf:{spec.hf_repo}@{spec.revision or 'main'}: {e}") from e
+    path = Path(snapshot)
+    if not (path / "config.json").is_file():
+        raise LoadFailed(f"hf:{spec.hf_repo}: no config.json in the repository")
+    return path
+
+
+def materialise_gguf(gguf: Path, cache_dir: Path) -> Path:
+    """Dequantise a GGUF file once into ``cache_dir/gguf/<digest>``; later calls reuse it."""
+    digest = _file_digest(gguf)
+    target = cache_dir / "gguf" / f"{gguf.stem}-{digest[:16]}"
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One materialisation per file across threads and processes sharing the cache.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / ".complete").exists():
+            return target
+        started = time.monotonic()
+        scratch = target.parent / f".{target.name}.partial-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            _dequantise_into(gguf, scratch)
+            (scratch / ".complete").write_text(json.dumps({"source": str(gguf)}))
+            shutil.rmtree(target, ignore_errors=True)
+            scratch.rename(target)
+        except Exception as e:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise LoadFailed(f"{gguf}: cannot materialise GGUF: {e}") from e
+    log.info(
+        "gguf materialised file=%s into=%s seconds=%.2f",
+        gguf, target, time.monotonic() - started,
+    )  # fmt: skip
+    return target
+
+
+def _dequantise_into(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # Drop every trace of GGUF quantisation so the folder reloads as plain safetensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parameter_bytes(model_dir: Path, dtype_bytes: int | None) -> int:
+    """Bytes the weights take once loaded: read from the safetensors headers, not the data.
+
+    ``dtype_bytes`` is the size of one element in the dtype the model will be loaded in, or
+    None to keep each tensor's stored dtype.
+    """
+    total = 0
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in entry["shape"]:
+                count *= dim
+            total += count * (dtype_bytes or _DTYPE_BYTES.get(entry["dtype"], 4))
+    if total == 0:
+        raise LoadFailed(f"{model_dir}: no safetensors weights found")
+    return total

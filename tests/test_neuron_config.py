@@ -1,0 +1,105 @@
+"""neuron's config: every shipped file parses with the real loader; bad keys are named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helexa.configfile import ConfigError, parse_bytes
+from neuron.config import NeuronConfig, load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("neuron*.toml")), ids=lambda p: p.name)
+def test_every_shipped_neuron_config_parses(path: Path) -> None:
+    config = load(path)
+    assert isinstance(config, NeuronConfig)
+
+
+def test_example_config_documents_every_key() -> None:
+    text = (ROOT / "configs/neuron.example.toml").read_text()
+    for key in [
+        "listen", "metrics_listen", "cache_dir", "log_level", "use", "cpu_memory_budget",
+        "cuda_memory_reserve", "cpu_threads", "max_batch_size", "max_waiting", "drain_timeout",
+        "default_models", "hf_repo", "revision", "gguf_file", "path", "dtype", "device",
+        "max_context",
+    ]:  # fmt: skip
+        assert f"{key} =" in text or f"[[{key}]]" in text, key
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "neuron.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("listn = '0.0.0.0:1'", "listn: unknown key"),
+        ("[engine]\nmax_batch = 4", "engine.max_batch: unknown key"),
+        ("[engine]\nmax_batch_size = 'four'", "engine.max_batch_size: expected an integer"),
+        ("[engine]\nmax_batch_size = 0", "engine.max_batch_size: must be at least 1"),
+        ("[shutdown]\ndrain_timeout = -1", "shutdown.drain_timeout"),
+        ("listen = 'nowhere'", "listen: expected HOST:PORT"),
+        ("[devices]\ncpu_memory_budget = 'lots'", "devices.cpu_memory_budget"),
+        ("[devices]\nuse = ['tpu']", "devices.use[0]"),
+        ("[[default_models]]\nid = 'm'", "default_models[0].source"),
+        ("[[default_models]]\npath = '/x'", "default_models[0].id: required key is missing"),
+        ("[[default_models]]\nid = 'm'\npath = '/x'\ndtype = 'int3'", "default_models[0].dtype"),
+        (
+            "[[default_models]]\nid='m'\npath='/x'\n[[default_models]]\nid='m'\npath='/y'",
+            "default_models[1].id",
+        ),
+        ("[[default_models]]\nid = 'm'\npath = '/x'\nsource = 'hf'", "default_models[0].source: unknown key"),
+        ("listen = ", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_one_error_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    assert named in str(error.value)
+    assert str(path) in str(error.value)
+
+
+def test_neuron_serve_with_bad_config_exits_with_the_key(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[engine]\nmax_batch_size = 'four'\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "neuron.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "engine.max_batch_size" in result.stderr
+
+
+def test_sizes_parse_with_units() -> None:
+    assert parse_bytes("8GiB", "k") == 8 << 30
+    assert parse_bytes("512 MiB", "k") == 512 << 20
+    assert parse_bytes("2GB", "k") == 2_000_000_000
+    assert parse_bytes(1024, "k") == 1024
+    with pytest.raises(ConfigError):
+        parse_bytes(-1, "k")
+
+
+def test_defaults_match_the_documented_ports() -> None:
+    config = NeuronConfig()
+    assert config.listen == "0.0.0.0:13131"
+    assert config.metrics_listen == "0.0.0.0:13132"
+    assert config.cache_dir == "/var/lib/neuron/models"
+
+
+def test_commented_default_model_in_example_parses(tmp_path: Path) -> None:
+    # The example's [[default_models]] block is commented out; uncommented, it must load.
+    text = (ROOT / "configs/neuron.example.toml").read_text()
+    block = text[text.index("# [[default_models]]") :]
+    lines = [line[2:] for line in block.splitlines() if line.startswith("# ") and not line.startswith("# #")]
+    config = load(_write(tmp_path, "\n".join(lines)))
+    (spec,) = config.default_models
+    assert spec.hf_repo == "HuggingFaceTB/SmolLM2-135M-Instruct"
