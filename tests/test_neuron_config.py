@@ -14,7 +14,9 @@ from neuron.config import NeuronConfig, load
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("neuron*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs").glob("neuron*.toml")), ids=lambda p: p.name
+)
 def test_every_shipped_neuron_config_parses(path: Path) -> None:
     config = load(path)
     assert isinstance(config, NeuronConfig)
@@ -55,7 +57,10 @@ def _write(tmp_path: Path, text: str) -> Path:
             "[[default_models]]\nid='m'\npath='/x'\n[[default_models]]\nid='m'\npath='/y'",
             "default_models[1].id",
         ),
-        ("[[default_models]]\nid = 'm'\npath = '/x'\nsource = 'hf'", "default_models[0].source: unknown key"),
+        (
+            "[[default_models]]\nid = 'm'\npath = '/x'\nsource = 'hf'",
+            "default_models[0].source: unknown key",
+        ),
         ("listen = ", "not valid TOML"),
     ],
 )
@@ -99,7 +104,11 @@ def test_commented_default_model_in_example_parses(tmp_path: Path) -> None:
     # The example's [[default_models]] block is commented out; uncommented, it must load.
     text = (ROOT / "configs/neuron.example.toml").read_text()
     block = text[text.index("# [[default_models]]") :]
-    lines = [line[2:] for line in block.splitlines() if line.startswith("# ") and not line.startswith("# #")]
+    lines = [
+        line[2:]
+        for line in block.splitlines()
+        if line.startswith("# ") and not line.startswith("# #")
+    ]
     config = load(_write(tmp_path, "\n".join(lines)))
     (spec,) = config.default_models
     assert spec.hf_repo == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -1,0 +1,54 @@
+"""Shared fixtures: the demo model materialised once, and real neuron processes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
+from tests.harness import DEMO_GGUF, SHARED_CACHE, NeuronProcess, demo_model, neuron_config
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    """The demo GGUF materialised into the shared test cache (once per machine)."""
+    if not DEMO_GGUF.exists():
+        pytest.fail(f"{DEMO_GGUF} is missing: run `make model`")
+    from neuron.sources import materialise_gguf
+
+    return materialise_gguf(DEMO_GGUF, SHARED_CACHE)
+
+
+@pytest.fixture(scope="session")
+def shared_neuron(
+    demo_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[NeuronProcess]:
+    """One neuron with the demo model, shared by tests that do not stop or reconfigure it."""
+    neuron = NeuronProcess(
+        tmp_path_factory.mktemp("shared-neuron"), neuron_config([demo_model()])
+    ).start()
+    try:
+        yield neuron
+    finally:
+        neuron.stop()
+
+
+@pytest.fixture
+async def shared_stub(shared_neuron: NeuronProcess) -> AsyncIterator[pb_grpc.NeuronStub]:
+    await shared_neuron.wait_serving()
+    async with grpc.aio.insecure_channel(shared_neuron.endpoint) as channel:
+        yield pb_grpc.NeuronStub(channel)
+
+
+@pytest.fixture
+def neurons(tmp_path: Path) -> Iterator[list[NeuronProcess]]:
+    """Neurons a test starts itself (append to the list); all stopped at the end."""
+    started: list[NeuronProcess] = []
+    try:
+        yield started
+    finally:
+        for neuron in started:
+            neuron.stop()

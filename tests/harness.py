@@ -1,0 +1,178 @@
+"""Real processes for end-to-end tests: neurons (and later cortex) on free ports.
+
+Every process logs to a file in the test's tmp dir; readiness is polled with a deadline, never
+slept for; ``stop()`` always leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import tomli_w
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from helexa.neuron.v1 import neuron_pb2 as pb
+from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_GGUF = ROOT / "models/demo/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Shared by every test process so the GGUF is materialised once per machine, not per test.
+SHARED_CACHE = ROOT / ".cache/test-neuron"
+DEMO_ID = "smollm2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def demo_model(model_id: str = DEMO_ID, **extra: Any) -> dict[str, Any]:
+    """A ``[[default_models]]`` entry (or LoadModel spec fields) for the demo GGUF."""
+    return {"id": model_id, "path": str(DEMO_GGUF), **extra}
+
+
+def demo_spec(model_id: str = DEMO_ID, **extra: Any) -> pb.ModelSpec:
+    return pb.ModelSpec(id=model_id, local=pb.LocalSource(path=str(DEMO_GGUF)), **extra)
+
+
+def chat(model: str, content: str, **params: Any) -> pb.GenerateRequest:
+    message = pb.ChatMessage(role="user", content=content)
+    return pb.GenerateRequest(model=model, chat=pb.ChatMessages(messages=[message]), **params)
+
+
+@dataclass
+class NeuronProcess:
+    """A ``neuron serve`` subprocess with its config, ports and log."""
+
+    workdir: Path
+    config: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return str(self.config["listen"])
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config['metrics_listen']}/metrics"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "neuron.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "neuron.toml"
+
+    def start(self) -> NeuronProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(tomli_w.dumps(self.config))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **self.env}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "neuron.cli", "serve", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+            )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def wait_serving(self, within: float = 120.0) -> None:
+        """Poll grpc.health until SERVING; fail with the log if the process dies first."""
+        deadline = time.monotonic() + within
+        async with grpc.aio.insecure_channel(self.endpoint) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"neuron exited {self.proc.returncode}:\n{self.log()}")
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"neuron not SERVING within {within}s:\n{self.log()}")
+
+    def send(self, signum: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait_exit(self, within: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=within)
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL after a bound); safe to call twice."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as reply:
+            return str(reply.read().decode())
+
+
+def neuron_config(
+    default_models: list[dict[str, Any]] | None = None,
+    drain_timeout: float = 30.0,
+    max_batch_size: int = 16,
+    cpu_memory_budget: str = "4GiB",
+    cache_dir: Path = SHARED_CACHE,
+    log_level: str = "info",
+    **top: Any,
+) -> dict[str, Any]:
+    """A neuron config on free loopback ports, CPU only, sharing the test model cache."""
+    return {
+        "listen": f"127.0.0.1:{free_port()}",
+        "metrics_listen": f"127.0.0.1:{free_port()}",
+        "cache_dir": str(cache_dir),
+        "log_level": log_level,
+        "devices": {"use": ["cpu"], "cpu_memory_budget": cpu_memory_budget, "cpu_threads": 0},
+        "engine": {"max_batch_size": max_batch_size},
+        "shutdown": {"drain_timeout": drain_timeout},
+        "default_models": default_models or [],
+        **top,
+    }
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def collect(stub: pb_grpc.NeuronStub, request: pb.GenerateRequest) -> tuple[str, Any, int]:
+    """Run one Generate to its end: (text, last message, number of messages)."""
+    text, last, count = "", None, 0
+    async for reply in stub.Generate(request, timeout=300):
+        text += reply.text
+        last, count = reply, count + 1
+    return text, last, count

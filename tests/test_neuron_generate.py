@@ -1,0 +1,174 @@
+"""Generation through a real neuron process over real gRPC with the real SmolLM2."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from helexa.neuron.v1 import neuron_pb2 as pb
+from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
+from tests.harness import DEMO_ID, chat, collect, demo_spec
+
+QUESTION = "What is the capital of France?"
+
+
+async def test_greedy_chat_answers_paris_streamed(shared_stub: pb_grpc.NeuronStub) -> None:
+    text, last, count = await collect(
+        shared_stub, chat(DEMO_ID, QUESTION, max_tokens=32, temperature=0)
+    )
+    assert "Paris" in text
+    assert count > 1, "the answer must arrive as a stream of several messages"
+    assert last.finish_reason == pb.FINISH_REASON_STOP
+    assert last.usage.prompt_tokens > 10
+    assert 0 < last.usage.completion_tokens <= 32
+
+
+async def test_greedy_chat_whole_answer_is_the_streamed_text(
+    shared_stub: pb_grpc.NeuronStub,
+) -> None:
+    first, _, _ = await collect(shared_stub, chat(DEMO_ID, QUESTION, max_tokens=32, temperature=0))
+    second, _, _ = await collect(shared_stub, chat(DEMO_ID, QUESTION, max_tokens=32, temperature=0))
+    assert first == second == "The capital of France is Paris."
+
+
+async def test_raw_prompt_is_generated_without_template(shared_stub: pb_grpc.NeuronStub) -> None:
+    request = pb.GenerateRequest(
+        model=DEMO_ID, prompt="The capital of France is", max_tokens=5, temperature=0
+    )
+    text, last, _ = await collect(shared_stub, request)
+    assert "Paris" in text
+    assert last.usage.completion_tokens <= 5
+
+
+async def test_max_tokens_ends_with_length(shared_stub: pb_grpc.NeuronStub) -> None:
+    request = chat(DEMO_ID, "Write a long story about a dragon.", max_tokens=7, temperature=0)
+    _, last, _ = await collect(shared_stub, request)
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH
+    assert last.usage.completion_tokens == 7
+
+
+async def test_stop_sequence_cuts_the_text(shared_stub: pb_grpc.NeuronStub) -> None:
+    request = chat(DEMO_ID, QUESTION, max_tokens=32, temperature=0, stop=["Paris"])
+    text, last, _ = await collect(shared_stub, request)
+    assert text == "The capital of France is "
+    assert last.finish_reason == pb.FINISH_REASON_STOP
+
+
+async def test_seeded_sampling_repeats_and_differs_by_seed(shared_stub: pb_grpc.NeuronStub) -> None:
+    def req(seed: int) -> pb.GenerateRequest:
+        return chat(
+            DEMO_ID,
+            "Tell me a story.",
+            max_tokens=24,
+            temperature=1.0,
+            top_p=0.95,
+            top_k=50,
+            seed=seed,
+        )
+
+    a, b, c = await asyncio.gather(
+        collect(shared_stub, req(1)), collect(shared_stub, req(1)), collect(shared_stub, req(2))
+    )
+    assert a[0] == b[0]
+    assert a[0] != c[0]
+
+
+async def test_eight_concurrent_streams_are_batched_not_serialised(
+    shared_stub: pb_grpc.NeuronStub,
+) -> None:
+    # float32, so that greedy answers are the same whatever the batch around them (bf16 rounds
+    # differently with the batch's shape and can flip near-ties).
+    model = "smollm2-f32"
+    await shared_stub.LoadModel(pb.LoadModelRequest(spec=demo_spec(model, dtype="float32")))
+    questions = [
+        QUESTION, "Name three colours.", "What is 2 + 2?", "Say hello.",
+        "What is the largest ocean?", "Name a fruit.", "What is water made of?", "Count to five.",
+    ]  # fmt: skip
+
+    def req(q: str) -> pb.GenerateRequest:
+        return chat(model, q, max_tokens=48, temperature=0)
+
+    # Each alone first: the reference answers and the sequential wall time.
+    started = time.monotonic()
+    alone = [await collect(shared_stub, req(q)) for q in questions]
+    sequential = time.monotonic() - started
+
+    started = time.monotonic()
+    together = await asyncio.gather(*(collect(shared_stub, req(q)) for q in questions))
+    concurrent = time.monotonic() - started
+
+    assert [t[0] for t in together] == [a[0] for a in alone], "batched output must equal alone"
+    assert "Paris" in together[0][0]
+    assert concurrent < 0.6 * sequential, f"{concurrent=:.2f}s vs {sequential=:.2f}s"
+    await shared_stub.UnloadModel(pb.UnloadModelRequest(id=model))
+
+
+async def test_list_models_reports_the_default_model_ready(
+    shared_stub: pb_grpc.NeuronStub,
+) -> None:
+    reply = await shared_stub.ListModels(pb.ListModelsRequest())
+    (model,) = [m for m in reply.models if m.id == DEMO_ID]
+    assert model.state == pb.MODEL_STATE_READY
+    assert model.device == "cpu"
+    assert model.resident_bytes > 100_000_000
+    assert model.loaded_at > 0
+    assert model.max_context == 8192
+
+
+async def test_info_reports_the_cpu_device(shared_stub: pb_grpc.NeuronStub) -> None:
+    info = await shared_stub.Info(pb.InfoRequest())
+    (device,) = info.devices
+    assert device.kind == pb.DEVICE_KIND_CPU and device.name == "cpu"
+    assert device.total_bytes == 4 << 30
+    assert 0 < device.free_bytes < device.total_bytes
+    assert info.version and info.host and not info.draining
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "named"),
+    [
+        (chat("no-such-model", QUESTION), grpc.StatusCode.NOT_FOUND, "no-such-model"),
+        (chat(DEMO_ID, QUESTION, max_tokens=-5), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (chat(DEMO_ID, QUESTION, max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (
+            pb.GenerateRequest(model=DEMO_ID, chat=pb.ChatMessages()),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "chat.messages",
+        ),
+        (pb.GenerateRequest(model=DEMO_ID), grpc.StatusCode.INVALID_ARGUMENT, "input"),
+        (pb.GenerateRequest(model="", prompt="x"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+        (chat(DEMO_ID, QUESTION, temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (chat(DEMO_ID, QUESTION, top_p=0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (chat(DEMO_ID, QUESTION, stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop[0]"),
+        (
+            chat(DEMO_ID, QUESTION, repetition_penalty=0),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "repetition_penalty",
+        ),
+        (
+            pb.GenerateRequest(
+                model=DEMO_ID,
+                chat=pb.ChatMessages(messages=[pb.ChatMessage(role="wizard", content="hi")]),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "chat.messages[0].role",
+        ),
+        (
+            pb.GenerateRequest(model=DEMO_ID, prompt="word " * 9000),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "context",
+        ),
+    ],
+)
+async def test_bad_generate_requests_get_clear_statuses_and_the_neuron_keeps_serving(
+    shared_stub: pb_grpc.NeuronStub, request_: pb.GenerateRequest, code: grpc.StatusCode, named: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await collect(shared_stub, request_)
+    assert error.value.code() == code
+    assert named in (error.value.details() or "")
+    text, _, _ = await collect(shared_stub, chat(DEMO_ID, QUESTION, max_tokens=16, temperature=0))
+    assert "Paris" in text
