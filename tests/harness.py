@@ -176,3 +176,12 @@ async def collect(stub: pb_grpc.NeuronStub, request: pb.GenerateRequest) -> tupl
         text += reply.text
         last, count = reply, count + 1
     return text, last, count
+
+
+async def read_rest(call: Any) -> tuple[str, Any]:
+    """Read a Generate call (started with ``read()``) to its end: (text, last message)."""
+    text, last = "", None
+    while (reply := await call.read()) is not grpc.aio.EOF:
+        text += reply.text
+        last = reply
+    return text, last

@@ -1,0 +1,168 @@
+"""Activation, drain and shutdown of a real neuron process: signals, health, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from helexa.neuron.v1 import neuron_pb2 as pb
+from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
+from tests.harness import (
+    DEMO_ID,
+    NeuronProcess,
+    chat,
+    collect,
+    demo_model,
+    neuron_config,
+    read_rest,
+)
+
+LONG = "Write a very long story about a dragon who learns to cook."
+
+
+def start(tmp_path: Path, neurons: list[NeuronProcess], **config: object) -> NeuronProcess:
+    neuron = NeuronProcess(tmp_path / f"neuron{len(neurons)}", neuron_config(**config)).start()  # type: ignore[arg-type]
+    neurons.append(neuron)
+    return neuron
+
+
+async def test_activation_continues_past_a_failing_default_model(
+    demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
+) -> None:
+    neuron = start(
+        tmp_path,
+        neurons,
+        default_models=[{"id": "broken", "path": str(tmp_path / "missing.gguf")}, demo_model()],
+    )
+    await neuron.wait_serving()
+    async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+        models = {
+            m.id: m
+            for m in (await pb_grpc.NeuronStub(channel).ListModels(pb.ListModelsRequest())).models
+        }
+    assert models[DEMO_ID].state == pb.MODEL_STATE_READY
+    assert models["broken"].state == pb.MODEL_STATE_FAILED
+    assert "missing.gguf" in models["broken"].error
+    log = neuron.log()
+    assert "WARNING neuron.lifecycle: default model failed to load model=broken" in log
+    assert f"default model ready model={DEMO_ID} seconds=" in log
+
+
+async def test_empty_default_models_serve_with_nothing_loaded_and_no_warning(
+    tmp_path: Path, neurons: list[NeuronProcess]
+) -> None:
+    neuron = start(tmp_path, neurons, default_models=[])
+    await neuron.wait_serving()
+    async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+        reply = await pb_grpc.NeuronStub(channel).ListModels(pb.ListModelsRequest())
+    assert list(reply.models) == []
+    assert "WARNING" not in neuron.log()
+    assert "ERROR" not in neuron.log()
+
+
+async def test_health_is_serving_only_once_every_default_model_is_ready(
+    demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
+) -> None:
+    neuron = start(tmp_path, neurons, default_models=[demo_model("first"), demo_model("second")])
+    deadline = time.monotonic() + 120
+    async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = pb_grpc.NeuronStub(channel)
+        while True:
+            assert time.monotonic() < deadline, neuron.log()
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.05)
+                continue
+            # The first answer the neuron ever gives already finds both models READY.
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            models = (await stub.ListModels(pb.ListModelsRequest())).models
+            assert {m.id: m.state for m in models} == {
+                "first": pb.MODEL_STATE_READY,
+                "second": pb.MODEL_STATE_READY,
+            }
+            break
+    log = neuron.log()
+    assert log.index("default model ready model=second") < log.index("neuron serving")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_drains_in_flight_stream_then_unloads_and_exits_zero(
+    demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess], signum: int
+) -> None:
+    neuron = start(tmp_path, neurons, default_models=[demo_model()], drain_timeout=60)
+    await neuron.wait_serving()
+    async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+        stub = pb_grpc.NeuronStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        call = stub.Generate(chat(DEMO_ID, LONG, max_tokens=80, temperature=0))
+        text = (await call.read()).text
+        neuron.send(signum)
+        # Draining: health turns NOT_SERVING and new work is refused while the stream runs.
+        deadline = time.monotonic() + 30
+        while (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status != (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        ):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await collect(stub, chat(DEMO_ID, "Hi", max_tokens=4))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        rest, last = await read_rest(call)
+        text += rest
+    assert last is not None and last.finish_reason == pb.FINISH_REASON_LENGTH
+    assert last.usage.completion_tokens == 80
+    assert len(text) > 100
+    assert neuron.wait_exit(within=60) == 0
+    log = neuron.log()
+    assert f"model unloaded model={DEMO_ID}" in log
+    assert log.index("drained") < log.index(f"model unloaded model={DEMO_ID}")
+    assert "neuron stopped" in log
+
+
+async def test_stream_longer_than_drain_timeout_ends_cancelled_and_exit_is_bounded(
+    demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
+) -> None:
+    drain = 2.0
+    neuron = start(tmp_path, neurons, default_models=[demo_model()], drain_timeout=drain)
+    await neuron.wait_serving()
+    async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+        call = pb_grpc.NeuronStub(channel).Generate(
+            chat(DEMO_ID, LONG, max_tokens=5000, temperature=0)
+        )
+        await call.read()
+        neuron.send(signal.SIGTERM)
+        signalled = time.monotonic()
+        _, last = await read_rest(call)
+    assert last is not None and last.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert 0 < last.usage.completion_tokens < 5000
+    assert neuron.wait_exit(within=drain + 30) == 0
+    assert time.monotonic() - signalled < drain + 30
+    assert "drain timeout passed, cancelling in_flight=1" in neuron.log()
+
+
+async def test_second_signal_exits_at_once(
+    demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
+) -> None:
+    neuron = start(tmp_path, neurons, default_models=[demo_model()], drain_timeout=300)
+    await neuron.wait_serving()
+    async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+        call = pb_grpc.NeuronStub(channel).Generate(chat(DEMO_ID, LONG, max_tokens=5000))
+        await call.read()
+        neuron.send(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while "draining in_flight=1" not in neuron.log():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        neuron.send(signal.SIGTERM)
+        # Well before the 300 s drain bound: the second signal does not wait for the stream.
+        assert neuron.wait_exit(within=30) == 1
+        call.cancel()
+    assert "second signal, exiting at once" in neuron.log()
