@@ -1,0 +1,327 @@
+"""Loading, unloading, placement and cancellation on a real neuron process."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from helexa.neuron.v1 import neuron_pb2 as pb
+from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
+from neuron.errors import LoadFailed
+from neuron.sources import ModelSpec, materialise_gguf, resolve
+from tests.harness import (
+    DEMO_GGUF,
+    DEMO_ID,
+    SHARED_CACHE,
+    NeuronProcess,
+    chat,
+    collect,
+    demo_spec,
+    metric_value,
+    neuron_config,
+    read_rest,
+)
+
+LONG = "Write a very long story about a dragon who learns to cook."
+
+
+async def test_two_concurrent_loads_of_one_id_load_it_once(
+    shared_stub: pb_grpc.NeuronStub, shared_neuron: NeuronProcess
+) -> None:
+    spec = demo_spec("single-flight")
+    a, b = await asyncio.gather(
+        shared_stub.LoadModel(pb.LoadModelRequest(spec=spec)),
+        shared_stub.LoadModel(pb.LoadModelRequest(spec=spec)),
+    )
+    assert a.model.state == b.model.state == pb.MODEL_STATE_READY
+    again = await shared_stub.LoadModel(pb.LoadModelRequest(spec=spec))
+    assert again.already_loaded
+    metrics = shared_neuron.metrics()
+    assert (
+        metric_value(
+            metrics, "helexa_neuron_model_loads_total", model="single-flight", result="loaded"
+        )
+        == 1
+    )
+    assert shared_neuron.log().count("model loaded model=single-flight ") == 1
+    await shared_stub.UnloadModel(pb.UnloadModelRequest(id="single-flight"))
+
+
+async def test_unload_waits_for_in_flight_request_then_frees_and_is_idempotent(
+    shared_stub: pb_grpc.NeuronStub,
+) -> None:
+    spec = demo_spec("to-unload")
+    free_before = (await shared_stub.Info(pb.InfoRequest())).devices[0].free_bytes
+    loaded = await shared_stub.LoadModel(pb.LoadModelRequest(spec=spec))
+    free_loaded = (await shared_stub.Info(pb.InfoRequest())).devices[0].free_bytes
+    assert free_before - free_loaded == loaded.model.resident_bytes
+
+    call = shared_stub.Generate(chat("to-unload", LONG, max_tokens=40, temperature=0))
+    await call.read()
+    unload = asyncio.ensure_future(shared_stub.UnloadModel(pb.UnloadModelRequest(id="to-unload")))
+    # While the stream runs the model is UNLOADING and takes no new requests.
+    while True:
+        models = {m.id: m for m in (await shared_stub.ListModels(pb.ListModelsRequest())).models}
+        if models["to-unload"].state == pb.MODEL_STATE_UNLOADING:
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await collect(shared_stub, chat("to-unload", "Hi", max_tokens=4))
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    _, last = await read_rest(call)
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH
+    assert last.usage.completion_tokens == 40
+    reply = await unload
+    assert reply.was_loaded
+    models = (await shared_stub.ListModels(pb.ListModelsRequest())).models
+    assert "to-unload" not in [m.id for m in models]
+    assert (await shared_stub.Info(pb.InfoRequest())).devices[0].free_bytes == free_before
+    assert not (await shared_stub.UnloadModel(pb.UnloadModelRequest(id="to-unload"))).was_loaded
+
+
+async def test_cancelling_a_stream_frees_its_slot_for_the_next_request(
+    shared_stub: pb_grpc.NeuronStub, shared_neuron: NeuronProcess
+) -> None:
+    # One slot: if the cancelled stream kept it, the next request would wait for 4000 tokens.
+    await shared_stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("one-slot", max_batch_size=1)))
+    call = shared_stub.Generate(chat("one-slot", LONG, max_tokens=4000))
+    await call.read()
+    await call.read()
+    call.cancel()
+    text, _, _ = await collect(
+        shared_stub,
+        chat("one-slot", "What is the capital of France?", max_tokens=16, temperature=0),
+    )
+    assert "Paris" in text
+    metrics = shared_neuron.metrics()
+    assert (
+        metric_value(
+            metrics, "helexa_neuron_requests_total", model="one-slot", finish_reason="cancelled"
+        )
+        == 1
+    )
+    generated = metric_value(metrics, "helexa_neuron_generation_tokens_total", model="one-slot")
+    assert generated < 200, f"the cancelled stream went on generating ({generated} tokens)"
+    (model,) = [
+        m
+        for m in (await shared_stub.ListModels(pb.ListModelsRequest())).models
+        if m.id == "one-slot"
+    ]
+    assert model.in_flight == 0 and model.waiting == 0
+    await shared_stub.UnloadModel(pb.UnloadModelRequest(id="one-slot"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "code", "named"),
+    [
+        (pb.ModelSpec(id="x"), grpc.StatusCode.INVALID_ARGUMENT, "spec.source"),
+        (
+            pb.ModelSpec(local=pb.LocalSource(path="/x")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "spec.id",
+        ),
+        (
+            pb.ModelSpec(id="x", local=pb.LocalSource()),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "spec.local.path",
+        ),
+        (demo_spec("x", dtype="int3"), grpc.StatusCode.INVALID_ARGUMENT, "spec.dtype"),
+        (demo_spec("x", device="tpu"), grpc.StatusCode.INVALID_ARGUMENT, "spec.device"),
+        (
+            pb.ModelSpec(id="x", local=pb.LocalSource(path="/nonexistent/model")),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "/nonexistent/model",
+        ),
+        (demo_spec(DEMO_ID, dtype="float16"), grpc.StatusCode.FAILED_PRECONDITION, "unload it"),
+        (demo_spec("x", device="cuda:0"), grpc.StatusCode.RESOURCE_EXHAUSTED, "cuda:0"),
+    ],
+)
+async def test_bad_load_requests_get_clear_statuses(
+    shared_stub: pb_grpc.NeuronStub, spec: pb.ModelSpec, code: grpc.StatusCode, named: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await shared_stub.LoadModel(pb.LoadModelRequest(spec=spec))
+    assert error.value.code() == code
+    assert named in (error.value.details() or "")
+    text, _, _ = await collect(
+        shared_stub, chat(DEMO_ID, "What is the capital of France?", max_tokens=16, temperature=0)
+    )
+    assert "Paris" in text
+
+
+async def test_a_model_that_does_not_fit_is_resource_exhausted(
+    demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
+) -> None:
+    # Room for one bf16 SmolLM2 (269 MB), not two.
+    neuron = NeuronProcess(tmp_path, neuron_config(cpu_memory_budget="400MiB")).start()
+    neurons.append(neuron)
+    await neuron.wait_serving()
+    async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+        stub = pb_grpc.NeuronStub(channel)
+        await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("a")))
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("b")))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "does not fit" in (error.value.details() or "")
+        await stub.UnloadModel(pb.UnloadModelRequest(id="a"))
+        assert (
+            await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("b")))
+        ).model.state == pb.MODEL_STATE_READY
+
+
+async def test_metrics_are_real_histograms_and_counters(
+    shared_stub: pb_grpc.NeuronStub, shared_neuron: NeuronProcess
+) -> None:
+    await collect(shared_stub, chat(DEMO_ID, "Say hello.", max_tokens=8, temperature=0))
+    text = shared_neuron.metrics()
+    for histogram in [
+        "helexa_neuron_time_to_first_token_seconds",
+        "helexa_neuron_inter_token_latency_seconds",
+        "helexa_neuron_request_duration_seconds",
+        "helexa_neuron_queue_seconds",
+        "helexa_neuron_model_load_seconds",
+    ]:
+        assert f"# TYPE {histogram} histogram" in text
+        assert f'{histogram}_bucket{{le="+Inf",model="{DEMO_ID}"}}' in text
+    assert (
+        metric_value(text, "helexa_neuron_requests_total", model=DEMO_ID, finish_reason="stop") >= 1
+    )
+    assert metric_value(text, "helexa_neuron_prompt_tokens_total", model=DEMO_ID) > 0
+    assert (
+        metric_value(text, "helexa_neuron_model_resident_bytes", model=DEMO_ID, device="cpu") > 1e8
+    )
+    assert metric_value(text, "helexa_neuron_device_total_bytes", device="cpu") == 4 << 30
+    assert "What is" not in text  # no prompt text in metrics
+
+
+def test_gguf_is_materialised_once_and_reused(demo_dir: Path, shared_neuron: NeuronProcess) -> None:
+    marker = demo_dir / ".complete"
+    stamp = marker.stat().st_mtime_ns
+    assert materialise_gguf(DEMO_GGUF, SHARED_CACHE) == demo_dir
+    assert marker.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in demo_dir.iterdir() if p.suffix == ".safetensors") == [
+        "model.safetensors"
+    ]
+    assert "gguf materialised" not in shared_neuron.log()
+
+
+def _fake_hub_cache(cache: Path, repo: str, source: Path, commit: str = "a" * 40) -> None:
+    """Lay out a Hugging Face hub cache for ``repo`` as huggingface_hub itself writes it."""
+    folder = cache / "hub" / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in source.iterdir():
+        if not file.name.startswith("."):
+            (snapshot / file.name).symlink_to(file)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+
+
+def test_hub_source_resolves_from_an_offline_cache(
+    demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _fake_hub_cache(tmp_path, "helexa-test/smollm2", demo_dir)
+    for revision in ("", "main", "a" * 40):
+        path = resolve(
+            ModelSpec(id="m", hf_repo="helexa-test/smollm2", revision=revision), tmp_path
+        )
+        assert (path / "config.json").is_file()
+        assert path.parent.name == "snapshots" or path.name == "a" * 40
+    with pytest.raises(LoadFailed, match="helexa-test/absent"):
+        resolve(ModelSpec(id="m", hf_repo="helexa-test/absent"), tmp_path)
+
+
+async def test_neuron_loads_and_serves_a_hub_model_from_its_offline_cache(
+    demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
+) -> None:
+    cache = tmp_path / "cache"
+    _fake_hub_cache(cache, "helexa-test/smollm2", demo_dir)
+    neuron = NeuronProcess(
+        tmp_path / "n",
+        neuron_config(
+            [{"id": "hub-model", "hf_repo": "helexa-test/smollm2", "revision": "main"}],
+            cache_dir=cache,
+        ),
+    ).start()
+    neurons.append(neuron)
+    await neuron.wait_serving()
+    async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+        text, _, _ = await collect(
+            pb_grpc.NeuronStub(channel),
+            chat("hub-model", "What is the capital of France?", max_tokens=16, temperature=0),
+        )
+    assert "Paris" in text
+
+
+def test_neuron_info_prints_the_devices() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "neuron.cli", "info"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert result.stdout.splitlines()[0].split() == ["DEVICE", "TOTAL", "FREE", "DESCRIPTION"]
+    assert any(line.startswith("cpu ") for line in result.stdout.splitlines())
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+cuda = pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
+
+
+@cuda
+async def test_cuda_load_generate_unload_frees_device_memory(
+    demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
+) -> None:
+    import torch
+
+    config = neuron_config()
+    config["devices"] = {"use": ["cuda:0"], "cuda_memory_reserve": "1GiB"}
+    neuron = NeuronProcess(tmp_path, config).start()
+    neurons.append(neuron)
+    await neuron.wait_serving()
+    free_before, _ = torch.cuda.mem_get_info(0)
+    async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+        stub = pb_grpc.NeuronStub(channel)
+        loaded = await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("gpu", device="cuda:0")))
+        assert loaded.model.device == "cuda:0"
+        free_loaded, _ = torch.cuda.mem_get_info(0)
+        assert free_before - free_loaded >= loaded.model.resident_bytes
+        texts = await asyncio.gather(
+            *(
+                collect(
+                    stub,
+                    chat("gpu", "What is the capital of France?", max_tokens=16, temperature=0),
+                )
+                for _ in range(4)
+            )
+        )
+        assert all("Paris" in t[0] for t in texts)
+        unloaded = await stub.UnloadModel(pb.UnloadModelRequest(id="gpu"))
+        assert unloaded.was_loaded and unloaded.freed_bytes >= loaded.model.resident_bytes
+    free_after, _ = torch.cuda.mem_get_info(0)
+    # What the neuron process still holds is its CUDA context, not the model.
+    assert free_before - free_after < loaded.model.resident_bytes // 4
+
+
+@cuda
+def test_cuda_device_is_discovered_with_its_memory() -> None:
+    from neuron.config import DevicesConfig
+    from neuron.devices import discover
+
+    devices = discover(DevicesConfig(use=["auto"]))
+    assert devices and all(d.kind == "cuda" for d in devices)
+    assert all(d.total_bytes > 1 << 30 for d in devices)
