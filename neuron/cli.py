@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(config: NeuronConfig) -> int:
+    # Download and weight-loading progress bars are for terminals, not the daemon's log.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as transformers_logging
+
     from neuron.lifecycle import serve
+
+    transformers_logging.disable_progress_bar()
 
     return await serve(config)
 

@@ -166,3 +166,33 @@ async def test_second_signal_exits_at_once(
         assert neuron.wait_exit(within=30) == 1
         call.cancel()
     assert "second signal, exiting at once" in neuron.log()
+
+
+async def test_example_config_plus_a_default_model_serves_and_shuts_down(
+    demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
+) -> None:
+    # The shipped example, as an operator would use it: only the ports, the cache and one
+    # default model differ (the example's own ports may be taken on a test machine).
+    from helexa.configfile import load_toml
+    from tests.harness import ROOT
+
+    config = load_toml(ROOT / "configs/neuron.example.toml")
+    fresh = neuron_config()
+    config.update(
+        listen=fresh["listen"],
+        metrics_listen=fresh["metrics_listen"],
+        cache_dir=fresh["cache_dir"],
+        default_models=[demo_model()],
+    )
+    neuron = NeuronProcess(tmp_path / "example", config).start()
+    neurons.append(neuron)
+    await neuron.wait_serving()
+    async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+        text, last, _ = await collect(
+            pb_grpc.NeuronStub(channel),
+            chat(DEMO_ID, "What is the capital of France?", max_tokens=16, temperature=0),
+        )
+    assert "Paris" in text and last.finish_reason == pb.FINISH_REASON_STOP
+    neuron.send(signal.SIGTERM)
+    assert neuron.wait_exit(within=60) == 0
+    assert f"model unloaded model={DEMO_ID}" in neuron.log()

@@ -325,3 +325,9 @@ def test_cuda_device_is_discovered_with_its_memory() -> None:
     devices = discover(DevicesConfig(use=["auto"]))
     assert devices and all(d.kind == "cuda" for d in devices)
     assert all(d.total_bytes > 1 << 30 for d in devices)
+
+
+def test_local_directory_source_is_used_in_place(demo_dir: Path, tmp_path: Path) -> None:
+    assert resolve(ModelSpec(id="m", path=str(demo_dir)), tmp_path) == demo_dir
+    with pytest.raises(LoadFailed, match=r"no config\.json"):
+        resolve(ModelSpec(id="m", path=str(tmp_path)), tmp_path)
