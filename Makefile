@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_GPU ?= torch
 PROTO := protos/helexa/neuron/v1/neuron.proto
 
-.PHONY: install model run test lint proto clean
+.PHONY: install model run test lint proto bench clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,12 @@ test: $(VENV)/.installed $(DEMO_GGUF) lint
 
 run: $(VENV)/.installed $(DEMO_GGUF)
 	$(BIN)/neuron serve --config configs/neuron.demo.toml
+
+# Benchmarks: figures for BENCHMARKS.md. transformers' own server is the baseline to beat.
+bench: $(VENV)/.installed $(DEMO_GGUF)
+	$(BIN)/pip install -q "transformers[serving]"
+	$(BIN)/python -m bench.lifecycle
+	$(BIN)/python -m bench.generation
 
 clean:
 	rm -rf $(VENV) .cache build dist *.egg-info
