@@ -247,7 +247,13 @@ class ModelEngine:
         now = time.monotonic()
         for seq in new:
             metrics.QUEUE_TIME.labels(**self._metric_labels).observe(now - seq.arrived_at)
-        self._prefill(new)
+        try:
+            self._prefill(new)
+        except Exception as e:
+            # They are in neither queue yet: finish them here or their clients wait forever.
+            for seq in new:
+                self._finish(seq, ERROR, error=f"prefill failed: {e}")
+            raise
 
     @torch.inference_mode()
     def _prefill(self, seqs: list[Sequence]) -> None:

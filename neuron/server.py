@@ -127,15 +127,13 @@ class NeuronService(pb_grpc.NeuronServicer):
         self.active_generations += 1
         self._drained.clear()
         try:
-            try:
-                if self.draining:
-                    raise ShuttingDown("the neuron is shutting down and takes no new requests")
-                engine = await self.registry.engine_for(_required_model(request))
-                prompt_ids, params = await _prepare(engine, request)
-                stream = engine.stream(prompt_ids, params, request.request_id or uuid.uuid4().hex)
-            except NeuronError as e:
-                await _abort(context, e)
-            async for chunk in stream:
+            if self.draining:
+                raise ShuttingDown("the neuron is shutting down and takes no new requests")
+            engine = await self.registry.engine_for(_required_model(request))
+            prompt_ids, params = await _prepare(engine, request)
+            request_id = request.request_id or uuid.uuid4().hex
+            # The engine refuses (queue full, model going away) at the first iteration.
+            async for chunk in engine.stream(prompt_ids, params, request_id):
                 if chunk.finish_reason == ERROR:
                     await context.abort(grpc.StatusCode.INTERNAL, chunk.error)
                 response = pb.GenerateResponse(text=chunk.text, tokens=chunk.tokens)
@@ -144,6 +142,8 @@ class NeuronService(pb_grpc.NeuronServicer):
                     response.usage.prompt_tokens = chunk.prompt_tokens
                     response.usage.completion_tokens = chunk.completion_tokens
                 yield response
+        except NeuronError as e:
+            await _abort(context, e)
         finally:
             self.active_generations -= 1
             if self.active_generations == 0:

@@ -154,24 +154,48 @@ async def test_bad_load_requests_get_clear_statuses(
     assert "Paris" in text
 
 
-async def test_a_model_that_does_not_fit_is_resource_exhausted(
+async def test_no_room_and_a_full_queue_are_resource_exhausted(
     demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
 ) -> None:
-    # Room for one bf16 SmolLM2 (269 MB), not two.
-    neuron = NeuronProcess(tmp_path, neuron_config(cpu_memory_budget="400MiB")).start()
+    # Room for one bf16 SmolLM2 (269 MB), not two; one request may wait beside the running one.
+    neuron = NeuronProcess(
+        tmp_path, neuron_config(cpu_memory_budget="400MiB", max_waiting=1)
+    ).start()
     neurons.append(neuron)
     await neuron.wait_serving()
     async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
         stub = pb_grpc.NeuronStub(channel)
-        await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("a")))
+        await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("a", max_batch_size=1)))
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("b")))
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "does not fit" in (error.value.details() or "")
+
+        running = stub.Generate(chat("a", LONG, max_tokens=4000))
+        await running.read()
+        waiting = stub.Generate(
+            chat("a", "What is the capital of France?", max_tokens=16, temperature=0)
+        )
+        while True:  # until the second request is queued behind the first
+            models = {m.id: m for m in (await stub.ListModels(pb.ListModelsRequest())).models}
+            model = models["a"]
+            if model.waiting == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert model.in_flight == 1
+        # The failed load stays listed with its error, for the gateway to see.
+        assert models["b"].state == pb.MODEL_STATE_FAILED and "does not fit" in models["b"].error
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await collect(stub, chat("a", "Hi", max_tokens=4))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "waiting" in (error.value.details() or "")
+        running.cancel()
+        text, _ = await read_rest(waiting)
+        assert "Paris" in text
+
         await stub.UnloadModel(pb.UnloadModelRequest(id="a"))
-        assert (
-            await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("b")))
-        ).model.state == pb.MODEL_STATE_READY
+        reply = await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("b")))
+        assert reply.model.state == pb.MODEL_STATE_READY
 
 
 async def test_metrics_are_real_histograms_and_counters(
