@@ -1,0 +1,131 @@
+"""A stand-in neuron for measuring the gateway alone: it implements the helexa.neuron.v1
+contract and streams tokens instantly, with no model behind it.
+
+    .venv/bin/python -m bench.standin_neuron --listen 127.0.0.1:13131 [--tokens-per-message 1]
+
+It holds one READY model, ``standin``. Generate streams ``max_tokens`` tokens (each the text
+``"tok "``), ``tokens_per_message`` to a message, then ends with finish reason LENGTH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from helexa.neuron.v1 import neuron_pb2 as pb
+from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
+
+MODEL = "standin"
+TOTAL = 64 << 30
+
+
+class StandIn(pb_grpc.NeuronServicer):
+    def __init__(self, tokens_per_message: int) -> None:
+        self.tokens_per_message = tokens_per_message
+        self.in_flight = 0
+        self.loaded_at = time.time()
+        self.messages = {
+            n: pb.GenerateResponse(text="tok " * n, tokens=n)
+            for n in range(1, tokens_per_message + 1)
+        }
+
+    async def Info(self, request: pb.InfoRequest, context: Any) -> pb.InfoResponse:
+        device = pb.Device(
+            kind=pb.DEVICE_KIND_CPU,
+            name="cpu",
+            description="stand-in",
+            total_bytes=TOTAL,
+            free_bytes=TOTAL,
+        )
+        return pb.InfoResponse(version="standin", host=socket.gethostname(), devices=[device])
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Any
+    ) -> pb.ListModelsResponse:
+        spec = pb.ModelSpec(id=MODEL, local=pb.LocalSource(path="/standin"))
+        status = pb.ModelStatus(
+            id=MODEL,
+            state=pb.MODEL_STATE_READY,
+            device="cpu",
+            resident_bytes=1,
+            loaded_at=self.loaded_at,
+            last_used=time.time(),
+            in_flight=self.in_flight,
+            max_context=8192,
+            spec=spec,
+        )
+        return pb.ListModelsResponse(models=[status])
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context: Any) -> pb.LoadModelResponse:
+        return pb.LoadModelResponse(
+            already_loaded=True,
+            model=(await self.ListModels(pb.ListModelsRequest(), context)).models[0],
+        )
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: Any
+    ) -> pb.UnloadModelResponse:
+        return pb.UnloadModelResponse(was_loaded=False)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Any
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        if request.model != MODEL:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not loaded")
+        total = request.max_tokens if request.HasField("max_tokens") else 16
+        self.in_flight += 1
+        try:
+            sent = 0
+            while sent < total:
+                n = min(self.tokens_per_message, total - sent)
+                sent += n
+                if sent < total:
+                    yield self.messages[n]
+                else:
+                    last = pb.GenerateResponse(
+                        text="tok " * n, tokens=n, finish_reason=pb.FINISH_REASON_LENGTH
+                    )
+                    last.usage.prompt_tokens = 8
+                    last.usage.completion_tokens = total
+                    yield last
+        finally:
+            self.in_flight -= 1
+
+
+async def serve(listen: str, tokens_per_message: int) -> None:
+    server = grpc.aio.server(options=[("grpc.http2.min_ping_interval_without_data_ms", 5000)])
+    pb_grpc.add_NeuronServicer_to_server(StandIn(tokens_per_message), server)
+    health_service = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    server.add_insecure_port(listen)
+    await server.start()
+    await health_service.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_service.set("helexa.neuron.v1.Neuron", health_pb2.HealthCheckResponse.SERVING)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--listen", default="127.0.0.1:13131")
+    parser.add_argument("--tokens-per-message", type=int, default=1)
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve(args.listen, args.tokens_per_message))
+
+
+if __name__ == "__main__":
+    main()
