@@ -12,6 +12,7 @@ import configparser
 import re
 import shutil
 import subprocess
+import tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -129,15 +130,19 @@ def test_neuron_unit_waits_for_model_loads_and_outlasts_the_drain() -> None:
         assert f"DeviceAllow={group} rw" in text
 
 
-def test_cortex_unit_has_no_devices() -> None:
+def test_cortex_unit_has_no_devices_and_outlasts_its_drain() -> None:
     service = unit("cortex")["Service"]
     assert service["PrivateDevices"] == "yes"
-    assert int(service["TimeoutStopSec"]) > 30
+    example = ROOT / "configs/cortex.example.toml"
+    drain = 30.0
+    if example.exists():  # until the cortex branch is merged, the default it is meant to have
+        drain = float(
+            tomllib.loads(example.read_text()).get("shutdown", {}).get("drain_timeout", drain)
+        )
+    assert int(service["TimeoutStopSec"]) >= drain + 30
 
 
 def _example_drain_timeout() -> float:
-    import tomllib
-
     config = tomllib.loads((ROOT / "configs/neuron.example.toml").read_text())
     return float(config["shutdown"]["drain_timeout"])
 
@@ -169,3 +174,9 @@ def test_firewalld_service_opens_its_one_port(unpacked: Path, service: str) -> N
     assert root.findtext("short") and root.findtext("description")
     ports = [(p.get("protocol"), p.get("port")) for p in root.findall("port")]
     assert ports == [("tcp", PORTS[service])]
+
+
+def test_neuron_firewalld_ports_are_the_example_configs_ports() -> None:
+    config = tomllib.loads((ROOT / "configs/neuron.example.toml").read_text())
+    assert config["listen"].rsplit(":", 1)[1] == PORTS["helexa-neuron"]
+    assert config["metrics_listen"].rsplit(":", 1)[1] == PORTS["helexa-neuron-metrics"]

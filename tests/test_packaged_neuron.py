@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from tests.harness import (
     DEMO_ID,
+    ROOT,
     SHARED_CACHE,
     NeuronProcess,
     chat,
@@ -107,6 +108,17 @@ def test_packaged_launcher_without_its_virtualenv_says_what_to_run(
     )  # fmt: skip
     assert done.returncode == 78  # the unit's RestartPreventExitStatus
     assert "/usr/libexec/helexa-neuron/install-venv" in done.stderr
+
+
+def test_packaged_cortex_launcher_runs_the_cortex_cli(unpacked: Path, tmp_path: Path) -> None:
+    if not (ROOT / "cortex/cli.py").exists():
+        pytest.skip("cortex/cli.py is not in this tree yet (the cortex branch)")
+    done = subprocess.run(
+        [str(unpacked / "usr/bin/cortex"), "--help"],
+        env=packaged_env(), cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "serve" in done.stdout
 
 
 async def test_packaged_neuron_notifies_ready_serves_then_stopping_unloads_and_exits_0(
