@@ -149,6 +149,46 @@ def test_install_venv_is_made_for_its_program(unpacked: Path, program: str) -> N
     subprocess.run(["sh", "-n", str(script)], check=True)
 
 
+FAKE_PYTHON = """#!/bin/sh
+echo "$(basename "$(dirname "$(dirname "$0")")") $*" >> "$FAKE_LOG"
+if [ "$1" = -m ] && [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python3"; fi
+"""
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_install_venv_installs_torch_from_its_index_only_for_neuron(
+    unpacked: Path, tmp_path: Path, program: str
+) -> None:
+    """install-venv's pip calls, with a Python that records them instead of installing."""
+    fake = tmp_path / "host/bin/python3"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / "calls"
+    requirements = unpacked / f"usr/share/helexa-{program}/requirements.txt"
+    done = subprocess.run(
+        [str(unpacked / f"usr/libexec/helexa-{program}/install-venv")],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHON": str(fake),
+            "HELEXA_VENV": str(tmp_path / "venv"),
+            "HELEXA_REQUIREMENTS": str(requirements),
+            "FAKE_LOG": str(log),
+        },
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    torch = ["venv -m pip install --index-url https://download.pytorch.org/whl/cu128 torch>=2.4"]
+    assert calls[1:] == [
+        f"host -m venv {tmp_path / 'venv'}",
+        *(torch if program == "neuron" else []),
+        f"venv -m pip install --upgrade-strategy only-if-needed -r {requirements}",
+        "venv -m pip check",
+    ]
+
+
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_scriptlets_create_the_user_and_manage_the_unit(
     rpms: dict[str, Package], program: str
