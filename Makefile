@@ -39,7 +39,8 @@ lint: $(VENV)/.installed
 # Tools the packaging tests use (command:Debian package). Installed only when a command is
 # missing, so a rerun costs nothing; elsewhere (no apt-get, not root) they are named and the
 # tests that need them skip.
-SYSTEM_TOOLS := rpmbuild:rpm rpm2cpio:rpm cpio:cpio systemd-analyze:systemd promtool:prometheus
+SYSTEM_TOOLS := rpm:rpm rpmbuild:rpm rpmspec:rpm rpm2cpio:rpm2cpio cpio:cpio systemd-analyze:systemd \
+	promtool:prometheus
 
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do \
