@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_GPU ?= torch
 PROTO := protos/helexa/neuron/v1/neuron.proto
 
-.PHONY: install model run test lint proto bench clean
+.PHONY: install model run test lint proto bench rpm system-deps clean
 
 install: $(VENV)/.installed
 
@@ -36,7 +36,30 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy neuron cortex
 
-test: $(VENV)/.installed $(DEMO_GGUF) lint
+# Tools the packaging tests use (command:Debian package). Installed only when a command is
+# missing, so a rerun costs nothing; elsewhere (no apt-get, not root) they are named and the
+# tests that need them skip.
+SYSTEM_TOOLS := rpm:rpm rpmbuild:rpm rpmspec:rpm rpm2cpio:rpm2cpio cpio:cpio systemd-analyze:systemd \
+	promtool:prometheus
+
+system-deps:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do \
+		command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool#*:}"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else \
+		echo "missing system packages:$$missing (tests that need them will skip)"; \
+	fi
+
+# helexa-cortex and helexa-neuron into build/rpm/RPMS/noarch (see rpm/*.spec).
+rpm: system-deps
+	scripts/build-rpms build/rpm
+
+test: $(VENV)/.installed $(DEMO_GGUF) system-deps lint
 	$(BIN)/python -m pytest -q
 
 run: $(VENV)/.installed $(DEMO_GGUF)

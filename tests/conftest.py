@@ -1,4 +1,4 @@
-"""Shared fixtures: the demo model materialised once, and real neuron processes."""
+"""Shared fixtures: the demo model materialised once, real neuron processes, the RPMs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from tests.harness import DEMO_GGUF, SHARED_CACHE, NeuronProcess, demo_model, neuron_config
+from tests.packages import Package, build, unpack
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +53,18 @@ def neurons(tmp_path: Path) -> Iterator[list[NeuronProcess]]:
     finally:
         for neuron in started:
             neuron.stop()
+
+
+@pytest.fixture(scope="session")
+def rpms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Package]:
+    """helexa-cortex and helexa-neuron built from this tree (keyed cortex, neuron)."""
+    return build(tmp_path_factory.mktemp("rpmbuild"))
+
+
+@pytest.fixture(scope="session")
+def unpacked(rpms: dict[str, Package], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both packages' files unpacked into one root directory."""
+    root = tmp_path_factory.mktemp("rpmroot")
+    for package in rpms.values():
+        unpack(package, root)
+    return root

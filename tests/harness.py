@@ -59,6 +59,10 @@ class NeuronProcess:
     workdir: Path
     config: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
+    # The command before ``serve --config PATH``: the source tree's neuron unless a test runs
+    # another copy (the packaged /usr/bin/neuron), then from ``cwd``.
+    program: list[str] = field(default_factory=lambda: [sys.executable, "-m", "neuron.cli"])
+    cwd: Path = ROOT
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -83,11 +87,11 @@ class NeuronProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "neuron.cli", "serve", "--config", str(self.config_path)],
+                [*self.program, "serve", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                cwd=ROOT,
+                cwd=self.cwd,
             )
         return self
 

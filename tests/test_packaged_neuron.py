@@ -1,0 +1,178 @@
+"""The neuron as its RPM installs it: the packaged launcher, code and example config.
+
+The package's files are unpacked into a tmp root and /usr/bin/neuron runs from there with the
+test virtualenv's Python (``HELEXA_PYTHON``; on a host the package's own virtualenv): what is
+under test is the packaged files, not the dependencies. ``NOTIFY_SOCKET`` points at a datagram
+socket the test owns, as systemd's does for a Type=notify unit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
+from tests.harness import (
+    DEMO_ID,
+    ROOT,
+    SHARED_CACHE,
+    NeuronProcess,
+    chat,
+    collect,
+    demo_model,
+    free_port,
+)
+
+
+class NotifySocket:
+    """A Unix datagram socket standing in for systemd's ``$NOTIFY_SOCKET``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.received: list[str] = []
+
+    def wait_for(self, state: str, proc: subprocess.Popen[bytes], within: float, log: str) -> None:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            try:
+                self.received.extend(self.sock.recv(4096).decode().split("\n"))
+            except TimeoutError:
+                pass
+            if state in self.received:
+                return
+            if proc.poll() is not None and state not in self.received:
+                raise AssertionError(f"neuron exited {proc.returncode} before {state}:\n{log}")
+        raise AssertionError(f"no {state} within {within}s (got {self.received}):\n{log}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify.sock")
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def packaged_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "HELEXA_PYTHON": sys.executable, "PYTHONPATH": "", **extra}
+
+
+def test_packaged_launcher_runs_the_packaged_code(unpacked: Path, tmp_path: Path) -> None:
+    # The launcher puts ../lib/helexa-neuron first on the path and runs with -P: those modules,
+    # not the source tree's (installed editable in the test venv), are what run.
+    lib = unpacked / "usr/lib/helexa-neuron"
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", "import neuron, helexa; print(neuron.__file__, helexa.__file__)"],
+        env={**os.environ, "PYTHONPATH": str(lib)},
+        cwd=tmp_path, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert done.stdout.split() == [str(lib / "neuron/__init__.py"), str(lib / "helexa/__init__.py")]
+    launcher = (unpacked / "usr/bin/neuron").read_text()
+    assert 'PYTHONPATH="$lib' in launcher and '-P -m neuron.cli "$@"' in launcher
+
+
+def test_packaged_example_config_passes_check_config(unpacked: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(unpacked / "usr/bin/neuron"), "check-config", "--config", str(unpacked / "etc/neuron/neuron.toml")],
+        env=packaged_env(), cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "ok (0 default models)" in done.stdout
+
+
+def test_packaged_launcher_without_its_virtualenv_says_what_to_run(
+    unpacked: Path, tmp_path: Path
+) -> None:
+    done = subprocess.run(
+        [str(unpacked / "usr/bin/neuron"), "info"],
+        env=packaged_env(HELEXA_PYTHON=str(tmp_path / "no-venv/bin/python3")),
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 78  # the unit's RestartPreventExitStatus
+    assert "/usr/libexec/helexa-neuron/install-venv" in done.stderr
+
+
+def test_packaged_cortex_launcher_runs_the_cortex_cli(unpacked: Path, tmp_path: Path) -> None:
+    if not (ROOT / "cortex/cli.py").exists():
+        pytest.skip("cortex/cli.py is not in this tree yet (the cortex branch)")
+    done = subprocess.run(
+        [str(unpacked / "usr/bin/cortex"), "--help"],
+        env=packaged_env(), cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "serve" in done.stdout
+
+
+async def test_packaged_neuron_notifies_ready_serves_then_stopping_unloads_and_exits_0(
+    unpacked: Path,
+    demo_dir: Path,
+    notify_socket: NotifySocket,
+    neurons: list[NeuronProcess],
+    tmp_path: Path,
+) -> None:
+    # The packaged example config, as an operator would edit it: free loopback ports, a cache
+    # under tmp (its gguf/ shared with the other tests, so the demo model is materialised once),
+    # and one default model.
+    config = tomllib.loads((unpacked / "etc/neuron/neuron.toml").read_text())
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "gguf").symlink_to(SHARED_CACHE / "gguf")
+    config |= {
+        "listen": f"127.0.0.1:{free_port()}",
+        "metrics_listen": f"127.0.0.1:{free_port()}",
+        "cache_dir": str(cache),
+        "default_models": [demo_model()],
+    }
+    neuron = NeuronProcess(
+        tmp_path / "neuron",
+        config,
+        env={"NOTIFY_SOCKET": str(notify_socket.path), "HELEXA_PYTHON": sys.executable, "PYTHONPATH": ""},
+        program=[str(unpacked / "usr/bin/neuron")],
+        cwd=tmp_path,
+    ).start()  # fmt: skip
+    neurons.append(neuron)
+    assert neuron.proc is not None
+
+    notify_socket.wait_for("READY=1", neuron.proc, 300, neuron.log())
+    # READY=1 comes after activation: the model is loaded and health already SERVING.
+    assert "default model ready model=smollm2" in neuron.log()
+    async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        text, _, _ = await collect(
+            pb_grpc.NeuronStub(channel),
+            chat(DEMO_ID, "What is the capital of France?", max_tokens=32, temperature=0),
+        )
+    assert "Paris" in text
+    assert "STOPPING=1" not in notify_socket.received
+
+    neuron.send(signal.SIGTERM)
+    notify_socket.wait_for("STOPPING=1", neuron.proc, 30, neuron.log())
+    assert neuron.wait_exit(within=60) == 0, neuron.log()
+    log = neuron.log()
+    assert (
+        log.index("draining")
+        < log.index("model unloaded model=smollm2")
+        < log.index("neuron stopped")
+    )
+    assert notify_socket.received.index("READY=1") < notify_socket.received.index("STOPPING=1")
