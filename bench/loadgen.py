@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -75,6 +74,28 @@ def percentile(values: list[float], p: float) -> float:
 Send = Callable[[int], Awaitable[Result]]
 
 
+class Arrivals:
+    """When a request's chunks of text arrived: time to first, gaps between the rest."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first = self.last = 0.0
+        self.gaps: list[float] = []
+        self.chunks = 0
+
+    def chunk(self) -> None:
+        now = time.perf_counter()
+        if not self.first:
+            self.first = now
+        else:
+            self.gaps.append(now - self.last)
+        self.last = now
+        self.chunks += 1
+
+    def result(self, tokens: int) -> Result:
+        return Result(self.first - self.started, self.gaps, tokens, self.last - self.started)
+
+
 async def closed_loop(send: Send, concurrency: int, per_stream: int) -> Summary:
     """``concurrency`` streams, each sending ``per_stream`` requests one after another."""
     results: list[Result] = []
@@ -105,10 +126,8 @@ def openai_sender(
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        started = time.perf_counter()
-        first = last = 0.0
-        gaps: list[float] = []
-        chunks = usage_tokens = 0
+        arrivals = Arrivals()
+        usage_tokens = 0
         async with session.post(f"{base_url}/v1/chat/completions", json=body) as reply:
             reply.raise_for_status()
             async for raw in reply.content:
@@ -119,16 +138,9 @@ def openai_sender(
                 if event.get("usage"):
                     usage_tokens = event["usage"].get("completion_tokens", 0)
                 choices = event.get("choices") or []
-                if not choices or not (choices[0].get("delta") or {}).get("content"):
-                    continue
-                now = time.perf_counter()
-                if not first:
-                    first = now
-                else:
-                    gaps.append(now - last)
-                last = now
-                chunks += 1
-        return Result(first - started, gaps, usage_tokens or chunks, last - started)
+                if choices and (choices[0].get("delta") or {}).get("content"):
+                    arrivals.chunk()
+        return arrivals.result(usage_tokens or arrivals.chunks)
 
     return send
 
@@ -142,21 +154,14 @@ def grpc_sender(stub: pb_grpc.NeuronStub, model: str, max_tokens: int) -> Send:
             max_tokens=max_tokens,
             temperature=0,
         )
-        started = time.perf_counter()
-        first = last = 0.0
-        gaps: list[float] = []
+        arrivals = Arrivals()
         tokens = 0
         async for reply in stub.Generate(request, timeout=600):
             if reply.text:
-                now = time.perf_counter()
-                if not first:
-                    first = now
-                else:
-                    gaps.append(now - last)
-                last = now
+                arrivals.chunk()
             if reply.finish_reason:
                 tokens = reply.usage.completion_tokens
-        return Result(first - started, gaps, tokens, last - started)
+        return arrivals.result(tokens)
 
     return send
 
@@ -171,7 +176,3 @@ def table(rows: list[tuple[str, Summary]]) -> str:
         values = " | ".join(f"{v:.1f}" for v in summary.row().values())
         lines.append(f"| {name} | {summary.concurrency} | {values} |")
     return "\n".join(lines)
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
