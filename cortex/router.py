@@ -150,13 +150,19 @@ class Router:
 
     async def _place(self, entry: CatalogueModel, exclude: frozenset[str]) -> NeuronState:
         started = time.monotonic()
-        allowed = [
-            n
-            for n in self.fleet.neurons
-            if n.routable
-            and n.name not in exclude
-            and (not entry.neurons or n.name in entry.neurons)
-        ]
+
+        def allowed_now() -> list[NeuronState]:
+            return [
+                n
+                for n in self.fleet.neurons
+                if n.routable
+                and n.name not in exclude
+                and (not entry.neurons or n.name in entry.neurons)
+            ]
+
+        # Placement is rare and slow: decide on fresh free memory and last-used times.
+        await asyncio.gather(*(self.fleet.refresh(n) for n in allowed_now()))
+        allowed = allowed_now()
         if not allowed:
             metrics.REJECTIONS.labels(reason="no_neuron").inc()
             raise NoCapacity(f"no healthy neuron may hold the model '{entry.id}' now")
