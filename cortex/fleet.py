@@ -83,6 +83,7 @@ class NeuronState:
     # cortex's own requests on this neuron, in total and per model (fresher than any poll).
     in_flight: int = 0
     active: dict[str, int] = field(default_factory=dict)
+    own_at_poll: int = 0
 
     @property
     def routable(self) -> bool:
@@ -93,8 +94,14 @@ class NeuronState:
         return model is not None and model.state == "READY"
 
     def load(self) -> int:
-        """How busy it is: queued and running requests as last polled, plus cortex's own."""
-        return sum(m.in_flight + m.waiting for m in self.models.values()) + self.in_flight
+        """How busy it is: cortex's own requests now, plus others' as of the last poll.
+
+        The poll's in-flight and waiting counts include cortex's own requests of that moment;
+        those are taken out, since ``in_flight`` is fresher, so a stale poll cannot make an
+        idle neuron look busy.
+        """
+        polled = sum(m.in_flight + m.waiting for m in self.models.values())
+        return max(0, polled - self.own_at_poll) + self.in_flight
 
     def free_bytes(self, device: str = "auto") -> int:
         """The most memory free on one device matching ``device`` (auto, cpu, cuda, cuda:N)."""
@@ -206,6 +213,7 @@ class Fleet:
             DeviceView(d.name, d.description, d.total_bytes, d.free_bytes) for d in info.devices
         ]
         neuron.models = {m.id: _model_view(m) for m in listed.models}
+        neuron.own_at_poll = neuron.in_flight
         neuron.failures, neuron.error, neuron.polled_at = 0, "", time.time()
         self._set_status(neuron, status)
         ready = sum(1 for m in neuron.models.values() if m.state == "READY")
