@@ -40,7 +40,7 @@ test: $(VENV)/.installed $(DEMO_GGUF) lint
 	$(BIN)/python -m pytest -q
 
 run: $(VENV)/.installed $(DEMO_GGUF)
-	$(BIN)/neuron serve --config configs/neuron.demo.toml
+	$(BIN)/python scripts/run_demo.py
 
 clean:
 	rm -rf $(VENV) .cache build dist *.egg-info
