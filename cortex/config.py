@@ -50,7 +50,7 @@ class FleetConfig:
     poll_interval: float = 2.0
     # Consecutive failed polls before a neuron is marked down.
     down_after_failures: int = 2
-    # Deadline of each poll RPC (Health, Info, ListModels) and of UnloadModel.
+    # Deadline of each poll RPC (Health, Info, ListModels).
     rpc_timeout: float = 5.0
     # gRPC keepalive pings on each neuron's channel, so a vanished host fails an open stream.
     keepalive_time: float = 20.0
@@ -72,7 +72,7 @@ class TimeoutsConfig:
 
     # Deadline of one Generate call, first token to last.
     request: float = 600.0
-    # Deadline of one LoadModel call (a cold download can take minutes).
+    # Deadline of one LoadModel or UnloadModel call (a cold download can take minutes).
     load: float = 900.0
     # A stream with no new token for this long ends with an error event.
     stall: float = 120.0
