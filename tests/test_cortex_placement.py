@@ -45,6 +45,7 @@ async def small_fleet(
             catalogue_model("y"),
             catalogue_model("z"),
             catalogue_model("huge", memory="100GiB"),
+            {"id": "broken", "path": "/nonexistent/model.gguf", "memory": "1MiB"},
         ],
     ).start()
     try:
@@ -101,3 +102,12 @@ async def test_placement_evicts_least_recently_used_unpinned_idle_model(
             assert r.headers["Retry-After"].isdigit()
             assert (await r.json())["error"]["code"] == "no_capacity"
     assert await _held(neuron) == {"pinned", "z", "y"}
+
+    # A load the neuron fails (no such file): 502 naming the neuron's reason.
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "broken", "messages": [{"role": "user", "content": "Hi"}]}
+        async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 502
+            error = (await r.json())["error"]
+            assert error["code"] == "neuron_failed"
+            assert "/nonexistent/model.gguf" in error["message"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cortex.config import Catalogue, CatalogueModel
-from cortex.fleet import UP, ModelView, NeuronState
+from cortex.config import Catalogue, CatalogueModel, FleetConfig
+from cortex.fleet import UP, ModelView, NeuronState, channel_options
 from cortex.router import eviction_order, least_loaded, spec_of
 
 
@@ -79,3 +79,11 @@ def test_spec_sent_on_load_carries_the_catalogue_source() -> None:
     hub = spec_of(CatalogueModel("h", hf_repo="org/repo", revision="v1", memory=1))
     assert hub.WhichOneof("source") == "huggingface"
     assert (hub.huggingface.repo, hub.huggingface.revision) == ("org/repo", "v1")
+
+
+def test_neuron_channels_send_keepalive_pings_the_neuron_accepts() -> None:
+    options = dict(channel_options(FleetConfig()))
+    assert options["grpc.keepalive_time_ms"] == 20_000
+    assert options["grpc.keepalive_timeout_ms"] == 10_000
+    # The neuron allows a ping every 5 s at the most (neuron.lifecycle.SERVER_OPTIONS).
+    assert options["grpc.keepalive_time_ms"] >= 5_000

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,3 +189,72 @@ async def test_tokens_arriving_during_a_write_are_coalesced_into_one(
     events = [e for e in raw.split(b"\n\n") if b'"content":"x' in e]
     assert _text(raw) == "x" * BURST + "Hello world"
     assert len(events) < BURST, "one SSE event per token: nothing was coalesced"
+
+
+async def _cortex_with_a_stalled_stream(
+    tmp_path: Path, neuron: ScriptedNeuron, drain_timeout: float
+) -> tuple[CortexProcess, aiohttp.ClientSession, aiohttp.ClientResponse]:
+    """A cortex (stall bound far away) holding one stream that will not finish on its own."""
+    cortex = CortexProcess(
+        tmp_path,
+        cortex_config(
+            [neuron],  # type: ignore[list-item]
+            drain_timeout=drain_timeout,
+            timeouts={"stall": 600},
+        ),
+    ).start()
+    await cortex.wait_ready()
+    session = aiohttp.ClientSession()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "stall"}], "stream": True}
+    response = await session.post(cortex.url + "/v1/chat/completions", json=body)
+    assert response.status == 200
+    while b'"content":"Hello"' not in await response.content.readline():
+        pass
+    return cortex, session, response
+
+
+async def _wait_not_ready(cortex: CortexProcess, session: aiohttp.ClientSession) -> None:
+    deadline = asyncio.get_running_loop().time() + 30
+    while asyncio.get_running_loop().time() < deadline:
+        async with session.get(cortex.url + "/ready") as r:
+            if r.status == 503:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("/ready never turned 503")
+
+
+async def test_drain_timeout_cuts_a_stream_that_will_not_end_and_exits_zero(
+    tmp_path: Path,
+) -> None:
+    neuron = await ScriptedNeuron().start()
+    cortex, session, stream = await _cortex_with_a_stalled_stream(tmp_path, neuron, 1.0)
+    try:
+        cortex.send(signal.SIGTERM)
+        await _wait_not_ready(cortex, session)
+        assert await asyncio.to_thread(cortex.wait_exit, 60) == 0
+        assert "drain timeout passed" in cortex.log()
+        deadline = asyncio.get_running_loop().time() + 10
+        while "stall" not in neuron.cancelled:  # the cut stream's gRPC call was cancelled
+            assert asyncio.get_running_loop().time() < deadline, cortex.log()
+            await asyncio.sleep(0.05)
+    finally:
+        stream.close()
+        await session.close()
+        cortex.stop()
+        await neuron.server.stop(None)
+
+
+async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
+    neuron = await ScriptedNeuron().start()
+    cortex, session, stream = await _cortex_with_a_stalled_stream(tmp_path, neuron, 600.0)
+    try:
+        cortex.send(signal.SIGTERM)
+        await _wait_not_ready(cortex, session)
+        cortex.send(signal.SIGINT)
+        assert await asyncio.to_thread(cortex.wait_exit, 30) == 1
+        assert "second signal" in cortex.log()
+    finally:
+        stream.close()
+        await session.close()
+        cortex.stop()
+        await neuron.server.stop(None)
