@@ -63,7 +63,7 @@ test: $(VENV)/.installed $(DEMO_GGUF) system-deps lint
 	$(BIN)/python -m pytest -q
 
 run: $(VENV)/.installed $(DEMO_GGUF)
-	$(BIN)/neuron serve --config configs/neuron.demo.toml
+	$(BIN)/python scripts/run_demo.py
 
 # Benchmarks: figures for BENCHMARKS.md. transformers' own server is the baseline to beat.
 bench: $(VENV)/.installed $(DEMO_GGUF)

@@ -1,4 +1,4 @@
-"""Real processes for end-to-end tests: neurons (and later cortex) on free ports.
+"""Real processes for end-to-end tests: neurons and cortex on free ports.
 
 Every process logs to a file in the test's tmp dir; readiness is polled with a deadline, never
 slept for; ``stop()`` always leaves no process behind.
@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,3 +191,129 @@ async def read_rest(call: Any) -> tuple[str, Any]:
         text += reply.text
         last = reply
     return text, last
+
+
+@dataclass
+class CortexProcess:
+    """A ``cortex serve`` subprocess with its cortex.toml, models.toml, ports and log."""
+
+    workdir: Path
+    config: dict[str, Any]
+    models: list[dict[str, Any]] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config['listen']}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/v1"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config['metrics_listen']}/metrics"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "cortex.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "cortex.toml"
+
+    def write_config(self) -> Path:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(tomli_w.dumps(self.config))
+        (self.workdir / "models.toml").write_text(tomli_w.dumps({"models": self.models}))
+        return self.config_path
+
+    def start(self) -> CortexProcess:
+        self.write_config()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cortex.cli", "serve", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+            )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _get(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=2) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    async def wait_ready(self, within: float = 60.0, path: str = "/ready") -> None:
+        """Poll ``path`` until 200; fail with the log if the process dies first."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"cortex exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if await asyncio.to_thread(self._get, path) == 200:
+                    return
+            except OSError:
+                pass
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"cortex {path} not 200 within {within}s:\n{self.log()}")
+
+    def send(self, signum: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait_exit(self, within: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=within)
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL after a bound); safe to call twice."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as reply:
+            return str(reply.read().decode())
+
+
+def cortex_config(
+    neurons: list[NeuronProcess],
+    names: list[str] | None = None,
+    poll_interval: float = 0.5,
+    drain_timeout: float = 30.0,
+    **sections: Any,
+) -> dict[str, Any]:
+    """A cortex config on free loopback ports over ``neurons`` (named n0, n1, ... by default)."""
+    names = names or [f"n{i}" for i in range(len(neurons))]
+    config: dict[str, Any] = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "metrics_listen": f"127.0.0.1:{free_port()}",
+        "models_file": "models.toml",
+        "neurons": [
+            {"name": n, "endpoint": p.endpoint} for n, p in zip(names, neurons, strict=True)
+        ],
+        "fleet": {"poll_interval": poll_interval, "down_after_failures": 1, "rpc_timeout": 2.0},
+        "shutdown": {"drain_timeout": drain_timeout},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    return config
+
+
+def catalogue_model(model_id: str, memory: str = "270MB", **extra: Any) -> dict[str, Any]:
+    """A models.toml entry for the demo GGUF under ``model_id`` (bf16: 269,030,272 bytes)."""
+    return {"id": model_id, "path": str(DEMO_GGUF), "memory": memory, **extra}

@@ -1,0 +1,150 @@
+"""cortex's HTTP surface: the aiohttp application, its error middleware and the probes.
+
+Handlers per API surface live beside this module (``openai``); they parse, call the router
+and write. Every failure of any handler becomes OpenAI's error envelope in the middleware,
+through ``cortex.api.errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from cortex import metrics
+from cortex.api.errors import (
+    error_response,
+    http_error_response,
+    internal_error_response,
+    status_of,
+)
+from cortex.config import Catalogue, CortexConfig
+from cortex.errors import CortexError, ShuttingDown, Unauthorized
+from cortex.fleet import Fleet
+from cortex.router import Router
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Gateway:
+    """What the handlers share: config, fleet, router, and the drain's bookkeeping."""
+
+    config: CortexConfig
+    catalogue: Catalogue
+    fleet: Fleet
+    router: Router
+    draining: bool = False
+    active: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    async def wait_idle(self, within: float) -> bool:
+        """Wait until no API request is running; False if ``within`` seconds pass first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), within)
+        except TimeoutError:
+            return False
+        return True
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def gateway_of(request: web.Request) -> Gateway:
+    return request.app[GATEWAY]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Envelope every failure; refuse new API work while draining; count every answer."""
+    gateway = gateway_of(request)
+    api = request.path.startswith("/v1/")
+    started = time.monotonic()
+    status = "500"
+    retry_after = gateway.config.timeouts.retry_after
+    try:
+        if api:
+            if gateway.draining:
+                metrics.REJECTIONS.labels(reason="shutting_down").inc()
+                raise ShuttingDown("cortex is shutting down; retry on another instance")
+            _authorize(request, gateway)
+            gateway.active += 1
+            gateway._idle.clear()
+            try:
+                response = await handler(request)
+            finally:
+                gateway.active -= 1
+                if gateway.active == 0:
+                    gateway._idle.set()
+        else:
+            response = await handler(request)
+        status = str(response.status)
+        return response
+    except CortexError as e:
+        status = str(status_of(e))
+        log.info("request refused path=%s status=%s error=%s", request.path, status, e.message)
+        return error_response(e, retry_after)
+    except web.HTTPException as e:
+        status = str(e.status)
+        return http_error_response(e)
+    except asyncio.CancelledError:
+        status = "499"  # the client went away (nginx's name for it)
+        raise
+    except Exception:
+        log.exception("unexpected error path=%s", request.path)
+        return internal_error_response()
+    finally:
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        model = request.get("model_label", "-")
+        metrics.REQUESTS.labels(route=name, model=model, status=status).inc()
+        if api:
+            metrics.REQUEST_DURATION.labels(route=name, model=model).observe(
+                time.monotonic() - started
+            )
+
+
+def _authorize(request: web.Request, gateway: Gateway) -> None:
+    keys = gateway.config.auth.api_keys
+    if not keys:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or token.strip() not in keys:
+        raise Unauthorized("Missing or unknown API key: send 'Authorization: Bearer KEY'")
+
+
+async def health(request: web.Request) -> web.Response:
+    """The process lives."""
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Ready when not draining and at least one neuron is up."""
+    gateway = gateway_of(request)
+    up = [n.name for n in gateway.fleet.neurons if n.routable]
+    if gateway.draining:
+        return web.json_response({"status": "draining", "neurons_up": up}, status=503)
+    if not up:
+        return web.json_response({"status": "no neuron up", "neurons_up": up}, status=503)
+    return web.json_response({"status": "ready", "neurons_up": up})
+
+
+def build_app(gateway: Gateway) -> web.Application:
+    from cortex.api import openai
+
+    app = web.Application(middlewares=[_errors], client_max_size=gateway.config.limits.max_body)
+    app[GATEWAY] = gateway
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    openai.add_routes(app)
+    return app

@@ -1,0 +1,70 @@
+"""The one place cortex's failures become HTTP statuses and OpenAI's error envelope."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from cortex.errors import (
+    BadRequest,
+    CortexError,
+    ModelNotFound,
+    NeuronFailed,
+    NoCapacity,
+    ShuttingDown,
+    StreamStalled,
+    Unauthorized,
+)
+
+# (HTTP status, OpenAI error type, code)
+_STATUS: dict[type[CortexError], tuple[int, str, str | None]] = {
+    BadRequest: (400, "invalid_request_error", None),
+    Unauthorized: (401, "invalid_request_error", "invalid_api_key"),
+    ModelNotFound: (404, "invalid_request_error", "model_not_found"),
+    NeuronFailed: (502, "api_error", "neuron_failed"),
+    NoCapacity: (503, "server_error", "no_capacity"),
+    ShuttingDown: (503, "server_error", "shutting_down"),
+    StreamStalled: (504, "server_error", "stream_stalled"),
+}
+# Statuses that tell the client to come back later.
+_RETRY_LATER = (NoCapacity, ShuttingDown)
+
+
+def envelope(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def status_of(error: CortexError) -> int:
+    return _STATUS.get(type(error), (500, "", None))[0]
+
+
+def error_body(error: CortexError) -> dict[str, Any]:
+    """OpenAI's envelope for ``error`` (also what an SSE error event carries)."""
+    _, type_, code = _STATUS.get(type(error), (500, "server_error", None))
+    return envelope(error.message, type_, error.param, code)
+
+
+def error_response(error: CortexError, retry_after: int) -> web.Response:
+    headers = {"Retry-After": str(retry_after)} if isinstance(error, _RETRY_LATER) else None
+    return web.json_response(error_body(error), status=status_of(error), headers=headers)
+
+
+def http_error_response(error: web.HTTPException) -> web.Response:
+    """aiohttp's own refusals (no such route, wrong method, body too large) as envelopes."""
+    type_ = "invalid_request_error" if error.status < 500 else "server_error"
+    message = error.reason
+    if error.status == 404:
+        message = "Not found: no such route"
+    response = web.json_response(envelope(message, type_, None, None), status=error.status)
+    if error.status == 405 and "Allow" in error.headers:
+        response.headers["Allow"] = error.headers["Allow"]
+    return response
+
+
+def internal_error_response() -> web.Response:
+    return web.json_response(
+        envelope("internal error in cortex; see its log", "server_error"), status=500
+    )

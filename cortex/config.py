@@ -1,0 +1,266 @@
+"""cortex's settings: ``cortex.toml`` (addresses, neurons, timeouts) and ``models.toml``.
+
+``models.toml`` is the catalogue: each model's id, aliases, the source spec sent to a neuron
+on load, the memory it needs, the neurons allowed to hold it, and whether it is pinned.
+Every key is documented in ``configs/cortex.example.toml`` and ``configs/models.example.toml``;
+an unknown key, a wrong type or a bad value is one ``ConfigError`` naming the file and key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from helexa.configfile import ConfigError, build, load_toml
+
+DEFAULT_PATH = Path("/etc/cortex/cortex.toml")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _check_address(value: str, key: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+
+
+def _check_positive(value: float, key: str) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}: must be greater than 0, got {value}")
+
+
+@dataclass(frozen=True)
+class NeuronEndpoint:
+    """One neuron cortex talks to, at the endpoint given here (never one it advertises)."""
+
+    name: str
+    endpoint: str
+
+    def check_config(self, key: str) -> None:
+        if not _NAME.match(self.name):
+            raise ConfigError(f"{key}.name: letters, digits, '.', '_' and '-' only")
+        _check_address(self.endpoint, f"{key}.endpoint")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """How the poller keeps the neurons' state fresh."""
+
+    poll_interval: float = 2.0
+    # Consecutive failed polls before a neuron is marked down.
+    down_after_failures: int = 2
+    # Deadline of each poll RPC (Health, Info, ListModels).
+    rpc_timeout: float = 5.0
+    # gRPC keepalive pings on each neuron's channel, so a vanished host fails an open stream.
+    keepalive_time: float = 20.0
+    keepalive_timeout: float = 10.0
+
+    def check_config(self, key: str) -> None:
+        for name in ("poll_interval", "rpc_timeout", "keepalive_time", "keepalive_timeout"):
+            _check_positive(getattr(self, name), f"{key}.{name}")
+        if self.keepalive_time < 5.0:
+            # The neuron refuses pings more often than every 5 s (GOAWAY too_many_pings).
+            raise ConfigError(f"{key}.keepalive_time: must be at least 5 seconds")
+        if self.down_after_failures < 1:
+            raise ConfigError(f"{key}.down_after_failures: must be at least 1")
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    """Bounds on the waits a request can meet."""
+
+    # Deadline of one Generate call, first token to last.
+    request: float = 600.0
+    # Deadline of one LoadModel or UnloadModel call (a cold download can take minutes).
+    load: float = 900.0
+    # A stream with no new token for this long ends with an error event.
+    stall: float = 120.0
+    # While waiting for tokens, an SSE comment is sent this often so proxies keep the stream.
+    keepalive: float = 10.0
+    # Seconds clients are told to wait (Retry-After) when there is no capacity.
+    retry_after: int = 5
+
+    def check_config(self, key: str) -> None:
+        for name in ("request", "load", "stall", "keepalive"):
+            _check_positive(getattr(self, name), f"{key}.{name}")
+        if self.retry_after < 1:
+            raise ConfigError(f"{key}.retry_after: must be at least 1")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Request limits checked before anything reaches a neuron."""
+
+    # Largest max_tokens (or max_completion_tokens) accepted; larger is a 400.
+    max_tokens: int = 32768
+    # Largest request body in bytes.
+    max_body: int = field(default=8 << 20, metadata={"unit": "bytes"})
+
+    def check_config(self, key: str) -> None:
+        if self.max_tokens < 1:
+            raise ConfigError(f"{key}.max_tokens: must be at least 1")
+        if self.max_body < 1024:
+            raise ConfigError(f"{key}.max_body: must be at least 1KiB")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer keys accepted on /v1; an empty list means no authentication."""
+
+    api_keys: list[str] = field(default_factory=list)
+
+    def check_config(self, key: str) -> None:
+        for i, k in enumerate(self.api_keys):
+            if not k.strip():
+                raise ConfigError(f"{key}.api_keys[{i}]: must not be empty")
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    """How long in-flight requests may run after SIGTERM/SIGINT before cortex exits."""
+
+    drain_timeout: float = 30.0
+
+    def check_config(self, key: str) -> None:
+        if self.drain_timeout < 0:
+            raise ConfigError(f"{key}.drain_timeout: must not be negative")
+
+
+@dataclass(frozen=True)
+class CortexConfig:
+    """Everything ``cortex serve`` reads from ``cortex.toml``."""
+
+    listen: str = "0.0.0.0:31313"
+    metrics_listen: str = "0.0.0.0:31314"
+    # The catalogue; a relative path is relative to this file's directory.
+    models_file: str = "models.toml"
+    log_level: str = "info"
+    neurons: list[NeuronEndpoint] = field(default_factory=list)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+
+    def check_config(self, key: str) -> None:
+        _check_address(self.listen, "listen")
+        _check_address(self.metrics_listen, "metrics_listen")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError("log_level: expected debug, info, warning or error")
+        seen: set[str] = set()
+        for i, neuron in enumerate(self.neurons):
+            if neuron.name in seen:
+                raise ConfigError(f"neurons[{i}].name: {neuron.name!r} is listed twice")
+            seen.add(neuron.name)
+
+
+@dataclass(frozen=True)
+class CatalogueModel:
+    """One model clients may ask for, and how to place it on a neuron."""
+
+    id: str
+    # The source, as in a neuron's [[default_models]]: exactly one of hf_repo or path.
+    hf_repo: str = ""
+    revision: str = ""
+    path: str = ""
+    gguf_file: str = ""
+    dtype: str = "auto"
+    device: str = "auto"
+    max_batch_size: int = 0
+    max_context: int = 0
+    # Memory the model takes on a device, for placement.
+    memory: int = field(default=0, metadata={"unit": "bytes"})
+    aliases: list[str] = field(default_factory=list)
+    # Neuron names that may hold it; empty means any.
+    neurons: list[str] = field(default_factory=list)
+    # A pinned model is never evicted to make room for another.
+    pinned: bool = False
+
+    def check_config(self, key: str) -> None:
+        if not self.id.strip():
+            raise ConfigError(f"{key}.id: must not be empty")
+        if bool(self.hf_repo) == bool(self.path):
+            raise ConfigError(
+                f"{key}.source: give exactly one of hf_repo (Hugging Face) or path (local)"
+            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"{key}.dtype: must be one of {', '.join(DTYPES)}")
+        if not (
+            self.device in ("auto", "cpu", "cuda")
+            or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        ):
+            raise ConfigError(f"{key}.device: must be auto, cpu, cuda or cuda:N")
+        if self.max_batch_size < 0:
+            raise ConfigError(f"{key}.max_batch_size: must not be negative")
+        if self.max_context < 0:
+            raise ConfigError(f"{key}.max_context: must not be negative")
+        if self.memory <= 0:
+            raise ConfigError(f"{key}.memory: required, the bytes the model takes (e.g. '2GiB')")
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """``models.toml``: every model cortex may place."""
+
+    models: list[CatalogueModel] = field(default_factory=list)
+
+    def check_config(self, key: str) -> None:
+        names: set[str] = set()
+        for i, model in enumerate(self.models):
+            for j, name in enumerate([model.id, *model.aliases]):
+                where = f"models[{i}].id" if j == 0 else f"models[{i}].aliases[{j - 1}]"
+                if name in names:
+                    raise ConfigError(f"{where}: {name!r} names two models")
+                names.add(name)
+
+    def find(self, name: str) -> CatalogueModel | None:
+        """The model called ``name`` by its id or one of its aliases."""
+        for model in self.models:
+            if name == model.id or name in model.aliases:
+                return model
+        return None
+
+
+def _load_file(cls: type, path: Path) -> object:
+    try:
+        return build(cls, load_toml(path))
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(
+            message if message.startswith(str(path)) else f"{path}: {message}"
+        ) from None
+
+
+def load(path: Path = DEFAULT_PATH) -> tuple[CortexConfig, Catalogue]:
+    """Read and check ``cortex.toml`` and the catalogue it names; ``ConfigError`` names the key."""
+    config = load_config(path)
+    catalogue = load_catalogue(models_path(config, path))
+    known = {n.name for n in config.neurons}
+    for i, model in enumerate(catalogue.models):
+        for j, name in enumerate(model.neurons):
+            if name not in known:
+                raise ConfigError(
+                    f"{models_path(config, path)}: models[{i}].neurons[{j}]: {name!r} is not a "
+                    f"neuron in {path}"
+                )
+    return config, catalogue
+
+
+def models_path(config: CortexConfig, config_path: Path) -> Path:
+    path = Path(config.models_file)
+    return path if path.is_absolute() else config_path.parent / path
+
+
+def load_config(path: Path) -> CortexConfig:
+    """Read and check ``cortex.toml`` alone (not the catalogue it names)."""
+    config = _load_file(CortexConfig, path)
+    assert isinstance(config, CortexConfig)
+    return config
+
+
+def load_catalogue(path: Path) -> Catalogue:
+    """Read and check a ``models.toml``."""
+    catalogue = _load_file(Catalogue, path)
+    assert isinstance(catalogue, Catalogue)
+    return catalogue

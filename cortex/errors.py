@@ -1,0 +1,44 @@
+"""The failures cortex reports to API clients, each one a thing they can act on.
+
+They are turned into HTTP statuses and OpenAI's error envelope in exactly one place:
+``cortex.api.errors``.
+"""
+
+from __future__ import annotations
+
+
+class CortexError(Exception):
+    """Base of every failure reported to a client with a message."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class BadRequest(CortexError):
+    """A malformed body or a wrong field; ``param`` names the field."""
+
+
+class Unauthorized(CortexError):
+    """A missing or unknown API key."""
+
+
+class ModelNotFound(CortexError):
+    """No model of that name is in the catalogue or loaded on a healthy neuron."""
+
+
+class NoCapacity(CortexError):
+    """No healthy neuron can serve the model now (all down, draining, full); retry later."""
+
+
+class ShuttingDown(CortexError):
+    """cortex is draining and takes no new requests."""
+
+
+class NeuronFailed(CortexError):
+    """A neuron failed the request (and no other could take it before the first token)."""
+
+
+class StreamStalled(CortexError):
+    """No token arrived within the stall timeout."""

@@ -1,0 +1,89 @@
+"""cortex's life: start the fleet and the HTTP server; drain on SIGTERM or SIGINT.
+
+On the first signal ``/ready`` turns 503 and new API requests get 503 with ``Retry-After``;
+requests in flight (streams included) may finish within ``shutdown.drain_timeout``; then the
+server stops, the neuron channels close and cortex exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+from aiohttp import web
+
+from cortex import metrics
+from cortex.api import Gateway, build_app
+from cortex.config import Catalogue, CortexConfig
+from cortex.fleet import Fleet
+from cortex.router import Router
+from helexa.sdnotify import notify
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: CortexConfig, catalogue: Catalogue) -> int:
+    """Run cortex until a signal; returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("second signal, exiting at once signal=%s", name)
+            os._exit(1)
+        log.info("signal received, draining signal=%s", name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    host, _, port = config.listen.rpartition(":")
+    try:
+        metrics.serve(config.metrics_listen)
+    except OSError as e:
+        log.error("cannot listen metrics_listen=%s error=%s", config.metrics_listen, e)
+        return 1
+    fleet = Fleet(config)
+    router = Router(config, fleet, catalogue)
+    gateway = Gateway(config, catalogue, fleet, router)
+    # handler_cancellation: a client that goes away cancels its handler, and so its gRPC call.
+    runner = web.AppRunner(build_app(gateway), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        await fleet.start()
+        site = web.TCPSite(runner, host, int(port), shutdown_timeout=1.0)
+        try:
+            await site.start()
+        except OSError as e:
+            log.error("cannot listen listen=%s error=%s", config.listen, e)
+            return 1
+        notify("READY=1")
+        log.info(
+            "cortex serving listen=%s metrics=%s neurons=%d up=%d models=%d",
+            config.listen, config.metrics_listen, len(fleet.neurons),
+            sum(n.routable for n in fleet.neurons), len(catalogue.models),
+        )  # fmt: skip
+        await stop.wait()
+        await _drain(gateway, config)
+        return 0
+    finally:
+        await runner.cleanup()
+        await router.close()
+        await fleet.close()
+        log.info("cortex stopped")
+
+
+async def _drain(gateway: Gateway, config: CortexConfig) -> None:
+    started = time.monotonic()
+    gateway.draining = True
+    notify("STOPPING=1")
+    log.info(
+        "draining in_flight=%d drain_timeout=%.1f", gateway.active, config.shutdown.drain_timeout
+    )
+    if not await gateway.wait_idle(config.shutdown.drain_timeout):
+        log.warning("drain timeout passed, cutting in_flight=%d", gateway.active)
+    log.info("drained seconds=%.2f", time.monotonic() - started)

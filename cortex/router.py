@@ -1,0 +1,307 @@
+"""The router: picks the neuron for each request, places models, and retries before streaming.
+
+Among up neurons with the model READY it takes the least loaded (in-flight and waiting as last
+polled, plus cortex's own in-flight requests there), ties broken by neuron name, so a choice
+never depends on dict or hash order. When no neuron has the model, it is placed: loaded on an
+allowed up neuron with room, after evicting the least recently used unpinned idle model when
+none has room. Concurrent requests for a model being placed wait for that one placement. A
+``Generate`` that fails before its first message is retried on another neuron; after it, the
+failure is the client's to see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from cortex import metrics
+from cortex.config import Catalogue, CatalogueModel, CortexConfig
+from cortex.errors import BadRequest, ModelNotFound, NeuronFailed, NoCapacity
+from cortex.fleet import Fleet, ModelView, NeuronState
+from helexa.neuron.v1 import neuron_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# Failures of a Generate before its first message that another neuron may not share.
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+# Of those, the ones that mean "busy or going away" rather than "broken": 503, not 502.
+_CAPACITY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# The neuron names chat fields after the proto; clients know OpenAI's names.
+_PARAMS = {"chat.messages": "messages", "input": "messages"}
+
+
+def least_loaded(candidates: list[NeuronState]) -> NeuronState | None:
+    """The least loaded neuron, ties broken by name: deterministic for a given state."""
+    return min(candidates, key=lambda n: (n.load(), n.name), default=None)
+
+
+def eviction_order(neuron: NeuronState, catalogue: Catalogue, placing: str) -> list[ModelView]:
+    """Models on ``neuron`` that may be unloaded, least recently used first.
+
+    READY, not pinned in the catalogue, nothing in flight or waiting on the neuron and none
+    of cortex's own requests on it, and not the model being placed.
+    """
+    victims = []
+    for model in neuron.models.values():
+        entry = catalogue.find(model.id)
+        if (
+            model.state == "READY"
+            and model.id != placing
+            and not (entry is not None and entry.pinned)
+            and model.in_flight == 0
+            and model.waiting == 0
+            and not neuron.active.get(model.id)
+        ):
+            victims.append(model)
+    return sorted(victims, key=lambda m: (m.recency, m.id))
+
+
+def spec_of(entry: CatalogueModel) -> pb.ModelSpec:
+    """The proto ``ModelSpec`` sent to a neuron to load a catalogue model."""
+    spec = pb.ModelSpec(
+        id=entry.id,
+        dtype=entry.dtype,
+        device=entry.device,
+        max_batch_size=entry.max_batch_size,
+        max_context=entry.max_context,
+    )
+    if entry.hf_repo:
+        spec.huggingface.CopyFrom(
+            pb.HuggingFaceSource(
+                repo=entry.hf_repo, revision=entry.revision, gguf_file=entry.gguf_file
+            )
+        )
+    else:
+        spec.local.CopyFrom(pb.LocalSource(path=entry.path, gguf_file=entry.gguf_file))
+    return spec
+
+
+class Router:
+    """Routing, placement with eviction, and Generate with retry before the first token."""
+
+    def __init__(self, config: CortexConfig, fleet: Fleet, catalogue: Catalogue) -> None:
+        self.config = config
+        self.fleet = fleet
+        self.catalogue = catalogue
+        self._placing: dict[str, asyncio.Task[NeuronState]] = {}
+
+    async def close(self) -> None:
+        tasks = list(self._placing.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- names ----
+
+    def resolve(self, name: str) -> str:
+        """The model id a client's name means; ``ModelNotFound`` when nothing serves it."""
+        entry = self.catalogue.find(name)
+        if entry is not None:
+            return entry.id
+        if any(n.routable and n.has_ready(name) for n in self.fleet.neurons):
+            return name
+        raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+
+    def model_ids(self) -> list[str]:
+        """Every model in the catalogue, then every other model READY on an up neuron."""
+        ids = [m.id for m in self.catalogue.models]
+        loaded = {
+            m.id
+            for n in self.fleet.neurons
+            if n.routable
+            for m in n.models.values()
+            if m.state == "READY"
+        }
+        return ids + sorted(loaded - set(ids))
+
+    # ---- choosing a neuron ----
+
+    async def acquire(self, model_id: str, exclude: set[str]) -> NeuronState:
+        """The neuron to send a request for ``model_id`` to, placing the model if needed."""
+        ready = [
+            n
+            for n in self.fleet.neurons
+            if n.routable and n.name not in exclude and n.has_ready(model_id)
+        ]
+        chosen = least_loaded(ready)
+        if chosen is not None:
+            return chosen
+        entry = self.catalogue.find(model_id)
+        if entry is None:
+            raise NoCapacity(f"no healthy neuron holds the model '{model_id}' now")
+        task = self._placing.get(model_id)
+        if task is None:
+            task = asyncio.create_task(self._place(entry, frozenset(exclude)))
+            self._placing[model_id] = task
+            task.add_done_callback(lambda _: self._placing.pop(model_id, None))
+        # Shielded: a client that goes away must not cancel a load others wait on.
+        return await asyncio.shield(task)
+
+    async def _place(self, entry: CatalogueModel, exclude: frozenset[str]) -> NeuronState:
+        started = time.monotonic()
+
+        def allowed_now() -> list[NeuronState]:
+            return [
+                n
+                for n in self.fleet.neurons
+                if n.routable
+                and n.name not in exclude
+                and (not entry.neurons or n.name in entry.neurons)
+            ]
+
+        # Placement is rare and slow: decide on fresh free memory and last-used times.
+        await asyncio.gather(*(self.fleet.refresh(n) for n in allowed_now()))
+        allowed = allowed_now()
+        if not allowed:
+            metrics.REJECTIONS.labels(reason="no_neuron").inc()
+            raise NoCapacity(f"no healthy neuron may hold the model '{entry.id}' now")
+        loading = [n for n in allowed if entry.id in n.models]
+        fits = [n for n in allowed if n.free_bytes(entry.device) >= entry.memory]
+        if loading:  # loading there already (or READY since the last poll): join that load
+            target = min(loading, key=lambda n: n.name)
+        elif fits:
+            target = min(fits, key=lambda n: (-n.free_bytes(entry.device), n.name))
+        else:
+            target = await self._evict_for(entry, allowed)
+        await self._load(target, entry)
+        metrics.PLACEMENT_SECONDS.labels(model=entry.id).observe(time.monotonic() - started)
+        return target
+
+    async def _evict_for(self, entry: CatalogueModel, allowed: list[NeuronState]) -> NeuronState:
+        """Unload LRU idle unpinned models until one allowed neuron has room for ``entry``."""
+        while True:
+            feasible: list[tuple[float, str, str, NeuronState, ModelView]] = []
+            for neuron in allowed:
+                victims = eviction_order(neuron, self.catalogue, entry.id)
+                freeable = sum(v.resident_bytes for v in victims)
+                if victims and neuron.free_bytes(entry.device) + freeable >= entry.memory:
+                    first = victims[0]
+                    feasible.append((first.recency, neuron.name, first.id, neuron, first))
+            if not feasible:
+                metrics.REJECTIONS.labels(reason="no_room").inc()
+                raise NoCapacity(
+                    f"no room for the model '{entry.id}' ({entry.memory} bytes): every allowed "
+                    "neuron is full of pinned or busy models"
+                )
+            _, _, _, neuron, victim = min(feasible, key=lambda f: f[:3])
+            await self._evict(neuron, victim, entry.id)
+            if neuron.free_bytes(entry.device) >= entry.memory:
+                return neuron
+
+    async def _evict(self, neuron: NeuronState, victim: ModelView, placing: str) -> None:
+        started = time.monotonic()
+        try:
+            reply = await neuron.stub.UnloadModel(
+                pb.UnloadModelRequest(id=victim.id), timeout=self.config.timeouts.load
+            )
+        except grpc.aio.AioRpcError as e:
+            self.fleet.poke(neuron)
+            raise NoCapacity(
+                f"evicting '{victim.id}' from neuron {neuron.name} failed: {e.details()}"
+            ) from e
+        metrics.EVICTIONS.labels(model=victim.id, neuron=neuron.name).inc()
+        log.info(
+            "evicted model=%s neuron=%s for=%s freed_bytes=%d seconds=%.2f",
+            victim.id, neuron.name, placing, reply.freed_bytes, time.monotonic() - started,
+        )  # fmt: skip
+        await self.fleet.refresh(neuron)
+
+    async def _load(self, neuron: NeuronState, entry: CatalogueModel) -> None:
+        started = time.monotonic()
+        try:
+            reply = await neuron.stub.LoadModel(
+                pb.LoadModelRequest(spec=spec_of(entry)), timeout=self.config.timeouts.load
+            )
+        except grpc.aio.AioRpcError as e:
+            metrics.PLACEMENTS.labels(model=entry.id, neuron=neuron.name, result="failed").inc()
+            self.fleet.poke(neuron)
+            log.warning(
+                "placement failed model=%s neuron=%s code=%s error=%s",
+                entry.id, neuron.name, e.code().name, e.details(),
+            )  # fmt: skip
+            if e.code() in _CAPACITY:
+                raise NoCapacity(
+                    f"neuron {neuron.name} cannot load '{entry.id}' now: {e.details()}"
+                ) from e
+            raise NeuronFailed(
+                f"neuron {neuron.name} failed to load '{entry.id}': {e.details()}"
+            ) from e
+        metrics.PLACEMENTS.labels(model=entry.id, neuron=neuron.name, result="loaded").inc()
+        log.info(
+            "placed model=%s neuron=%s already_loaded=%s seconds=%.2f",
+            entry.id, neuron.name, reply.already_loaded, time.monotonic() - started,
+        )  # fmt: skip
+        await self.fleet.refresh(neuron)
+
+    # ---- generation ----
+
+    async def generate(
+        self, model_id: str, request: pb.GenerateRequest
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Stream ``request`` from a neuron, retrying others until the first message arrives."""
+        tried: set[str] = set()
+        failures: list[grpc.aio.AioRpcError] = []
+        while True:
+            try:
+                neuron = await self.acquire(model_id, tried)
+            except NoCapacity:
+                if failures and any(f.code() not in _CAPACITY for f in failures):
+                    last = failures[-1]
+                    raise NeuronFailed(
+                        f"the neuron failed the request: {last.code().name}: {last.details()}"
+                    ) from None
+                raise
+            tried.add(neuron.name)
+            neuron.begin(model_id)
+            call = neuron.stub.Generate(request, timeout=self.config.timeouts.request)
+            try:
+                try:
+                    first = await call.read()
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                        raise _bad_request(e.details() or "") from None
+                    if e.code() not in _RETRYABLE:
+                        raise NeuronFailed(
+                            f"neuron {neuron.name} failed the request: "
+                            f"{e.code().name}: {e.details()}"
+                        ) from None
+                    failures.append(e)
+                    metrics.RETRIES.labels(model=model_id, code=e.code().name).inc()
+                    log.warning(
+                        "retrying on another neuron model=%s neuron=%s code=%s error=%s",
+                        model_id, neuron.name, e.code().name, e.details(),
+                    )  # fmt: skip
+                    self.fleet.poke(neuron)
+                    continue
+                if first is grpc.aio.EOF:
+                    raise NeuronFailed(f"neuron {neuron.name} ended the stream with nothing")
+                yield first
+                try:
+                    while (message := await call.read()) is not grpc.aio.EOF:
+                        yield message
+                    return
+                except grpc.aio.AioRpcError as e:
+                    self.fleet.poke(neuron)
+                    raise NeuronFailed(
+                        f"neuron {neuron.name} failed mid-stream: {e.code().name}: {e.details()}"
+                    ) from None
+            finally:
+                call.cancel()  # a no-op once finished; stops the neuron when the client left
+                neuron.end(model_id)
+
+
+def _bad_request(details: str) -> BadRequest:
+    field, sep, _ = details.partition(":")
+    param = _PARAMS.get(field, field.replace("chat.messages", "messages")) if sep else None
+    return BadRequest(details, param=param)

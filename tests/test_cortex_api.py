@@ -1,0 +1,343 @@
+"""cortex's OpenAI surface end to end: a real cortex process over a real neuron process.
+
+The openai SDK (with ``max_retries=0``) talks to cortex unchanged, streaming and not; every
+route answers through a real neuron; bad input gets OpenAI's error envelope and cortex keeps
+serving; a client that goes away cancels the generation on the neuron.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.harness import (
+    DEMO_ID,
+    CortexProcess,
+    NeuronProcess,
+    catalogue_model,
+    cortex_config,
+    metric_value,
+)
+
+QUESTION = "What is the capital of France?"
+PARIS = "The capital of France is Paris."
+
+
+@pytest.fixture(scope="module")
+async def cortex(
+    shared_neuron: NeuronProcess, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[CortexProcess]:
+    await shared_neuron.wait_serving()
+    process = CortexProcess(
+        tmp_path_factory.mktemp("cortex-api"),
+        cortex_config([shared_neuron], limits={"max_tokens": 4096}),
+        models=[catalogue_model(DEMO_ID, aliases=["smol"], pinned=True)],
+    ).start()
+    try:
+        await process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+def client(cortex: CortexProcess, **kwargs: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=cortex.api_url, api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs
+    )
+
+
+async def test_openai_sdk_chat_whole_answers_paris_with_usage(cortex: CortexProcess) -> None:
+    reply = await client(cortex).chat.completions.create(
+        model=DEMO_ID,
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=32,
+    )
+    assert reply.choices[0].message.content == PARIS
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.model == DEMO_ID
+    assert reply.id.startswith("chatcmpl-")
+    assert reply.created > 0
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens > 10
+    assert 0 < reply.usage.completion_tokens <= 32
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+async def test_openai_sdk_chat_streamed_answers_paris_with_usage(cortex: CortexProcess) -> None:
+    stream = await client(cortex).chat.completions.create(
+        model="smol",  # an alias
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_completion_tokens=32,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, finish, usage, chunks = "", None, None, 0
+    async for chunk in stream:
+        chunks += 1
+        assert chunk.model == DEMO_ID
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert text == PARIS
+    assert finish == "stop"
+    assert chunks > 2
+    assert usage is not None and usage.completion_tokens > 0 and usage.prompt_tokens > 10
+
+
+async def test_openai_sdk_lists_and_retrieves_models(cortex: CortexProcess) -> None:
+    models = await client(cortex).models.list()
+    ids = [m.id for m in models.data]
+    assert ids == [DEMO_ID], "each model once: the catalogue entry is also loaded on the neuron"
+    model = await client(cortex).models.retrieve("smol")
+    assert model.id == DEMO_ID
+    with pytest.raises(openai.NotFoundError):
+        await client(cortex).models.retrieve("no-such-model")
+
+
+async def test_completions_through_a_real_neuron(cortex: CortexProcess) -> None:
+    reply = await client(cortex).completions.create(
+        model=DEMO_ID, prompt="The capital of France is", max_tokens=5, temperature=0
+    )
+    assert "Paris" in reply.choices[0].text
+    assert reply.usage is not None and reply.usage.completion_tokens <= 5
+    stream = await client(cortex).completions.create(
+        model=DEMO_ID, prompt="The capital of France is", max_tokens=5, temperature=0, stream=True
+    )
+    streamed = "".join([c.choices[0].text async for c in stream if c.choices])
+    assert streamed == reply.choices[0].text
+
+
+async def test_health_and_ready(cortex: CortexProcess) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(cortex.url + "/health") as r:
+            assert r.status == 200
+        async with session.get(cortex.url + "/ready") as r:
+            assert r.status == 200
+            assert (await r.json())["neurons_up"] == ["n0"]
+
+
+def _chat(**extra: Any) -> dict[str, Any]:
+    return {"model": DEMO_ID, "messages": [{"role": "user", "content": "Hi"}], **extra}
+
+
+BAD_INPUTS = [
+    ("malformed-json", "/v1/chat/completions", b'{"model": "smollm2", "messages": [', 400, None),
+    ("not-an-object", "/v1/chat/completions", [1, 2], 400, None),
+    ("no-model", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+    ("unknown-model", "/v1/chat/completions", _chat(model="gpt-17"), 404, "model"),
+    ("n-3", "/v1/chat/completions", _chat(n=3), 400, "n"),
+    ("huge-max-tokens", "/v1/chat/completions", _chat(max_tokens=10**9), 400, "max_tokens"),
+    ("zero-max-tokens", "/v1/chat/completions", _chat(max_tokens=0), 400, "max_tokens"),
+    ("max-tokens-string", "/v1/chat/completions", _chat(max_tokens="10"), 400, "max_tokens"),
+    ("temperature-string", "/v1/chat/completions", _chat(temperature="hot"), 400, "temperature"),
+    ("temperature-high", "/v1/chat/completions", _chat(temperature=7), 400, "temperature"),
+    ("top-p-zero", "/v1/chat/completions", _chat(top_p=0), 400, "top_p"),
+    ("empty-messages", "/v1/chat/completions", _chat(messages=[]), 400, "messages"),
+    ("messages-string", "/v1/chat/completions", _chat(messages="hi"), 400, "messages"),
+    ("bad-role", "/v1/chat/completions", _chat(messages=[{"role": "robot", "content": "x"}]), 400, "messages[0].role"),
+    ("stop-number", "/v1/chat/completions", _chat(stop=5), 400, "stop"),
+    ("stream-string", "/v1/chat/completions", _chat(stream="yes"), 400, "stream"),
+    ("image-part", "/v1/chat/completions", _chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400, "messages[0].content"),
+    ("completion-no-prompt", "/v1/completions", {"model": DEMO_ID}, 400, "prompt"),
+    ("completion-n-2", "/v1/completions", {"model": DEMO_ID, "prompt": "x", "n": 2}, 400, "n"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [pytest.param(*case[1:], id=case[0]) for case in BAD_INPUTS],
+)
+async def test_bad_input_is_an_openai_error_naming_the_field(
+    cortex: CortexProcess, path: str, body: Any, status: int, param: str | None
+) -> None:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            cortex.url + path, data=data, headers={"Content-Type": "application/json"}
+        ) as r:
+            assert r.status == status
+            error = (await r.json())["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+async def test_unknown_route_and_wrong_method_are_openai_errors(cortex: CortexProcess) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(cortex.url + "/v1/nothing") as r:
+            assert r.status == 404
+            assert "message" in (await r.json())["error"]
+        async with session.get(cortex.url + "/v1/chat/completions") as r:
+            assert r.status == 405
+            assert "message" in (await r.json())["error"]
+
+
+async def test_cortex_keeps_serving_after_bad_input(cortex: CortexProcess) -> None:
+    sdk = client(cortex)
+    with pytest.raises(openai.BadRequestError) as error:
+        await sdk.chat.completions.create(
+            model=DEMO_ID, messages=[{"role": "user", "content": "x"}], n=3
+        )
+    assert error.value.param == "n"
+    reply = await sdk.chat.completions.create(
+        model=DEMO_ID, messages=[{"role": "user", "content": QUESTION}], temperature=0
+    )
+    assert reply.choices[0].message.content == PARIS
+
+
+async def test_client_disconnect_mid_stream_cancels_generation_on_the_neuron(
+    cortex: CortexProcess, shared_neuron: NeuronProcess
+) -> None:
+    cancelled = metric_value(
+        shared_neuron.metrics(), "helexa_neuron_requests_total", finish_reason="cancelled"
+    )
+    body = _chat(
+        messages=[{"role": "user", "content": "Write a very long story about a dragon."}],
+        max_tokens=2000,
+        temperature=0.7,
+        seed=1,
+        stream=True,
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            seen = 0
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    seen += 1
+                if seen >= 3:
+                    break
+        # Leaving the block closes the connection mid-stream.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = metric_value(
+            shared_neuron.metrics(), "helexa_neuron_requests_total", finish_reason="cancelled"
+        )
+        if now > cancelled:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the neuron never saw the generation cancelled")
+    running = metric_value(shared_neuron.metrics(), "helexa_neuron_requests_running", model=DEMO_ID)
+    assert running == 0
+    deadline = time.monotonic() + 10
+    while 'status="499"' not in cortex.metrics():  # counted as a client that went away
+        assert time.monotonic() < deadline, "the disconnect was not counted as 499"
+        await asyncio.sleep(0.05)
+
+
+async def test_metrics_are_prefixed_histograms(cortex: CortexProcess) -> None:
+    await client(cortex).chat.completions.create(
+        model=DEMO_ID, messages=[{"role": "user", "content": QUESTION}], max_tokens=4
+    )
+    text = cortex.metrics()
+    for name in (
+        "helexa_gateway_time_to_first_token_seconds_bucket",
+        "helexa_gateway_request_duration_seconds_bucket",
+    ):
+        assert name in text, name
+    assert 'le="0.025"' in text  # our buckets, not the client's defaults alone
+    assert (
+        metric_value(
+            text,
+            "helexa_gateway_requests_total",
+            route="/v1/chat/completions",
+            model=DEMO_ID,
+            status="200",
+        )
+        >= 1
+    )
+    assert metric_value(text, "helexa_gateway_neuron_up", neuron="n0") == 1
+    assert metric_value(text, "helexa_gateway_models_loaded", neuron="n0") == 1
+
+
+def test_cortex_status_prints_the_fleet(cortex: CortexProcess) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cortex.cli", "status", "--config", str(cortex.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:2] == ["n0", "up"] and "cpu" in line for line in lines), lines
+    assert any(DEMO_ID in line and "READY" in line and "pinned" in line for line in lines)
+    assert "1 of 1 neurons up" in result.stdout
+
+
+async def test_api_keys_are_required_when_configured(
+    shared_neuron: NeuronProcess, tmp_path: Path
+) -> None:
+    process = CortexProcess(
+        tmp_path,
+        cortex_config([shared_neuron], auth={"api_keys": ["sesame"]}),
+        models=[catalogue_model(DEMO_ID)],
+    ).start()
+    try:
+        await process.wait_ready()
+        with pytest.raises(openai.AuthenticationError):
+            await client(process, api_key="wrong").models.list()
+        models = await client(process, api_key="sesame").models.list()
+        assert [m.id for m in models.data] == [DEMO_ID]
+    finally:
+        process.stop()
+
+
+async def test_sigterm_drains_in_flight_stream_then_exits_zero(
+    shared_neuron: NeuronProcess, tmp_path: Path
+) -> None:
+    process = CortexProcess(
+        tmp_path, cortex_config([shared_neuron]), models=[catalogue_model(DEMO_ID)]
+    ).start()
+    try:
+        await process.wait_ready()
+        body = _chat(
+            messages=[{"role": "user", "content": "Write a story about a cat."}],
+            max_tokens=48,
+            temperature=0,
+            stream=True,
+        )
+        async with aiohttp.ClientSession() as session:
+            async with session.post(process.url + "/v1/chat/completions", json=body) as stream:
+                assert stream.status == 200
+                first = await stream.content.readline()
+                assert first.startswith(b"data: ")
+                process.send(signal.SIGTERM)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    async with session.get(process.url + "/ready") as r:
+                        if r.status == 503:
+                            break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("/ready never turned 503")
+                async with session.post(process.url + "/v1/chat/completions", json=_chat()) as r:
+                    assert r.status == 503
+                    assert r.headers["Retry-After"].isdigit()
+                    assert (await r.json())["error"]["code"] == "shutting_down"
+                rest = await stream.content.read()
+        events = [e for e in (first + rest).split(b"\n\n") if e.startswith(b"data: ")]
+        assert events[-1] == b"data: [DONE]"
+        assert all(b'"error"' not in e for e in events)
+        assert b'"finish_reason":"length"' in events[-2]
+        assert await asyncio.to_thread(process.wait_exit, 60) == 0
+        assert "drained" in process.log()
+    finally:
+        process.stop()

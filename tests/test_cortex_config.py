@@ -1,0 +1,180 @@
+"""cortex's config: every shipped file parses with the real loader; bad keys are named; and
+cortex imports nothing of torch or the neuron."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cortex.config import (
+    Catalogue,
+    CortexConfig,
+    load,
+    load_catalogue,
+    load_config,
+)
+from helexa.configfile import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs").glob("cortex*.toml")), ids=lambda p: p.name
+)
+def test_every_shipped_cortex_config_parses(path: Path) -> None:
+    assert isinstance(load_config(path), CortexConfig)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs").glob("models*.toml")), ids=lambda p: p.name
+)
+def test_every_shipped_models_config_parses(path: Path) -> None:
+    assert isinstance(load_catalogue(path), Catalogue)
+
+
+def test_demo_configs_load_together_as_make_run_uses_them() -> None:
+    config, catalogue = load(ROOT / "configs/cortex.demo.toml")
+    assert config.listen == "127.0.0.1:31313"
+    assert config.metrics_listen == "127.0.0.1:31314"
+    assert [(n.name, n.endpoint) for n in config.neurons] == [("local", "127.0.0.1:13131")]
+    entry = catalogue.find("smollm2-135m-instruct")
+    assert entry is not None and entry.pinned
+    neuron_demo = (ROOT / "configs/neuron.demo.toml").read_text()
+    assert f'id = "{entry.id}"' in neuron_demo and f'path = "{entry.path}"' in neuron_demo
+
+
+def test_defaults_match_the_documented_ports() -> None:
+    config = CortexConfig()
+    assert config.listen == "0.0.0.0:31313"
+    assert config.metrics_listen == "0.0.0.0:31314"
+
+
+def _uncomment(text: str, start: str) -> str:
+    """The commented-out block starting at ``start``, up to its first uncommented line."""
+    lines = []
+    for line in text[text.index(start) :].splitlines():
+        if not line.startswith("#"):
+            break
+        if line.startswith("# ") and not line.startswith("# #"):
+            lines.append(line[2:])
+    return "\n".join(lines) + "\n"
+
+
+def test_example_configs_document_every_key(tmp_path: Path) -> None:
+    cortex_text = (ROOT / "configs/cortex.example.toml").read_text()
+    for key in [
+        "listen", "metrics_listen", "models_file", "log_level", "name", "endpoint",
+        "poll_interval", "down_after_failures", "rpc_timeout", "keepalive_time",
+        "keepalive_timeout", "request", "load", "stall", "keepalive", "retry_after",
+        "max_tokens", "max_body", "api_keys", "drain_timeout",
+    ]:  # fmt: skip
+        assert f"{key} =" in cortex_text, key
+    models_text = (ROOT / "configs/models.example.toml").read_text()
+    for key in [
+        "id", "aliases", "hf_repo", "revision", "path", "gguf_file", "dtype", "device",
+        "max_batch_size", "max_context", "memory", "neurons", "pinned",
+    ]:  # fmt: skip
+        assert f"{key} =" in models_text, key
+    # The commented blocks, uncommented, load with the real loader.
+    (tmp_path / "cortex.toml").write_text(_uncomment(cortex_text, "# [[neurons]]"))
+    (tmp_path / "models.toml").write_text(_uncomment(models_text, "# [[models]]"))
+    config, catalogue = load(tmp_path / "cortex.toml")
+    assert config.neurons[0].name == "gpu-host-1"
+    assert catalogue.models[0].id == "smollm2-135m-instruct"
+    assert catalogue.models[0].memory == 300 << 20
+
+
+@pytest.mark.parametrize(
+    ("cortex", "models", "named"),
+    [
+        ("listn = '0.0.0.0:1'", "", "listn: unknown key"),
+        ("[[nodes]]\nname = 'a'", "", "nodes: unknown key"),
+        ("[fleet]\npoll_interval = 'soon'", "", "fleet.poll_interval: expected a number"),
+        ("[fleet]\nkeepalive_time = 1", "", "fleet.keepalive_time"),
+        ("[timeouts]\nstall = 0", "", "timeouts.stall"),
+        ("[[neurons]]\nname = 'a'\nendpoint = 'nowhere'", "", "neurons[0].endpoint"),
+        ("[[neurons]]\nendpoint = 'h:1'", "", "neurons[0].name: required key is missing"),
+        (
+            "[[neurons]]\nname='a'\nendpoint='h:1'\n[[neurons]]\nname='a'\nendpoint='h:2'",
+            "",
+            "neurons[1].name",
+        ),
+        ("", "[[models]]\nid = 'm'\nmemory = '1GiB'", "models[0].source"),
+        ("", "[[models]]\nid = 'm'\npath = '/x'", "models[0].memory"),
+        ("", "[[models]]\nid = 'm'\npath = '/x'\nmemory = 'lots'", "models[0].memory"),
+        ("", "[[models]]\nid = 'm'\npath = '/x'\nmemory = 1\npinnned = true", "models[0].pinnned"),
+        ("", "[[models]]\nid='m'\npath='/x'\nmemory=1\nneurons=['ghost']", "models[0].neurons[0]"),
+        (
+            "",
+            "[[models]]\nid='m'\npath='/x'\nmemory=1\n[[models]]\nid='n'\npath='/y'\nmemory=1\naliases=['m']",
+            "models[1].aliases[0]",
+        ),
+        ("listen = ", "", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_one_error_naming_the_key(
+    tmp_path: Path, cortex: str, models: str, named: str
+) -> None:
+    (tmp_path / "cortex.toml").write_text(cortex + "\n")
+    (tmp_path / "models.toml").write_text(models + "\n")
+    with pytest.raises(ConfigError) as error:
+        load(tmp_path / "cortex.toml")
+    assert named in str(error.value)
+    assert str(tmp_path) in str(error.value)
+
+
+def test_cortex_serve_with_bad_config_exits_naming_the_key(tmp_path: Path) -> None:
+    (tmp_path / "cortex.toml").write_text("[fleet]\npoll_intervall = 1\n")
+    (tmp_path / "models.toml").write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "cortex.cli", "serve", "--config", str(tmp_path / "cortex.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "fleet.poll_intervall" in result.stderr
+
+
+def test_cortex_check_config_accepts_the_demo() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cortex.cli",
+            "check-config",
+            "--config",
+            "configs/cortex.demo.toml",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+def test_cortex_imports_neither_torch_nor_neuron() -> None:
+    modules = sorted(
+        "cortex." + ".".join(p.relative_to(ROOT / "cortex").with_suffix("").parts)
+        for p in (ROOT / "cortex").rglob("*.py")
+    )
+    modules = [m.removesuffix(".__init__") for m in modules]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'transformers', 'neuron', 'huggingface_hub', 'accelerate'))\n"
+        "assert not bad, bad\n"
+        "print(len(sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(modules) >= 9, modules

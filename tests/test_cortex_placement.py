@@ -1,0 +1,113 @@
+"""Placement and eviction end to end: a real cortex over one neuron with a small memory budget.
+
+Each bf16 copy of the demo model takes 269,030,272 bytes on the neuron; a 900MiB budget holds
+three copies (under different ids), not four. Requests for catalogue models that are not
+loaded place them; with no room the least recently used unpinned idle model is unloaded first;
+the pinned one never is, even when it is the least recently used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import grpc
+import openai
+import pytest
+
+from helexa.neuron.v1 import neuron_pb2 as pb
+from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
+from tests.harness import (
+    CortexProcess,
+    NeuronProcess,
+    catalogue_model,
+    cortex_config,
+    metric_value,
+    neuron_config,
+)
+
+
+@pytest.fixture
+async def small_fleet(
+    demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
+) -> AsyncIterator[tuple[CortexProcess, NeuronProcess]]:
+    neuron = NeuronProcess(tmp_path / "neuron", neuron_config(cpu_memory_budget="900MiB"))
+    neurons.append(neuron.start())
+    await neuron.wait_serving()
+    cortex = CortexProcess(
+        tmp_path / "cortex",
+        cortex_config([neuron]),
+        models=[
+            catalogue_model("pinned", pinned=True),
+            catalogue_model("x"),
+            catalogue_model("y"),
+            catalogue_model("z"),
+            catalogue_model("huge", memory="100GiB"),
+            {"id": "broken", "path": "/nonexistent/model.gguf", "memory": "1MiB"},
+        ],
+    ).start()
+    try:
+        await cortex.wait_ready()
+        yield cortex, neuron
+    finally:
+        cortex.stop()
+
+
+async def _ask(cortex: CortexProcess, model: str) -> None:
+    sdk = openai.AsyncOpenAI(base_url=cortex.api_url, api_key="unused", max_retries=0)
+    reply = await sdk.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    assert reply.model == model
+
+
+async def _held(neuron: NeuronProcess) -> set[str]:
+    async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+        reply = await pb_grpc.NeuronStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
+    return {m.id for m in reply.models}
+
+
+async def test_placement_evicts_least_recently_used_unpinned_idle_model(
+    small_fleet: tuple[CortexProcess, NeuronProcess],
+) -> None:
+    cortex, neuron = small_fleet
+    assert await _held(neuron) == set()
+    # Each request for an unloaded catalogue model places it.
+    for model in ("pinned", "x", "y"):
+        await _ask(cortex, model)
+    assert await _held(neuron) == {"pinned", "x", "y"}
+    await _ask(cortex, "x")  # now y is the least recently used unpinned model; pinned is older
+    await _ask(cortex, "z")  # no room for a fourth: y goes, not the pinned one
+    assert await _held(neuron) == {"pinned", "x", "z"}
+    text = cortex.metrics()
+    assert metric_value(text, "helexa_gateway_evictions_total", model="y", neuron="n0") == 1
+    assert metric_value(text, "helexa_gateway_evictions_total", model="pinned") == 0
+
+    # Concurrent requests for an unloaded model share one placement (which evicts x, the LRU).
+    await asyncio.gather(*(_ask(cortex, "y") for _ in range(3)))
+    assert await _held(neuron) == {"pinned", "z", "y"}
+    text = cortex.metrics()
+    assert metric_value(text, "helexa_gateway_placements_total", model="y", result="loaded") == 2
+    assert metric_value(text, "helexa_gateway_evictions_total", model="x", neuron="n0") == 1
+    assert metric_value(text, "helexa_gateway_evictions_total", model="pinned") == 0
+    assert metric_value(text, "helexa_gateway_placement_seconds_count", model="y") == 2
+
+    # A model no neuron can ever hold: 503 with Retry-After, and nothing was evicted for it.
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "huge", "messages": [{"role": "user", "content": "Hi"}]}
+        async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 503
+            assert r.headers["Retry-After"].isdigit()
+            assert (await r.json())["error"]["code"] == "no_capacity"
+    assert await _held(neuron) == {"pinned", "z", "y"}
+
+    # A load the neuron fails (no such file): 502 naming the neuron's reason.
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "broken", "messages": [{"role": "user", "content": "Hi"}]}
+        async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 502
+            error = (await r.json())["error"]
+            assert error["code"] == "neuron_failed"
+            assert "/nonexistent/model.gguf" in error["message"]

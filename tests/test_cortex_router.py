@@ -1,0 +1,89 @@
+"""The router's choices are deterministic functions of the fleet's state (no I/O here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cortex.config import Catalogue, CatalogueModel, FleetConfig
+from cortex.fleet import UP, ModelView, NeuronState, channel_options
+from cortex.router import eviction_order, least_loaded, spec_of
+
+
+def _neuron(name: str, models: list[ModelView], in_flight: int = 0, **kw: Any) -> NeuronState:
+    neuron = NeuronState(name, f"{name}:1", channel=None, stub=None, health=None, status=UP, **kw)  # type: ignore[arg-type]
+    neuron.models = {m.id: m for m in models}
+    neuron.in_flight = in_flight
+    return neuron
+
+
+def _model(model_id: str, last_used: float = 0.0, in_flight: int = 0, **kw: Any) -> ModelView:
+    fields: dict[str, Any] = {
+        "state": "READY", "device": "cpu", "resident_bytes": 100, "loaded_at": 1.0,
+        "last_used": last_used, "in_flight": in_flight, "waiting": 0,
+    }  # fmt: skip
+    fields.update(kw)
+    return ModelView(id=model_id, **fields)
+
+
+def test_least_loaded_breaks_ties_by_name_whatever_the_order() -> None:
+    a, b, c = (_neuron(n, [_model("m")]) for n in ("a", "b", "c"))
+    assert least_loaded([c, b, a]) is a
+    assert least_loaded([b, c, a]) is a
+    a.in_flight = 1
+    assert least_loaded([c, a, b]) is b
+
+
+def test_load_counts_own_requests_fresh_and_others_from_the_poll() -> None:
+    busy = _neuron("a", [_model("m", in_flight=3)])
+    busy.own_at_poll = 3  # all three were ours, and they have finished since
+    idle = _neuron("b", [_model("m")], in_flight=1)
+    assert busy.load() == 0
+    assert idle.load() == 1
+    assert least_loaded([idle, busy]) is busy
+    other = _neuron("c", [_model("m", in_flight=2)])  # two from someone else
+    assert other.load() == 2
+
+
+def test_eviction_order_skips_pinned_busy_and_the_model_being_placed() -> None:
+    catalogue = Catalogue(
+        [
+            CatalogueModel("pinned", path="/p", memory=1, pinned=True),
+            CatalogueModel("x", path="/x", memory=1),
+        ]
+    )
+    neuron = _neuron(
+        "a",
+        [
+            _model("pinned", last_used=1.0),
+            _model("busy", last_used=2.0, in_flight=1),
+            _model("waiting", last_used=2.5, waiting=1),
+            _model("new", last_used=9.0),
+            _model("old", last_used=3.0),
+            _model("never", last_used=0.0, loaded_at=4.0),
+            _model("loading", state="LOADING"),
+            _model("x", last_used=5.0),
+        ],
+    )
+    neuron.active["old"] = 1  # cortex has a request on it right now
+    assert [m.id for m in eviction_order(neuron, catalogue, placing="x")] == ["never", "new"]
+    neuron.active.clear()
+    assert [m.id for m in eviction_order(neuron, catalogue, placing="z")] == [
+        "old", "never", "x", "new",
+    ]  # fmt: skip
+
+
+def test_spec_sent_on_load_carries_the_catalogue_source() -> None:
+    local = spec_of(CatalogueModel("m", path="/srv/m.gguf", memory=1, dtype="bfloat16"))
+    assert local.WhichOneof("source") == "local" and local.local.path == "/srv/m.gguf"
+    assert local.dtype == "bfloat16"
+    hub = spec_of(CatalogueModel("h", hf_repo="org/repo", revision="v1", memory=1))
+    assert hub.WhichOneof("source") == "huggingface"
+    assert (hub.huggingface.repo, hub.huggingface.revision) == ("org/repo", "v1")
+
+
+def test_neuron_channels_send_keepalive_pings_the_neuron_accepts() -> None:
+    options = dict(channel_options(FleetConfig()))
+    assert options["grpc.keepalive_time_ms"] == 20_000
+    assert options["grpc.keepalive_timeout_ms"] == 10_000
+    # The neuron allows a ping every 5 s at the most (neuron.lifecycle.SERVER_OPTIONS).
+    assert options["grpc.keepalive_time_ms"] >= 5_000

@@ -1,0 +1,260 @@
+"""Streaming edge cases against scripted neurons: keep-alive while waiting, stall timeout,
+retry on another neuron before the first token and never after it.
+
+The neurons here are small grpc.aio servers in the test process that speak the real contract
+and misbehave on cue (the real neuron never stalls on purpose); cortex is the real process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from helexa.neuron.v1 import neuron_pb2 as pb
+from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
+from tests.harness import CortexProcess, cortex_config, free_port, metric_value
+
+MODEL = "scripted"
+BURST = 400
+
+
+@dataclass
+class ScriptedNeuron(pb_grpc.NeuronServicer):
+    """Generates by the user message: "delay" waits before its first token, "stall" stops
+    after one, "midfail" fails after one, "burst" sends many at once; with ``refuse`` it
+    fails before any."""
+
+    refuse: bool = False
+    endpoint: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
+    calls: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    server: Any = None
+
+    async def start(self) -> ScriptedNeuron:
+        self.server = grpc.aio.server()
+        pb_grpc.add_NeuronServicer_to_server(self, self.server)
+        checker = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(checker, self.server)
+        self.server.add_insecure_port(self.endpoint)
+        await self.server.start()
+        await checker.set("", health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    async def Info(self, request: Any, context: Any) -> pb.InfoResponse:
+        device = pb.Device(
+            kind=pb.DEVICE_KIND_CPU, name="cpu", total_bytes=1 << 30, free_bytes=1 << 29
+        )
+        return pb.InfoResponse(version="scripted", host="test", devices=[device])
+
+    async def ListModels(self, request: Any, context: Any) -> pb.ListModelsResponse:
+        status = pb.ModelStatus(id=MODEL, state=pb.MODEL_STATE_READY, device="cpu")
+        return pb.ListModelsResponse(models=[status])
+
+    async def Generate(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[Any]:
+        cue = request.chat.messages[-1].content
+        self.calls.append(cue)
+        if self.refuse:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted: refusing")
+        try:
+            if cue == "burst":
+                for _ in range(BURST):
+                    yield pb.GenerateResponse(text="x", tokens=1)
+            if cue == "delay":
+                await asyncio.sleep(1.0)
+            yield pb.GenerateResponse(text="Hello", tokens=1)
+            if cue == "stall":
+                await asyncio.sleep(3600)
+            if cue == "midfail":
+                await asyncio.sleep(0.5)  # so the first token has gone out to the client
+                await context.abort(grpc.StatusCode.INTERNAL, "scripted: broke mid-stream")
+            yield pb.GenerateResponse(
+                text=" world",
+                tokens=1,
+                finish_reason=pb.FINISH_REASON_STOP,
+                usage=pb.Usage(prompt_tokens=3, completion_tokens=2),
+            )
+        except asyncio.CancelledError:
+            self.cancelled.append(cue)
+            raise
+
+
+@pytest.fixture
+async def scripted(tmp_path: Path) -> AsyncIterator[tuple[CortexProcess, list[ScriptedNeuron]]]:
+    # "a" sorts first, so a tie sends every request to the refusing neuron first.
+    neurons = [await ScriptedNeuron(refuse=True).start(), await ScriptedNeuron().start()]
+    cortex = CortexProcess(
+        tmp_path,
+        cortex_config(
+            neurons,  # type: ignore[arg-type]
+            names=["a", "b"],
+            timeouts={"keepalive": 0.2, "stall": 1.5},
+        ),
+    ).start()
+    try:
+        await cortex.wait_ready()
+        yield cortex, neurons
+    finally:
+        cortex.stop()
+        for neuron in neurons:
+            await neuron.server.stop(None)
+
+
+async def _stream(cortex: CortexProcess, cue: str) -> bytes:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": cue}], "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            return await r.read()
+
+
+def _text(raw: bytes) -> str:
+    """The streamed text of an SSE body, whatever chunks it came in."""
+    text = ""
+    for event in raw.split(b"\n\n"):
+        if event.startswith(b"data: {"):
+            body = json.loads(event[len(b"data: ") :])
+            for choice in body.get("choices", []):
+                text += choice["delta"].get("content") or ""
+    return text
+
+
+async def test_keepalive_comments_while_waiting_for_the_first_token(
+    scripted: tuple[CortexProcess, list[ScriptedNeuron]],
+) -> None:
+    cortex, _ = scripted
+    raw = await _stream(cortex, "delay")
+    assert raw.startswith(b": keep-alive\n\n")
+    assert _text(raw) == "Hello world"
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert b'"error"' not in raw
+
+
+async def test_stalled_stream_ends_with_an_error_event_and_cancels_the_call(
+    scripted: tuple[CortexProcess, list[ScriptedNeuron]],
+) -> None:
+    cortex, (_, good) = scripted
+    raw = await _stream(cortex, "stall")
+    events = [e for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
+    assert _text(raw) == "Hello"
+    assert b'"code":"stream_stalled"' in events[-2]
+    assert events[-1] == b"data: [DONE]"
+    deadline = asyncio.get_running_loop().time() + 10
+    while "stall" not in good.cancelled:
+        assert asyncio.get_running_loop().time() < deadline, "the neuron's call was not cancelled"
+        await asyncio.sleep(0.05)
+
+
+async def test_failure_before_first_token_is_retried_on_another_neuron(
+    scripted: tuple[CortexProcess, list[ScriptedNeuron]],
+) -> None:
+    cortex, (refusing, good) = scripted
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            reply = await r.json()
+    assert reply["choices"][0]["message"]["content"] == "Hello world"
+    assert reply["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert refusing.calls == ["hi"] and good.calls == ["hi"]
+    assert metric_value(cortex.metrics(), "helexa_gateway_retries_total", code="UNAVAILABLE") == 1
+
+
+async def test_failure_after_first_token_is_an_error_event_not_a_retry(
+    scripted: tuple[CortexProcess, list[ScriptedNeuron]],
+) -> None:
+    cortex, (_, good) = scripted
+    raw = await _stream(cortex, "midfail")
+    events = [e for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
+    assert _text(raw) == "Hello"
+    assert b'"code":"neuron_failed"' in events[-2]
+    assert events[-1] == b"data: [DONE]"
+    assert good.calls == ["midfail"], "never restarted after the first token"
+
+
+async def test_tokens_arriving_during_a_write_are_coalesced_into_one(
+    scripted: tuple[CortexProcess, list[ScriptedNeuron]],
+) -> None:
+    cortex, _ = scripted
+    raw = await _stream(cortex, "burst")
+    events = [e for e in raw.split(b"\n\n") if b'"content":"x' in e]
+    assert _text(raw) == "x" * BURST + "Hello world"
+    assert len(events) < BURST, "one SSE event per token: nothing was coalesced"
+
+
+async def _cortex_with_a_stalled_stream(
+    tmp_path: Path, neuron: ScriptedNeuron, drain_timeout: float
+) -> tuple[CortexProcess, aiohttp.ClientSession, aiohttp.ClientResponse]:
+    """A cortex (stall bound far away) holding one stream that will not finish on its own."""
+    cortex = CortexProcess(
+        tmp_path,
+        cortex_config(
+            [neuron],  # type: ignore[list-item]
+            drain_timeout=drain_timeout,
+            timeouts={"stall": 600},
+        ),
+    ).start()
+    await cortex.wait_ready()
+    session = aiohttp.ClientSession()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "stall"}], "stream": True}
+    response = await session.post(cortex.url + "/v1/chat/completions", json=body)
+    assert response.status == 200
+    while b'"content":"Hello"' not in await response.content.readline():
+        pass
+    return cortex, session, response
+
+
+async def _wait_not_ready(cortex: CortexProcess, session: aiohttp.ClientSession) -> None:
+    deadline = asyncio.get_running_loop().time() + 30
+    while asyncio.get_running_loop().time() < deadline:
+        async with session.get(cortex.url + "/ready") as r:
+            if r.status == 503:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("/ready never turned 503")
+
+
+async def test_drain_timeout_cuts_a_stream_that_will_not_end_and_exits_zero(
+    tmp_path: Path,
+) -> None:
+    neuron = await ScriptedNeuron().start()
+    cortex, session, stream = await _cortex_with_a_stalled_stream(tmp_path, neuron, 1.0)
+    try:
+        cortex.send(signal.SIGTERM)
+        await _wait_not_ready(cortex, session)
+        assert await asyncio.to_thread(cortex.wait_exit, 60) == 0
+        assert "drain timeout passed" in cortex.log()
+        deadline = asyncio.get_running_loop().time() + 10
+        while "stall" not in neuron.cancelled:  # the cut stream's gRPC call was cancelled
+            assert asyncio.get_running_loop().time() < deadline, cortex.log()
+            await asyncio.sleep(0.05)
+    finally:
+        stream.close()
+        await session.close()
+        cortex.stop()
+        await neuron.server.stop(None)
+
+
+async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
+    neuron = await ScriptedNeuron().start()
+    cortex, session, stream = await _cortex_with_a_stalled_stream(tmp_path, neuron, 600.0)
+    try:
+        cortex.send(signal.SIGTERM)
+        await _wait_not_ready(cortex, session)
+        cortex.send(signal.SIGINT)
+        assert await asyncio.to_thread(cortex.wait_exit, 30) == 1
+        assert "second signal" in cortex.log()
+    finally:
+        stream.close()
+        await session.close()
+        cortex.stop()
+        await neuron.server.stop(None)
