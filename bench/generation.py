@@ -74,7 +74,7 @@ async def bench_neuron(
     concurrency: list[int], tokens: int, per_stream: int, workdir: Path
 ) -> list[Summary]:
     neuron = NeuronProcess(
-        workdir / "neuron", neuron_config([demo_model("bench")], max_batch_size=32)
+        workdir / "neuron", neuron_config([demo_model("bench")], max_batch_size=32, cpu_threads=0)
     )
     try:
         neuron.start()
@@ -96,7 +96,7 @@ async def bench_cortex(
     except ImportError:
         return None
     neuron = NeuronProcess(
-        workdir / "neuron-c", neuron_config([demo_model("bench")], max_batch_size=32)
+        workdir / "neuron-c", neuron_config([demo_model("bench")], max_batch_size=32, cpu_threads=0)
     )
     cortex = CortexProcess.for_neurons(workdir / "cortex", [neuron])
     try:

@@ -147,6 +147,7 @@ def neuron_config(
     max_batch_size: int = 16,
     max_waiting: int = 256,
     cpu_memory_budget: str = "4GiB",
+    cpu_threads: int = 1,
     cache_dir: Path = SHARED_CACHE,
     log_level: str = "info",
     **top: Any,
@@ -157,7 +158,13 @@ def neuron_config(
         "metrics_listen": f"127.0.0.1:{free_port()}",
         "cache_dir": str(cache_dir),
         "log_level": log_level,
-        "devices": {"use": ["cpu"], "cpu_memory_budget": cpu_memory_budget, "cpu_threads": 0},
+        # One torch thread: with more threads than free cores (test processes share two), each
+        # of a step's ~200 parallel regions waits for a descheduled thread: 25-70x slower.
+        "devices": {
+            "use": ["cpu"],
+            "cpu_memory_budget": cpu_memory_budget,
+            "cpu_threads": cpu_threads,
+        },
         "engine": {"max_batch_size": max_batch_size, "max_waiting": max_waiting},
         "shutdown": {"drain_timeout": drain_timeout},
         "default_models": default_models or [],

@@ -43,8 +43,6 @@ async def fleet(
             neuron_config(
                 [demo_model()],
                 drain_timeout=300,
-                # One torch thread each: two neurons share this machine's two cores.
-                devices={"use": ["cpu"], "cpu_memory_budget": "4GiB", "cpu_threads": 1},
             ),
         ).start()
         for name in ("n0", "n1")
