@@ -66,8 +66,10 @@ run: $(VENV)/.installed $(DEMO_GGUF)
 	$(BIN)/python scripts/run_demo.py
 
 # Benchmarks: figures for BENCHMARKS.md. transformers' own server is the baseline to beat.
-bench: $(VENV)/.installed $(DEMO_GGUF)
+bench: SYSTEM_TOOLS += wrk:wrk
+bench: $(VENV)/.installed $(DEMO_GGUF) system-deps
 	$(BIN)/pip install -q "transformers[serving]"
+	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.lifecycle
 	$(BIN)/python -m bench.generation
 

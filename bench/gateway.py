@@ -1,0 +1,205 @@
+"""Gateway cost: cortex in front of a stand-in neuron that streams instantly, against calling
+the stand-in directly over gRPC. cortex is pinned to one core (taskset), the load and the
+stand-in to the other, so the figures are what one cortex process does on one core.
+
+    .venv/bin/python -m bench.gateway [--seconds 10]
+
+- added latency: non-streaming chat requests of 16 tokens, one at a time, p50/p99;
+- requests/s: non-streaming requests at concurrency 64 (wrk);
+- streamed tokens/s: 256-token SSE streams at concurrency 1 and 64 (wrk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import grpc
+
+from bench.loadgen import percentile
+from helexa.neuron.v1 import neuron_pb2 as pb
+from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
+from tests.harness import CortexProcess, cortex_config, free_port
+
+CORTEX_CORE, LOAD_CORE = "0", "1"
+
+
+@dataclass
+class Endpoint:
+    endpoint: str
+
+
+def body(max_tokens: int, stream: bool) -> dict[str, object]:
+    return {
+        "model": "standin",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+
+
+async def latency_direct(endpoint: str, n: int) -> list[float]:
+    samples = []
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        stub = pb_grpc.NeuronStub(channel)
+        message = pb.ChatMessage(role="user", content="Hello")
+        request = pb.GenerateRequest(
+            model="standin", chat=pb.ChatMessages(messages=[message]), max_tokens=16
+        )
+        for i in range(n + 50):
+            started = time.perf_counter()
+            async for _ in stub.Generate(request, timeout=10):
+                pass
+            if i >= 50:  # warm-up
+                samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def latency_cortex(url: str, n: int) -> list[float]:
+    samples = []
+    async with aiohttp.ClientSession() as session:
+        for i in range(n + 50):
+            started = time.perf_counter()
+            async with session.post(f"{url}/v1/chat/completions", json=body(16, False)) as reply:
+                await reply.read()
+                assert reply.status == 200, reply.status
+            if i >= 50:
+                samples.append(time.perf_counter() - started)
+    return samples
+
+
+def wrk(
+    url: str, payload: dict[str, object], connections: int, seconds: int, workdir: Path
+) -> float:
+    """Requests per second wrk sustains against ``url`` with ``payload`` as a POST body."""
+    script = workdir / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = {json.dumps(json.dumps(payload))}\n"
+    )
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            LOAD_CORE,
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if "Non-2xx" in out:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    assert match, out
+    return float(match.group(1))
+
+
+def pin(pid: int, core: str) -> None:
+    """Pin every thread of ``pid`` (grpc's included) to ``core``."""
+    subprocess.run(["taskset", "-a", "-p", "-c", core, str(pid)], check=True, capture_output=True)
+
+
+def start_standin(listen: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            LOAD_CORE,
+            sys.executable,
+            "-m",
+            "bench.standin_neuron",
+            "--listen",
+            listen,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+
+
+async def run(seconds: int, samples: int) -> str:
+    workdir = Path(tempfile.mkdtemp(prefix="helexa-bench-gateway-"))
+    listen = f"127.0.0.1:{free_port()}"
+    standin = start_standin(listen)
+    cortex = CortexProcess(
+        workdir / "cortex",
+        cortex_config([Endpoint(listen)], poll_interval=1.0),  # type: ignore[list-item]
+        models=[],
+    )
+    rows: list[tuple[str, str]] = []
+    try:
+        await asyncio.sleep(1.0)
+        direct = await latency_direct(listen, samples)
+        cortex.start()
+        assert cortex.proc is not None
+        pin(cortex.proc.pid, CORTEX_CORE)
+        await cortex.wait_ready()
+        via = await latency_cortex(cortex.url, samples)
+        p50_d, p99_d = percentile(direct, 50), percentile(direct, 99)
+        p50_c, p99_c = percentile(via, 50), percentile(via, 99)
+        rows += [
+            (
+                "direct gRPC, 16 tokens, concurrency 1: p50 / p99",
+                f"{p50_d * 1000:.2f} / {p99_d * 1000:.2f} ms",
+            ),
+            (
+                "through cortex, 16 tokens, concurrency 1: p50 / p99",
+                f"{p50_c * 1000:.2f} / {p99_c * 1000:.2f} ms",
+            ),
+            (
+                "added by cortex: p50 / p99",
+                f"{(p50_c - p50_d) * 1000:.2f} / {(p99_c - p99_d) * 1000:.2f} ms",
+            ),
+        ]
+        url = f"{cortex.url}/v1/chat/completions"
+        for connections in (1, 64):
+            rps = wrk(url, body(16, False), connections, seconds, workdir)
+            rows.append((f"non-streaming requests/s, concurrency {connections}", f"{rps:,.0f}"))
+        for connections in (1, 64):
+            rps = wrk(url, body(256, True), connections, seconds, workdir)
+            rows.append(
+                (
+                    f"streamed tokens/s, 256-token streams, concurrency {connections}",
+                    f"{rps * 256:,.0f}",
+                )
+            )
+    finally:
+        cortex.stop()
+        standin.terminate()
+        standin.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return "| gateway figure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=int, default=10, help="each wrk run")
+    parser.add_argument("--samples", type=int, default=1000, help="latency samples")
+    args = parser.parse_args()
+    if os.cpu_count() is None or os.cpu_count() < 2:  # type: ignore[operator]
+        raise SystemExit("needs two cores: one for cortex, one for the load")
+    print(asyncio.run(run(args.seconds, args.samples)))
+
+
+if __name__ == "__main__":
+    main()
