@@ -9,7 +9,14 @@ import grpc
 import pytest
 
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
-from tests.harness import DEMO_GGUF, SHARED_CACHE, NeuronProcess, demo_model, neuron_config
+from tests.harness import (
+    DEMO_GGUF,
+    SHARED_CACHE,
+    NeuronProcess,
+    NotifySocket,
+    demo_model,
+    neuron_config,
+)
 from tests.packages import Package, build, unpack
 
 
@@ -53,6 +60,16 @@ def neurons(tmp_path: Path) -> Iterator[list[NeuronProcess]]:
     finally:
         for neuron in started:
             neuron.stop()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    """A stand-in for systemd's ``$NOTIFY_SOCKET``, in the test's tmp dir."""
+    sock = NotifySocket(tmp_path / "notify.sock")
+    try:
+        yield sock
+    finally:
+        sock.close()
 
 
 @pytest.fixture(scope="session")

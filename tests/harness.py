@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -141,6 +142,66 @@ class NeuronProcess:
             return str(reply.read().decode())
 
 
+# The environment the unpacked packages' launchers (/usr/bin/neuron, /usr/bin/cortex) run with:
+# the test virtualenv's Python in place of the package's own virtualenv, and no source tree on
+# the path, so what runs is the packaged code.
+PACKAGED_ENV = {"HELEXA_PYTHON": sys.executable, "PYTHONPATH": ""}
+
+
+def packaged_neuron(
+    unpacked: Path, workdir: Path, env: dict[str, str] | None = None
+) -> NeuronProcess:
+    """The unpacked package's /usr/bin/neuron with its example config, as an operator would
+    edit it: free loopback ports, a cache under ``workdir`` (its gguf/ shared with the other
+    tests, so the demo model is materialised once) and the demo model as its default model."""
+    config = tomllib.loads((unpacked / "etc/neuron/neuron.toml").read_text())
+    cache = workdir / "cache"
+    cache.mkdir(parents=True)
+    (cache / "gguf").symlink_to(SHARED_CACHE / "gguf")
+    config |= {
+        "listen": f"127.0.0.1:{free_port()}",
+        "metrics_listen": f"127.0.0.1:{free_port()}",
+        "cache_dir": str(cache),
+        "default_models": [demo_model()],
+    }
+    return NeuronProcess(
+        workdir / "neuron",
+        config,
+        env={**PACKAGED_ENV, **(env or {})},
+        program=[str(unpacked / "usr/bin/neuron")],
+        cwd=workdir,
+    )
+
+
+class NotifySocket:
+    """A Unix datagram socket standing in for systemd's ``$NOTIFY_SOCKET``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.received: list[str] = []
+
+    def wait_for(self, state: str, proc: subprocess.Popen[bytes], within: float, log: str) -> None:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            try:
+                self.received.extend(self.sock.recv(4096).decode().split("\n"))
+            except TimeoutError:
+                pass
+            if state in self.received:
+                return
+            if proc.poll() is not None and state not in self.received:
+                raise AssertionError(
+                    f"{proc.args[0]} exited {proc.returncode} before {state}:\n{log}"
+                )
+        raise AssertionError(f"no {state} within {within}s (got {self.received}):\n{log}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def neuron_config(
     default_models: list[dict[str, Any]] | None = None,
     drain_timeout: float = 30.0,
@@ -207,6 +268,11 @@ class CortexProcess:
     workdir: Path
     config: dict[str, Any]
     models: list[dict[str, Any]] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    # The command before ``serve --config PATH``: the source tree's cortex unless a test runs
+    # another copy (the packaged /usr/bin/cortex), then from ``cwd``.
+    program: list[str] = field(default_factory=lambda: [sys.executable, "-m", "cortex.cli"])
+    cwd: Path = ROOT
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -237,14 +303,14 @@ class CortexProcess:
 
     def start(self) -> CortexProcess:
         self.write_config()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cortex.cli", "serve", "--config", str(self.config_path)],
+                [*self.program, "serve", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                cwd=ROOT,
+                cwd=self.cwd,
             )
         return self
 

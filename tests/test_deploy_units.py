@@ -133,12 +133,8 @@ def test_neuron_unit_waits_for_model_loads_and_outlasts_the_drain() -> None:
 def test_cortex_unit_has_no_devices_and_outlasts_its_drain() -> None:
     service = unit("cortex")["Service"]
     assert service["PrivateDevices"] == "yes"
-    example = ROOT / "configs/cortex.example.toml"
-    drain = 30.0
-    if example.exists():  # until the cortex branch is merged, the default it is meant to have
-        drain = float(
-            tomllib.loads(example.read_text()).get("shutdown", {}).get("drain_timeout", drain)
-        )
+    example = tomllib.loads((ROOT / "configs/cortex.example.toml").read_text())
+    drain = float(example["shutdown"]["drain_timeout"])
     assert int(service["TimeoutStopSec"]) >= drain + 30
 
 

@@ -1,7 +1,7 @@
 """The Prometheus scrape config and the Grafana dashboard in deploy/.
 
 The dashboard's queries may name only metrics the programs export: the names are read from
-the metric objects in ``neuron/metrics.py`` (and ``cortex/metrics.py`` once it exists), with
+the metric objects in ``neuron/metrics.py`` and ``cortex/metrics.py``, with
 the suffixes prometheus-client adds (``_total``, ``_bucket``, ...). Every query must also
 parse as PromQL: promtool checks them as recording rules.
 """
@@ -35,11 +35,17 @@ SUFFIXES = {
 PROMQL_WORDS = {
     "sum", "count", "max", "min", "avg", "rate", "increase", "histogram_quantile", "by",
     "without", "on", "ignoring", "group_left", "le", "model", "instance", "device",
-    "finish_reason", "result", "job", "up",
+    "finish_reason", "result", "job", "up", "route", "status", "neuron", "reason", "code",
 }  # fmt: skip
 PANELS = [
     "Requests per second", "Time to first token", "Inter-token latency", "Tokens per second",
     "Queue depth", "Neurons up", "Models loaded", "Device memory used",
+    "Gateway requests per second", "Gateway time to first token", "Gateway request duration",
+    "Neurons up (as cortex sees them)", "Placements and evictions", "Retries and rejections",
+]  # fmt: skip
+LATENCY_PANELS = [
+    "Time to first token", "Inter-token latency", "Gateway time to first token",
+    "Gateway request duration",
 ]  # fmt: skip
 
 
@@ -96,7 +102,7 @@ def test_dashboard_has_the_operator_panels() -> None:
 
 
 def test_dashboard_latency_percentiles_come_from_histogram_buckets() -> None:
-    for title in ("Time to first token", "Inter-token latency"):
+    for title in LATENCY_PANELS:
         panel = [expr for t, expr in dashboard_queries() if t == title]
         assert {re.search(r"histogram_quantile\((0\.\d+)", e)[1] for e in panel} == {  # type: ignore[index]
             "0.5",
@@ -109,9 +115,7 @@ def test_dashboard_latency_percentiles_come_from_histogram_buckets() -> None:
 
 
 def test_dashboard_names_only_metrics_that_exist() -> None:
-    exported = exported_names("neuron.metrics")
-    if (ROOT / "cortex/metrics.py").exists():
-        exported |= exported_names("cortex.metrics")
+    exported = exported_names("neuron.metrics") | exported_names("cortex.metrics")
     assert "helexa_neuron_time_to_first_token_seconds_bucket" in exported
     for title, expr in dashboard_queries():
         bare = re.sub(r'"[^"]*"', "", as_promql(expr))  # label values
@@ -120,6 +124,20 @@ def test_dashboard_names_only_metrics_that_exist() -> None:
         words = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", bare))
         unknown = words - PROMQL_WORDS - exported
         assert not unknown, f"panel {title!r} names {unknown}: not exported by neuron or cortex"
+
+
+def test_dashboard_shows_every_gateway_metric() -> None:
+    """Each metric cortex exports is on some panel: the gateway row is complete."""
+    queries = " ".join(expr for _, expr in dashboard_queries())
+    used = set(re.findall(r"helexa_gateway_[a-z_]+", queries))
+    families = {name.removesuffix("_total").removesuffix("_bucket") for name in used}
+    exported = {
+        family.name
+        for obj in vars(importlib.import_module("cortex.metrics")).values()
+        if isinstance(obj, MetricWrapperBase)
+        for family in obj.describe()
+    }
+    assert exported == families
 
 
 def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:

@@ -10,69 +10,27 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from tests.harness import (
     DEMO_ID,
-    ROOT,
-    SHARED_CACHE,
+    PACKAGED_ENV,
     NeuronProcess,
+    NotifySocket,
     chat,
     collect,
-    demo_model,
-    free_port,
+    packaged_neuron,
 )
 
 
-class NotifySocket:
-    """A Unix datagram socket standing in for systemd's ``$NOTIFY_SOCKET``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.received: list[str] = []
-
-    def wait_for(self, state: str, proc: subprocess.Popen[bytes], within: float, log: str) -> None:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            try:
-                self.received.extend(self.sock.recv(4096).decode().split("\n"))
-            except TimeoutError:
-                pass
-            if state in self.received:
-                return
-            if proc.poll() is not None and state not in self.received:
-                raise AssertionError(f"neuron exited {proc.returncode} before {state}:\n{log}")
-        raise AssertionError(f"no {state} within {within}s (got {self.received}):\n{log}")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
-    sock = NotifySocket(tmp_path / "notify.sock")
-    try:
-        yield sock
-    finally:
-        sock.close()
-
-
 def packaged_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "HELEXA_PYTHON": sys.executable, "PYTHONPATH": "", **extra}
+    return {**os.environ, **PACKAGED_ENV, **extra}
 
 
 def test_packaged_launcher_runs_the_packaged_code(unpacked: Path, tmp_path: Path) -> None:
@@ -110,17 +68,6 @@ def test_packaged_launcher_without_its_virtualenv_says_what_to_run(
     assert "/usr/libexec/helexa-neuron/install-venv" in done.stderr
 
 
-def test_packaged_cortex_launcher_runs_the_cortex_cli(unpacked: Path, tmp_path: Path) -> None:
-    if not (ROOT / "cortex/cli.py").exists():
-        pytest.skip("cortex/cli.py is not in this tree yet (the cortex branch)")
-    done = subprocess.run(
-        [str(unpacked / "usr/bin/cortex"), "--help"],
-        env=packaged_env(), cwd=tmp_path, capture_output=True, text=True,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "serve" in done.stdout
-
-
 async def test_packaged_neuron_notifies_ready_serves_then_stopping_unloads_and_exits_0(
     unpacked: Path,
     demo_dir: Path,
@@ -128,26 +75,9 @@ async def test_packaged_neuron_notifies_ready_serves_then_stopping_unloads_and_e
     neurons: list[NeuronProcess],
     tmp_path: Path,
 ) -> None:
-    # The packaged example config, as an operator would edit it: free loopback ports, a cache
-    # under tmp (its gguf/ shared with the other tests, so the demo model is materialised once),
-    # and one default model.
-    config = tomllib.loads((unpacked / "etc/neuron/neuron.toml").read_text())
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "gguf").symlink_to(SHARED_CACHE / "gguf")
-    config |= {
-        "listen": f"127.0.0.1:{free_port()}",
-        "metrics_listen": f"127.0.0.1:{free_port()}",
-        "cache_dir": str(cache),
-        "default_models": [demo_model()],
-    }
-    neuron = NeuronProcess(
-        tmp_path / "neuron",
-        config,
-        env={"NOTIFY_SOCKET": str(notify_socket.path), "HELEXA_PYTHON": sys.executable, "PYTHONPATH": ""},
-        program=[str(unpacked / "usr/bin/neuron")],
-        cwd=tmp_path,
-    ).start()  # fmt: skip
+    neuron = packaged_neuron(
+        unpacked, tmp_path, env={"NOTIFY_SOCKET": str(notify_socket.path)}
+    ).start()
     neurons.append(neuron)
     assert neuron.proc is not None
 

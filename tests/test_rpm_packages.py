@@ -70,9 +70,8 @@ def test_package_holds_its_program_unit_sysusers_firewalld_config_and_state_dir(
         "helexa/sdnotify.py",
         "helexa/neuron/v1/neuron_pb2_grpc.py",
         f"{program}/__init__.py",
+        f"{program}/cli.py",
     } <= code
-    if (ROOT / f"{program}/cli.py").exists():
-        assert f"{program}/cli.py" in code
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
 
 
@@ -111,12 +110,8 @@ def test_neuron_config_is_the_example_config(unpacked: Path) -> None:
 
 @pytest.mark.parametrize("name", ["cortex", "models"])
 def test_cortex_configs_are_the_example_configs(unpacked: Path, name: str) -> None:
-    packaged = (unpacked / f"etc/cortex/{name}.toml").read_text()
-    example = ROOT / f"configs/{name}.example.toml"
-    if example.exists():
-        assert packaged == example.read_text()
-    else:  # until the cortex branch is merged, the spec packages a marked placeholder
-        assert packaged.startswith(f"# placeholder: configs/{name}.example.toml was missing")
+    packaged = (unpacked / f"etc/cortex/{name}.toml").read_bytes()
+    assert packaged == (ROOT / f"configs/{name}.example.toml").read_bytes()
 
 
 @pytest.mark.parametrize("program", PROGRAMS)
