@@ -32,7 +32,9 @@ from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from tests.harness import (
     DEMO_GGUF,
     SHARED_CACHE,
+    CortexProcess,
     NeuronProcess,
+    cortex_config,
     demo_model,
     free_port,
     neuron_config,
@@ -90,15 +92,11 @@ async def bench_neuron(
 
 async def bench_cortex(
     concurrency: list[int], tokens: int, per_stream: int, workdir: Path
-) -> list[Summary] | None:
-    try:
-        from tests.harness import CortexProcess  # type: ignore[attr-defined]
-    except ImportError:
-        return None
+) -> list[Summary]:
     neuron = NeuronProcess(
         workdir / "neuron-c", neuron_config([demo_model("bench")], max_batch_size=32, cpu_threads=0)
     )
-    cortex = CortexProcess.for_neurons(workdir / "cortex", [neuron])
+    cortex = CortexProcess(workdir / "cortex", cortex_config([neuron]), models=[])
     try:
         neuron.start()
         await neuron.wait_serving()
@@ -106,7 +104,7 @@ async def bench_cortex(
         await cortex.wait_ready()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
             return await measure(
-                lambda: openai_sender(session, cortex.base_url, "bench", tokens),
+                lambda: openai_sender(session, cortex.url, "bench", tokens),
                 concurrency,
                 per_stream,
             )
