@@ -12,17 +12,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helexa.configfile import ConfigError, build, load_toml
+from helexa.configfile import ConfigError, check_address, check_log_level, load_file
 
 DEFAULT_PATH = Path("/etc/cortex/cortex.toml")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def _check_address(value: str, key: str) -> None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
 
 
 def _check_positive(value: float, key: str) -> None:
@@ -40,7 +34,7 @@ class NeuronEndpoint:
     def check_config(self, key: str) -> None:
         if not _NAME.match(self.name):
             raise ConfigError(f"{key}.name: letters, digits, '.', '_' and '-' only")
-        _check_address(self.endpoint, f"{key}.endpoint")
+        check_address(self.endpoint, f"{key}.endpoint")
 
 
 @dataclass(frozen=True)
@@ -144,10 +138,9 @@ class CortexConfig:
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
 
     def check_config(self, key: str) -> None:
-        _check_address(self.listen, "listen")
-        _check_address(self.metrics_listen, "metrics_listen")
-        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise ConfigError("log_level: expected debug, info, warning or error")
+        check_address(self.listen, "listen")
+        check_address(self.metrics_listen, "metrics_listen")
+        check_log_level(self.log_level)
         seen: set[str] = set()
         for i, neuron in enumerate(self.neurons):
             if neuron.name in seen:
@@ -222,16 +215,6 @@ class Catalogue:
         return None
 
 
-def _load_file(cls: type, path: Path) -> object:
-    try:
-        return build(cls, load_toml(path))
-    except ConfigError as e:
-        message = str(e)
-        raise ConfigError(
-            message if message.startswith(str(path)) else f"{path}: {message}"
-        ) from None
-
-
 def load(path: Path = DEFAULT_PATH) -> tuple[CortexConfig, Catalogue]:
     """Read and check ``cortex.toml`` and the catalogue it names; ``ConfigError`` names the key."""
     config = load_config(path)
@@ -254,13 +237,9 @@ def models_path(config: CortexConfig, config_path: Path) -> Path:
 
 def load_config(path: Path) -> CortexConfig:
     """Read and check ``cortex.toml`` alone (not the catalogue it names)."""
-    config = _load_file(CortexConfig, path)
-    assert isinstance(config, CortexConfig)
-    return config
+    return load_file(CortexConfig, path)
 
 
 def load_catalogue(path: Path) -> Catalogue:
     """Read and check a ``models.toml``."""
-    catalogue = _load_file(Catalogue, path)
-    assert isinstance(catalogue, Catalogue)
-    return catalogue
+    return load_file(Catalogue, path)

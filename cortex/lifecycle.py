@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import time
 
 from aiohttp import web
@@ -21,25 +19,15 @@ from cortex.config import Catalogue, CortexConfig
 from cortex.fleet import Fleet
 from cortex.router import Router
 from helexa.sdnotify import notify
+from helexa.signals import dump_stacks_on_sigusr1, stop_event_on_signals
 
 log = logging.getLogger(__name__)
 
 
 async def serve(config: CortexConfig, catalogue: Catalogue) -> int:
     """Run cortex until a signal; returns the exit code."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def on_signal(signum: int) -> None:
-        name = signal.Signals(signum).name
-        if stop.is_set():
-            log.warning("second signal, exiting at once signal=%s", name)
-            os._exit(1)
-        log.info("signal received, draining signal=%s", name)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+    stop = stop_event_on_signals(asyncio.get_running_loop())
+    dump_stacks_on_sigusr1()
 
     host, _, port = config.listen.rpartition(":")
     try:

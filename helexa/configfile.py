@@ -47,6 +47,29 @@ def parse_bytes(value: Any, key: str) -> int:
     raise ConfigError(f"{key}: expected a size such as 8GiB or 512MiB, got {value!r}")
 
 
+def check_address(value: str, key: str) -> None:
+    """A ``HOST:PORT`` listen or endpoint address."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+
+
+def check_log_level(value: str, key: str = "log_level") -> None:
+    if value.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{key}: expected debug, info, warning or error")
+
+
+def load_file(cls: type[T], path: Path) -> T:
+    """Build ``cls`` from the TOML file at ``path``; every error starts with the path."""
+    try:
+        return build(cls, load_toml(path))
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(
+            message if message.startswith(str(path)) else f"{path}: {message}"
+        ) from None
+
+
 def load_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:

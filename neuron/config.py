@@ -9,17 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helexa.configfile import ConfigError, build, load_toml
+from helexa.configfile import ConfigError, check_address, check_log_level, load_file
 from neuron.errors import InvalidArgument
 from neuron.sources import ModelSpec
 
 DEFAULT_PATH = Path("/etc/neuron/neuron.toml")
-
-
-def _check_address(value: str, key: str) -> None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -88,10 +82,9 @@ class NeuronConfig:
     default_models: list[ModelSpec] = field(default_factory=list)
 
     def check_config(self, key: str) -> None:
-        _check_address(self.listen, "listen")
-        _check_address(self.metrics_listen, "metrics_listen")
-        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise ConfigError("log_level: expected debug, info, warning or error")
+        check_address(self.listen, "listen")
+        check_address(self.metrics_listen, "metrics_listen")
+        check_log_level(self.log_level)
         seen: set[str] = set()
         for i, spec in enumerate(self.default_models):
             try:
@@ -105,10 +98,4 @@ class NeuronConfig:
 
 def load(path: Path = DEFAULT_PATH) -> NeuronConfig:
     """Read and check the config file; raises ``ConfigError`` naming the file and key."""
-    try:
-        return build(NeuronConfig, load_toml(path))
-    except ConfigError as e:
-        message = str(e)
-        raise ConfigError(
-            message if message.startswith(str(path)) else f"{path}: {message}"
-        ) from None
+    return load_file(NeuronConfig, path)

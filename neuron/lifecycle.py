@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import time
 
 import grpc
@@ -20,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from helexa.sdnotify import notify
+from helexa.signals import dump_stacks_on_sigusr1, stop_event_on_signals
 from neuron import metrics
 from neuron.config import NeuronConfig
 from neuron.errors import NeuronError
@@ -41,19 +40,8 @@ SERVER_OPTIONS = [
 
 async def serve(config: NeuronConfig) -> int:
     """Run the neuron until a signal; returns the exit code."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def on_signal(signum: int) -> None:
-        name = signal.Signals(signum).name
-        if stop.is_set():
-            log.warning("second signal, exiting at once signal=%s", name)
-            os._exit(1)
-        log.info("signal received, shutting down signal=%s", name)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+    stop = stop_event_on_signals(asyncio.get_running_loop())
+    dump_stacks_on_sigusr1()
 
     metrics.serve(config.metrics_listen)
     registry = Registry(config)

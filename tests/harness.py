@@ -54,8 +54,42 @@ def chat(model: str, content: str, **params: Any) -> pb.GenerateRequest:
     return pb.GenerateRequest(model=model, chat=pb.ChatMessages(messages=[message]), **params)
 
 
+class Daemon:
+    """What every daemon under test offers: its log, signals, exit, stop and metrics."""
+
+    proc: subprocess.Popen[bytes] | None
+    log_path: Path
+    metrics_url: str
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def send(self, signum: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait_exit(self, within: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=within)
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL after a bound); safe to call twice."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as reply:
+            return str(reply.read().decode())
+
+
 @dataclass
-class NeuronProcess:
+class NeuronProcess(Daemon):
     """A ``neuron serve`` subprocess with its config, ports and log."""
 
     workdir: Path
@@ -97,9 +131,6 @@ class NeuronProcess:
             )
         return self
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
     async def wait_serving(self, within: float = 120.0) -> None:
         """Poll grpc.health until SERVING; fail with the log if the process dies first."""
         deadline = time.monotonic() + within
@@ -117,29 +148,6 @@ class NeuronProcess:
                     pass
                 await asyncio.sleep(0.1)
         raise AssertionError(f"neuron not SERVING within {within}s:\n{self.log()}")
-
-    def send(self, signum: int = signal.SIGTERM) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-
-    def wait_exit(self, within: float = 60.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=within)
-
-    def stop(self) -> None:
-        """Stop it (SIGTERM, then SIGKILL after a bound); safe to call twice."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as reply:
-            return str(reply.read().decode())
 
 
 # The environment the unpacked packages' launchers (/usr/bin/neuron, /usr/bin/cortex) run with:
@@ -262,7 +270,7 @@ async def read_rest(call: Any) -> tuple[str, Any]:
 
 
 @dataclass
-class CortexProcess:
+class CortexProcess(Daemon):
     """A ``cortex serve`` subprocess with its cortex.toml, models.toml, ports and log."""
 
     workdir: Path
@@ -314,9 +322,6 @@ class CortexProcess:
             )
         return self
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
     def _get(self, path: str) -> int:
         try:
             with urllib.request.urlopen(self.url + path, timeout=2) as reply:
@@ -338,29 +343,6 @@ class CortexProcess:
                 pass
             await asyncio.sleep(0.1)
         raise AssertionError(f"cortex {path} not 200 within {within}s:\n{self.log()}")
-
-    def send(self, signum: int = signal.SIGTERM) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-
-    def wait_exit(self, within: float = 60.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=within)
-
-    def stop(self) -> None:
-        """Stop it (SIGTERM, then SIGKILL after a bound); safe to call twice."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as reply:
-            return str(reply.read().decode())
 
 
 def cortex_config(

@@ -102,7 +102,7 @@ async def test_signal_drains_in_flight_stream_then_unloads_and_exits_zero(
     async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
         stub = pb_grpc.NeuronStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
-        call = stub.Generate(chat(DEMO_ID, LONG, max_tokens=80, temperature=0))
+        call = stub.Generate(chat(DEMO_ID, LONG, max_tokens=80, temperature=0), timeout=300)
         text = (await call.read()).text
         neuron.send(signum)
         # Draining: health turns NOT_SERVING and new work is refused while the stream runs.
@@ -135,7 +135,7 @@ async def test_stream_longer_than_drain_timeout_ends_cancelled_and_exit_is_bound
     await neuron.wait_serving()
     async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
         call = pb_grpc.NeuronStub(channel).Generate(
-            chat(DEMO_ID, LONG, max_tokens=5000, temperature=0)
+            chat(DEMO_ID, LONG, max_tokens=5000, temperature=0), timeout=300
         )
         await call.read()
         neuron.send(signal.SIGTERM)
@@ -154,7 +154,9 @@ async def test_second_signal_exits_at_once(
     neuron = start(tmp_path, neurons, default_models=[demo_model()], drain_timeout=300)
     await neuron.wait_serving()
     async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
-        call = pb_grpc.NeuronStub(channel).Generate(chat(DEMO_ID, LONG, max_tokens=5000))
+        call = pb_grpc.NeuronStub(channel).Generate(
+            chat(DEMO_ID, LONG, max_tokens=5000), timeout=300
+        )
         await call.read()
         neuron.send(signal.SIGTERM)
         deadline = time.monotonic() + 30

@@ -61,7 +61,7 @@ async def test_unload_waits_for_in_flight_request_then_frees_and_is_idempotent(
     free_loaded = (await shared_stub.Info(pb.InfoRequest())).devices[0].free_bytes
     assert free_before - free_loaded == loaded.model.resident_bytes
 
-    call = shared_stub.Generate(chat("to-unload", LONG, max_tokens=40, temperature=0))
+    call = shared_stub.Generate(chat("to-unload", LONG, max_tokens=40, temperature=0), timeout=300)
     await call.read()
     unload = asyncio.ensure_future(shared_stub.UnloadModel(pb.UnloadModelRequest(id="to-unload")))
     # While the stream runs the model is UNLOADING and takes no new requests.
@@ -89,7 +89,7 @@ async def test_cancelling_a_stream_frees_its_slot_for_the_next_request(
 ) -> None:
     # One slot: if the cancelled stream kept it, the next request would wait for 4000 tokens.
     await shared_stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("one-slot", max_batch_size=1)))
-    call = shared_stub.Generate(chat("one-slot", LONG, max_tokens=4000))
+    call = shared_stub.Generate(chat("one-slot", LONG, max_tokens=4000), timeout=300)
     await call.read()
     await call.read()
     call.cancel()
@@ -171,7 +171,7 @@ async def test_no_room_and_a_full_queue_are_resource_exhausted(
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "does not fit" in (error.value.details() or "")
 
-        running = stub.Generate(chat("a", LONG, max_tokens=4000))
+        running = stub.Generate(chat("a", LONG, max_tokens=4000), timeout=300)
         await running.read()
         waiting = stub.Generate(
             chat("a", "What is the capital of France?", max_tokens=16, temperature=0)
