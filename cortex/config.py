@@ -12,7 +12,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helexa.configfile import ConfigError, check_address, check_log_level, load_file
+from helexa.configfile import (
+    ConfigError,
+    ShutdownConfig,
+    check_address,
+    check_log_level,
+    load_file,
+)
 
 DEFAULT_PATH = Path("/etc/cortex/cortex.toml")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -108,17 +114,6 @@ class AuthConfig:
         for i, k in enumerate(self.api_keys):
             if not k.strip():
                 raise ConfigError(f"{key}.api_keys[{i}]: must not be empty")
-
-
-@dataclass(frozen=True)
-class ShutdownConfig:
-    """How long in-flight requests may run after SIGTERM/SIGINT before cortex exits."""
-
-    drain_timeout: float = 30.0
-
-    def check_config(self, key: str) -> None:
-        if self.drain_timeout < 0:
-            raise ConfigError(f"{key}.drain_timeout: must not be negative")
 
 
 @dataclass(frozen=True)

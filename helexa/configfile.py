@@ -12,6 +12,7 @@ import re
 import tomllib
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +30,18 @@ _UNITS = {
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    """``[shutdown]`` of both daemons: how long in-flight work may run after SIGTERM/SIGINT
+    before what is left is cancelled and the process exits."""
+
+    drain_timeout: float = 30.0
+
+    def check_config(self, key: str) -> None:
+        if self.drain_timeout < 0:
+            raise ConfigError(f"{key}.drain_timeout: must not be negative")
 
 
 def parse_bytes(value: Any, key: str) -> int:

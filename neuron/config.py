@@ -9,7 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helexa.configfile import ConfigError, check_address, check_log_level, load_file
+from helexa.configfile import (
+    ConfigError,
+    ShutdownConfig,
+    check_address,
+    check_log_level,
+    load_file,
+)
 from neuron.errors import InvalidArgument
 from neuron.sources import ModelSpec
 
@@ -55,17 +61,6 @@ class EngineConfig:
             raise ConfigError(f"{key}.max_batch_size: must be at least 1")
         if self.max_waiting < 0:
             raise ConfigError(f"{key}.max_waiting: must not be negative")
-
-
-@dataclass(frozen=True)
-class ShutdownConfig:
-    """How long in-flight generation may run after SIGTERM before it is cancelled."""
-
-    drain_timeout: float = 30.0
-
-    def check_config(self, key: str) -> None:
-        if self.drain_timeout < 0:
-            raise ConfigError(f"{key}.drain_timeout: must not be negative")
 
 
 @dataclass(frozen=True)
