@@ -49,12 +49,12 @@ async def serve(config: CortexConfig, catalogue: Catalogue) -> int:
         except OSError as e:
             log.error("cannot listen listen=%s error=%s", config.listen, e)
             return 1
-        notify("READY=1")
         log.info(
             "cortex serving listen=%s metrics=%s neurons=%d up=%d models=%d",
             config.listen, config.metrics_listen, len(fleet.neurons),
             sum(n.routable for n in fleet.neurons), len(catalogue.models),
         )  # fmt: skip
+        notify("READY=1")  # after the log line: READY means the journal already says so
         await stop.wait()
         await _drain(gateway, config)
         return 0

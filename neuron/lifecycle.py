@@ -63,11 +63,11 @@ async def serve(config: NeuronConfig) -> int:
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
-        notify("READY=1")
         log.info(
             "neuron serving listen=%s metrics=%s models=%d",
             config.listen, config.metrics_listen, len(registry.models),
         )  # fmt: skip
+        notify("READY=1")  # after the log line: READY means the journal already says so
         await stop.wait()
         await _deactivate(registry, config, service, health_service, server)
         return 0
