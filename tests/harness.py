@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import tomli_w
@@ -57,9 +57,22 @@ def chat(model: str, content: str, **params: Any) -> pb.GenerateRequest:
 class Daemon:
     """What every daemon under test offers: its log, signals, exit, stop and metrics."""
 
+    name: ClassVar[str]  # "neuron" or "cortex": names its log and config files
     proc: subprocess.Popen[bytes] | None
-    log_path: Path
-    metrics_url: str
+    workdir: Path
+    config: dict[str, Any]
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config['metrics_listen']}/metrics"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / f"{self.name}.toml"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -92,6 +105,7 @@ class Daemon:
 class NeuronProcess(Daemon):
     """A ``neuron serve`` subprocess with its config, ports and log."""
 
+    name: ClassVar[str] = "neuron"
     workdir: Path
     config: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
@@ -104,18 +118,6 @@ class NeuronProcess(Daemon):
     @property
     def endpoint(self) -> str:
         return str(self.config["listen"])
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self.config['metrics_listen']}/metrics"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "neuron.log"
-
-    @property
-    def config_path(self) -> Path:
-        return self.workdir / "neuron.toml"
 
     def start(self) -> NeuronProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -273,6 +275,7 @@ async def read_rest(call: Any) -> tuple[str, Any]:
 class CortexProcess(Daemon):
     """A ``cortex serve`` subprocess with its cortex.toml, models.toml, ports and log."""
 
+    name: ClassVar[str] = "cortex"
     workdir: Path
     config: dict[str, Any]
     models: list[dict[str, Any]] = field(default_factory=list)
@@ -290,18 +293,6 @@ class CortexProcess(Daemon):
     @property
     def api_url(self) -> str:
         return f"{self.url}/v1"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self.config['metrics_listen']}/metrics"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "cortex.log"
-
-    @property
-    def config_path(self) -> Path:
-        return self.workdir / "cortex.toml"
 
     def write_config(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)
