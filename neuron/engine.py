@@ -30,10 +30,13 @@ import torch.nn.functional as F
 
 from neuron import metrics
 from neuron.errors import QueueFull, ShuttingDown
+from neuron.forward import Forward, KVCache
 
 log = logging.getLogger(__name__)
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
+# Columns a new batch's KV cache has beyond its prompts before it first grows.
+_DECODE_ROOM = 64
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class ModelEngine:
         self,
         model_id: str,
         model: Any,
+        forward: Forward,
         tokenizer: Any,
         device: torch.device,
         max_batch_size: int,
@@ -101,6 +105,7 @@ class ModelEngine:
     ) -> None:
         self.model_id = model_id
         self.model = model
+        self.forward: Forward | None = forward
         self.tokenizer = tokenizer
         self.device = device
         self.max_batch_size = max_batch_size
@@ -114,7 +119,7 @@ class ModelEngine:
         self.unfinished = 0
         # Owned by the worker thread.
         self.running: list[Sequence] = []
-        self._cache: Any = None
+        self._cache: KVCache | None = None
         self._mask: torch.Tensor | None = None  # [B, T] 1 for real tokens, 0 for padding
         self._positions: torch.Tensor | None = None  # [B] position of each row's next token
         self._next_tokens: torch.Tensor | None = None  # [B] last sampled token per row
@@ -195,7 +200,7 @@ class ModelEngine:
 
     def release(self) -> None:
         """Drop every reference to the model's tensors (called on the device thread)."""
-        self.model = None
+        self.model = self.forward = None
         self.tokenizer = None
         self._reset_batch()
 
@@ -258,8 +263,7 @@ class ModelEngine:
     @torch.inference_mode()
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Run the prompts of ``seqs`` together (left-padded) and merge them into the batch."""
-        from transformers import DynamicCache
-
+        assert self.forward is not None
         longest = max(len(s.prompt_ids) for s in seqs)
         pad = self.eos_ids[0] if self.eos_ids else 0
         ids = torch.tensor(
@@ -270,15 +274,9 @@ class ModelEngine:
         columns = torch.arange(longest, device=self.device)
         mask = (columns[None, :] >= (longest - lengths)[:, None]).long()
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        tokens = self._sample(out.logits[:, -1, :], seqs)
+        cache = KVCache.empty(self.forward, len(seqs), longest + _DECODE_ROOM)
+        logits = self.forward(ids, position_ids, mask, cache)
+        tokens = self._sample(logits, seqs)
         metrics.PROMPT_TOKENS.labels(**self._metric_labels).inc(int(lengths.sum()))
         first_row = len(self.running)
         self._merge_batch(seqs, cache, mask, lengths, tokens)
@@ -287,20 +285,17 @@ class ModelEngine:
     @torch.inference_mode()
     def _decode(self) -> None:
         assert self._mask is not None and self._positions is not None
-        assert self._next_tokens is not None
+        assert self._next_tokens is not None and self._cache is not None
+        assert self.forward is not None
         batch = len(self.running)
         self._mask = torch.cat(
             [self._mask, torch.ones(batch, 1, dtype=self._mask.dtype, device=self.device)], dim=1
         )
-        out = self.model(
-            input_ids=self._next_tokens[:, None],
-            attention_mask=self._mask,
-            position_ids=self._positions[:, None],
-            past_key_values=self._cache,
-            use_cache=True,
+        logits = self.forward(
+            self._next_tokens[:, None], self._positions[:, None], self._mask, self._cache
         )
         self._positions = self._positions + 1
-        tokens = self._sample(out.logits[:, -1, :], self.running)
+        tokens = self._sample(logits, self.running)
         self._next_tokens = tokens
         self._emit(0, tokens)
 
@@ -428,7 +423,7 @@ class ModelEngine:
     def _merge_batch(
         self,
         seqs: list[Sequence],
-        cache: Any,
+        cache: KVCache,
         mask: torch.Tensor,
         lengths: torch.Tensor,
         tokens: torch.Tensor,
@@ -439,22 +434,10 @@ class ModelEngine:
             self._next_tokens = tokens
             return
         assert self._mask is not None and self._positions is not None
-        assert self._next_tokens is not None
+        assert self._next_tokens is not None and self._cache is not None
         old_len, new_len = self._mask.shape[1], mask.shape[1]
         total = max(old_len, new_len)
-        for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
-            old_layer.keys = torch.cat(
-                [
-                    _pad_left(old_layer.keys, total - old_len),
-                    _pad_left(new_layer.keys, total - new_len),
-                ]
-            )
-            old_layer.values = torch.cat(
-                [
-                    _pad_left(old_layer.values, total - old_len),
-                    _pad_left(new_layer.values, total - new_len),
-                ]
-            )
+        self._cache.merge(cache)
         self._mask = torch.cat(
             [F.pad(self._mask, (total - old_len, 0)), F.pad(mask, (total - new_len, 0))]
         )
@@ -468,15 +451,13 @@ class ModelEngine:
             self._reset_batch()
             return
         assert self._mask is not None and self._positions is not None
-        assert self._next_tokens is not None
+        assert self._next_tokens is not None and self._cache is not None
         index = torch.tensor(keep, device=self.device)
         mask = self._mask.index_select(0, index)
         # Leading columns that are padding in every remaining row can go.
         real = mask.any(dim=0).nonzero()
         cut = int(real[0]) if real.numel() else 0
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, cut:]
-            layer.values = layer.values.index_select(0, index)[:, :, cut:]
+        self._cache.keep(index, cut)
         self._mask = mask[:, cut:]
         self._positions = self._positions.index_select(0, index)
         self._next_tokens = self._next_tokens.index_select(0, index)
@@ -557,11 +538,6 @@ class DeviceWorker:
                         future.set_exception(e)
             for engine in engines:
                 engine.step()
-
-
-def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-    # KV tensors are [batch, heads, length, dim]: pad the length dimension on the left.
-    return F.pad(t, (0, 0, n, 0)) if n else t
 
 
 def _merge(a: Chunk, b: Chunk) -> Chunk:

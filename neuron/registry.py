@@ -24,6 +24,8 @@ from neuron.config import NeuronConfig
 from neuron.devices import Device, cpu_has_fast_bf16, cuda_free_bytes, discover
 from neuron.engine import DeviceWorker, ModelEngine
 from neuron.errors import LoadFailed, ModelNotFound, NeuronError, NoRoom, ShuttingDown, SpecConflict
+from neuron.forward import ARCHITECTURES, Forward
+from neuron.quant import int4_kernel_usable, load_int4
 from neuron.sources import ModelSpec, parameter_bytes, resolve
 
 log = logging.getLogger(__name__)
@@ -130,16 +132,17 @@ class Registry:
             model_dir = await asyncio.to_thread(resolve, spec, self.cache_dir)
             device, dtype, need = self._place(spec, model_dir)
             held.device, held.resident_bytes = device.name, need  # reserved while loading
-            model, tokenizer = await asyncio.to_thread(_load_weights, model_dir, dtype, device)
-            held.resident_bytes = sum(
-                t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+            model, forward, tokenizer = await asyncio.to_thread(
+                _load_weights, model_dir, dtype, device
             )
-            max_context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+            held.resident_bytes = forward.resident_bytes()
+            max_context = forward.max_context
             if spec.max_context:
                 max_context = min(max_context, spec.max_context)
             engine = ModelEngine(
                 spec.id,
                 model,
+                forward,
                 tokenizer,
                 torch.device(device.name),
                 max_batch_size=min(
@@ -271,15 +274,28 @@ def _choose_dtype(wanted: str, device: Device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def _load_weights(model_dir: Path, dtype: torch.dtype, device: Device) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_weights(model_dir: Path, dtype: torch.dtype, device: Device) -> tuple[Any, Forward, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    config = AutoConfig.from_pretrained(str(model_dir))
+    architecture = (getattr(config, "architectures", None) or ["unknown"])[0]
+    if architecture not in ARCHITECTURES:
+        raise LoadFailed(
+            f"{model_dir}: architecture {architecture} is not supported "
+            f"(supported: {', '.join(ARCHITECTURES)})"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=dtype, device_map=device.name
     )
     model.eval()
-    return model, tokenizer
+    use_int4 = int4_kernel_usable(torch.device(device.name), dtype)
+    forward = Forward(model, load_int4(model_dir) if use_int4 else {}, use_int4)
+    log.info(
+        "model weights arranged dir=%s architecture=%s int4_projections=%d",
+        model_dir, architecture, forward.int4_layers(),
+    )  # fmt: skip
+    return model, forward, tokenizer
 
 
 def _forget_resident_gauge(held: HeldModel) -> None:

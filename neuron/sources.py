@@ -21,10 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from neuron.errors import InvalidArgument, LoadFailed
+from neuron.quant import INT4_FILE, find_int4, save_int4
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Bumped when what a materialised GGUF folder holds changes; older folders are redone.
+# 2: the 4-bit projections' codes (int4.safetensors).
+MATERIALISED_FORMAT = 2
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 
 
@@ -123,20 +127,21 @@ def materialise_gguf(gguf: Path, cache_dir: Path) -> Path:
     """Dequantise a GGUF file once into ``cache_dir/gguf/<digest>``; later calls reuse it."""
     digest = _file_digest(gguf)
     target = cache_dir / "gguf" / f"{gguf.stem}-{digest[:16]}"
-    if (target / ".complete").exists():
+    if _materialised(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # One materialisation per file across threads and processes sharing the cache.
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / ".complete").exists():
+        if _materialised(target):
             return target
         started = time.monotonic()
         scratch = target.parent / f".{target.name}.partial-{os.getpid()}"
         shutil.rmtree(scratch, ignore_errors=True)
         try:
             _dequantise_into(gguf, scratch)
-            (scratch / ".complete").write_text(json.dumps({"source": str(gguf)}))
+            marker = {"source": str(gguf), "format": MATERIALISED_FORMAT}
+            (scratch / ".complete").write_text(json.dumps(marker))
             shutil.rmtree(target, ignore_errors=True)
             scratch.rename(target)
         except Exception as e:
@@ -163,6 +168,17 @@ def _dequantise_into(gguf: Path, out: Path) -> None:
         model.config.architectures = [type(model).__name__]
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+    # The projections that were 4-bit in the file keep their codes for the CPU's int4 kernel.
+    save_int4(find_int4(model), out / INT4_FILE)
+
+
+def _materialised(target: Path) -> bool:
+    """Whether ``target`` holds a complete materialisation in the current layout."""
+    try:
+        marker = json.loads((target / ".complete").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("format") == MATERIALISED_FORMAT
 
 
 def _file_digest(path: Path) -> str:
@@ -177,10 +193,11 @@ def parameter_bytes(model_dir: Path, dtype_bytes: int | None) -> int:
     """Bytes the weights take once loaded: read from the safetensors headers, not the data.
 
     ``dtype_bytes`` is the size of one element in the dtype the model will be loaded in, or
-    None to keep each tensor's stored dtype.
+    None to keep each tensor's stored dtype. 4-bit codes count as stored.
     """
     total = 0
     for file in sorted(model_dir.glob("*.safetensors")):
+        element = None if file.name == INT4_FILE else dtype_bytes
         with open(file, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length))
@@ -190,7 +207,7 @@ def parameter_bytes(model_dir: Path, dtype_bytes: int | None) -> int:
             count = 1
             for dim in entry["shape"]:
                 count *= dim
-            total += count * (dtype_bytes or _DTYPE_BYTES.get(entry["dtype"], 4))
+            total += count * (element or _DTYPE_BYTES.get(entry["dtype"], 4))
     if total == 0:
         raise LoadFailed(f"{model_dir}: no safetensors weights found")
     return total

@@ -229,7 +229,8 @@ def test_gguf_is_materialised_once_and_reused(demo_dir: Path, shared_neuron: Neu
     assert materialise_gguf(DEMO_GGUF, SHARED_CACHE) == demo_dir
     assert marker.stat().st_mtime_ns == stamp
     assert sorted(p.name for p in demo_dir.iterdir() if p.suffix == ".safetensors") == [
-        "model.safetensors"
+        "int4.safetensors",  # the codes of the 4-bit projections (quant.find_int4)
+        "model.safetensors",
     ]
     assert "gguf materialised" not in shared_neuron.log()
 
