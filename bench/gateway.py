@@ -4,6 +4,10 @@ stand-in to the other, so the figures are what one cortex process does on one co
 
     .venv/bin/python -m bench.gateway [--seconds 10]
 
+Each figure twice: with a stand-in that sends a message per token (the worst case for a
+relay), and with one that coalesces as neuron does (a message carries every token produced
+while the previous one was being written).
+
 - added latency: non-streaming chat requests of 16 tokens, one at a time, p50/p99;
 - requests/s: non-streaming requests at concurrency 64 (wrk);
 - streamed tokens/s: 256-token SSE streams at concurrency 1 and 64 (wrk).
@@ -118,7 +122,7 @@ def pin(pid: int, core: str) -> None:
     subprocess.run(["taskset", "-a", "-p", "-c", core, str(pid)], check=True, capture_output=True)
 
 
-def start_standin(listen: str) -> subprocess.Popen[bytes]:
+def start_standin(listen: str, tokens_per_message: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             "taskset",
@@ -129,16 +133,19 @@ def start_standin(listen: str) -> subprocess.Popen[bytes]:
             "bench.standin_neuron",
             "--listen",
             listen,
+            "--tokens-per-message",
+            str(tokens_per_message),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
 
 
-async def run(seconds: int, samples: int) -> str:
+async def run(seconds: int, samples: int, tokens_per_message: int) -> list[tuple[str, str]]:
+    """The gateway figures against a stand-in sending ``tokens_per_message`` (0: coalesced)."""
     workdir = Path(tempfile.mkdtemp(prefix="helexa-bench-gateway-"))
     listen = f"127.0.0.1:{free_port()}"
-    standin = start_standin(listen)
+    standin = start_standin(listen, tokens_per_message)
     cortex = CortexProcess(
         workdir / "cortex",
         cortex_config([Endpoint(listen)], poll_interval=1.0),  # type: ignore[list-item]
@@ -186,7 +193,7 @@ async def run(seconds: int, samples: int) -> str:
         standin.terminate()
         standin.wait(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
-    return "| gateway figure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    return rows
 
 
 def main() -> None:
@@ -198,7 +205,13 @@ def main() -> None:
     args = parser.parse_args()
     if os.cpu_count() is None or os.cpu_count() < 2:  # type: ignore[operator]
         raise SystemExit("needs two cores: one for cortex, one for the load")
-    print(asyncio.run(run(args.seconds, args.samples)))
+    # The worst case for a relay (a message per token), then messages as neuron sends them.
+    worst = asyncio.run(run(args.seconds, args.samples, 1))
+    coalesced = asyncio.run(run(args.seconds, args.samples, 0))
+    print("| gateway figure | a message per token | coalesced as neuron sends |")
+    print("|---|---|---|")
+    for (name, a), (_, b) in zip(worst, coalesced, strict=True):
+        print(f"| {name} | {a} | {b} |")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ contract and streams tokens instantly, with no model behind it.
 
 It holds one READY model, ``standin``. Generate streams ``max_tokens`` tokens (each the text
 ``"tok "``), ``tokens_per_message`` to a message, then ends with finish reason LENGTH.
+
+With ``--tokens-per-message 0`` it sends as neuron does: tokens are produced one per event
+loop turn and each message carries every token produced while the previous one was being
+written (``ModelEngine.stream`` merges what queued while its reader was busy).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from helexa.neuron.v1 import neuron_pb2 as pb
@@ -31,10 +36,7 @@ class StandIn(pb_grpc.NeuronServicer):
         self.tokens_per_message = tokens_per_message
         self.in_flight = 0
         self.loaded_at = time.time()
-        self.messages = {
-            n: pb.GenerateResponse(text="tok " * n, tokens=n)
-            for n in range(1, tokens_per_message + 1)
-        }
+        self.messages: dict[int, pb.GenerateResponse] = {}
 
     async def Info(self, request: pb.InfoRequest, context: Any) -> pb.InfoResponse:
         device = pb.Device(
@@ -82,12 +84,15 @@ class StandIn(pb_grpc.NeuronServicer):
         total = request.max_tokens if request.HasField("max_tokens") else 16
         self.in_flight += 1
         try:
+            if self.tokens_per_message > 0:
+                counts = _fixed(total, self.tokens_per_message)
+            else:
+                counts = _coalesced(total)
             sent = 0
-            while sent < total:
-                n = min(self.tokens_per_message, total - sent)
+            async for n in counts:
                 sent += n
                 if sent < total:
-                    yield self.messages[n]
+                    yield self.message(n)
                 else:
                     last = pb.GenerateResponse(
                         text="tok " * n, tokens=n, finish_reason=pb.FINISH_REASON_LENGTH
@@ -97,6 +102,38 @@ class StandIn(pb_grpc.NeuronServicer):
                     yield last
         finally:
             self.in_flight -= 1
+
+    def message(self, n: int) -> pb.GenerateResponse:
+        if n not in self.messages:
+            self.messages[n] = pb.GenerateResponse(text="tok " * n, tokens=n)
+        return self.messages[n]
+
+
+async def _fixed(total: int, per_message: int) -> AsyncIterator[int]:
+    for start in range(0, total, per_message):
+        yield min(per_message, total - start)
+
+
+async def _coalesced(total: int) -> AsyncIterator[int]:
+    """Token counts per message: all that were produced while the last one was written."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+
+    async def produce() -> None:
+        for _ in range(total):
+            queue.put_nowait(1)
+            await asyncio.sleep(0)
+
+    producer = asyncio.create_task(produce())
+    try:
+        sent = 0
+        while sent < total:
+            n = await queue.get()
+            while not queue.empty():
+                n += queue.get_nowait()
+            sent += n
+            yield n
+    finally:
+        producer.cancel()
 
 
 async def serve(listen: str, tokens_per_message: int) -> None:
@@ -116,15 +153,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--listen", default="127.0.0.1:13131")
-    parser.add_argument("--tokens-per-message", type=int, default=1)
+    parser.add_argument(
+        "--tokens-per-message", type=int, default=1, help="0: coalesce as neuron does"
+    )
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    asyncio.run(serve(args.listen, args.tokens_per_message))
+    uvloop.run(serve(args.listen, args.tokens_per_message))
 
 
 if __name__ == "__main__":

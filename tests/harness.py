@@ -360,6 +360,6 @@ def cortex_config(
     return config
 
 
-def catalogue_model(model_id: str, memory: str = "270MB", **extra: Any) -> dict[str, Any]:
-    """A models.toml entry for the demo GGUF under ``model_id`` (bf16: 269,030,272 bytes)."""
+def catalogue_model(model_id: str, memory: str = "350MB", **extra: Any) -> dict[str, Any]:
+    """A models.toml entry for the demo GGUF under ``model_id`` (bf16: 335,385,216 bytes)."""
     return {"id": model_id, "path": str(DEMO_GGUF), "memory": memory, **extra}

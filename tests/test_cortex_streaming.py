@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,9 @@ from tests.harness import CortexProcess, cortex_config, free_port, metric_value
 
 MODEL = "scripted"
 BURST = 400
+# 12.5 MiB in all: more than the kernel buffers between cortex and a client that is not
+# reading hold (tcp_wmem's 4 MiB at most, the client's receive buffer fixed small).
+BURST_TOKEN = "x" * 32768
 
 
 @dataclass
@@ -68,7 +72,7 @@ class ScriptedNeuron(pb_grpc.NeuronServicer):
         try:
             if cue == "burst":
                 for _ in range(BURST):
-                    yield pb.GenerateResponse(text="x", tokens=1)
+                    yield pb.GenerateResponse(text=BURST_TOKEN, tokens=1)
             if cue == "delay":
                 await asyncio.sleep(1.0)
             yield pb.GenerateResponse(text="Hello", tokens=1)
@@ -184,11 +188,27 @@ async def test_failure_after_first_token_is_an_error_event_not_a_retry(
 async def test_tokens_arriving_during_a_write_are_coalesced_into_one(
     scripted: tuple[CortexProcess, list[ScriptedNeuron]],
 ) -> None:
+    """A client that reads slowly keeps cortex's writes in flight: what arrives meanwhile
+    goes out in one write, not one event per token."""
     cortex, _ = scripted
-    raw = await _stream(cortex, "burst")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "burst"}], "stream": True}
+
+    def small_window(addr_info: Any) -> socket.socket:
+        family, kind, proto, _, _ = addr_info
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # fixed: never grows
+        return sock
+
+    connector = aiohttp.TCPConnector(socket_factory=small_window)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            first = await r.content.readline()
+            await asyncio.sleep(1.0)  # the burst arrives while this client is not reading
+            raw = first + await r.read()
     events = [e for e in raw.split(b"\n\n") if b'"content":"x' in e]
-    assert _text(raw) == "x" * BURST + "Hello world"
-    assert len(events) < BURST, "one SSE event per token: nothing was coalesced"
+    assert _text(raw) == BURST_TOKEN * BURST + "Hello world"
+    assert len(events) < BURST / 2, f"{len(events)} events for {BURST} tokens: little coalesced"
 
 
 async def _cortex_with_a_stalled_stream(

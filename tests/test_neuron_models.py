@@ -157,7 +157,8 @@ async def test_bad_load_requests_get_clear_statuses(
 async def test_no_room_and_a_full_queue_are_resource_exhausted(
     demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
 ) -> None:
-    # Room for one bf16 SmolLM2 (269 MB), not two; one request may wait beside the running one.
+    # Room for one bf16 SmolLM2 (349 MB reserved to load), not two; one request may wait
+    # beside the running one.
     neuron = NeuronProcess(
         tmp_path, neuron_config(cpu_memory_budget="400MiB", max_waiting=1)
     ).start()

@@ -259,7 +259,8 @@ class Relay:
         if not self._buffer:
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), max(within, 0.0))
+                async with asyncio.timeout(max(within, 0.0)):  # no task, unlike wait_for
+                    await self._arrived.wait()
             except TimeoutError:
                 return None
         items = list(self._buffer)
