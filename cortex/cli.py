@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from cortex import __version__
+from cortex.auth import KeyRing
 from cortex.config import DEFAULT_PATH, Catalogue, CortexConfig, load, models_path
 from helexa.configfile import ConfigError
 from helexa.logsetup import configure
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config, catalogue = load(args.config)
+        keyring = KeyRing(config.auth)
+        keyring.load()
     except ConfigError as e:
         print(f"cortex: bad config: {e}", file=sys.stderr)
         return 2
@@ -44,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_status(config, catalogue))
     configure(config.log_level)
     log.info("cortex starting version=%s config=%s", __version__, args.config)
-    return asyncio.run(_serve(config, catalogue))
+    return asyncio.run(_serve(config, catalogue, keyring))
 
 
-async def _serve(config: CortexConfig, catalogue: Catalogue) -> int:
+async def _serve(config: CortexConfig, catalogue: Catalogue, keyring: KeyRing) -> int:
     from cortex.lifecycle import serve
 
-    return await serve(config, catalogue)
+    return await serve(config, catalogue, keyring)
 
 
 async def _status(config: CortexConfig, catalogue: Catalogue) -> int:

@@ -19,6 +19,7 @@ from helexa.configfile import (
     check_log_level,
     load_file,
 )
+from helexa.secretfiles import check_secret
 
 DEFAULT_PATH = Path("/etc/cortex/cortex.toml")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -106,14 +107,29 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    """Bearer keys accepted on /v1; an empty list means no authentication."""
+    """Who may call the API (/v1): keys given inline and/or in a keys file, and per-key limits.
 
-    api_keys: list[str] = field(default_factory=list)
+    With no key configured, cortex listens on loopback only unless ``allow_unauthenticated``.
+    """
+
+    keys: list[str] = field(default_factory=list)
+    # One key per line; blank lines and '#' comments skipped. Re-read on SIGHUP.
+    keys_file: str = ""
+    allow_unauthenticated: bool = False
+    # Per key: requests running at once, and requests admitted in any 60 s; 0 means no limit.
+    max_concurrent: int = 0
+    requests_per_minute: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys or self.keys_file)
 
     def check_config(self, key: str) -> None:
-        for i, k in enumerate(self.api_keys):
-            if not k.strip():
-                raise ConfigError(f"{key}.api_keys[{i}]: must not be empty")
+        for i, k in enumerate(self.keys):
+            check_secret(k, f"{key}.keys[{i}]")
+        for name in ("max_concurrent", "requests_per_minute"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name}: must not be negative (0 means no limit)")
 
 
 @dataclass(frozen=True)

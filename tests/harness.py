@@ -100,6 +100,15 @@ class Daemon:
         with urllib.request.urlopen(self.metrics_url, timeout=5) as reply:
             return str(reply.read().decode())
 
+    async def wait_log(self, text: str, within: float = 30.0) -> None:
+        """Poll the log until it holds ``text``; fail with the log if the process dies first."""
+        deadline = time.monotonic() + within
+        while text not in self.log():
+            assert self.proc is not None
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} never logged {text!r}:\n{self.log()}")
+            await asyncio.sleep(0.05)
+
 
 @dataclass
 class NeuronProcess(Daemon):

@@ -69,7 +69,8 @@ def test_example_configs_document_every_key(tmp_path: Path) -> None:
         "listen", "metrics_listen", "models_file", "log_level", "name", "endpoint",
         "poll_interval", "down_after_failures", "rpc_timeout", "keepalive_time",
         "keepalive_timeout", "request", "load", "stall", "keepalive", "retry_after",
-        "max_tokens", "max_body", "api_keys", "drain_timeout",
+        "max_tokens", "max_body", "keys", "keys_file", "allow_unauthenticated",
+        "max_concurrent", "requests_per_minute", "drain_timeout",
     ]:  # fmt: skip
         assert f"{key} =" in cortex_text, key
     models_text = (ROOT / "configs/models.example.toml").read_text()
@@ -113,6 +114,11 @@ def test_example_configs_document_every_key(tmp_path: Path) -> None:
             "models[1].aliases[0]",
         ),
         ("listen = ", "", "not valid TOML"),
+        ("[auth]\napi_keys = ['k']", "", "auth.api_keys: unknown key"),
+        ("[auth]\nkeys = ['two words']", "", "auth.keys[0]"),
+        ("[auth]\nkeys = ['']", "", "auth.keys[0]"),
+        ("[auth]\nmax_concurrent = -1", "", "auth.max_concurrent"),
+        ("[auth]\nrequests_per_minute = 'many'", "", "auth.requests_per_minute"),
     ],
 )
 def test_bad_config_is_one_error_naming_the_key(
