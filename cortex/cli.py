@@ -11,6 +11,7 @@ from pathlib import Path
 from cortex import __version__
 from cortex.auth import KeyRing
 from cortex.config import DEFAULT_PATH, Catalogue, CortexConfig, load, models_path
+from cortex.neuronlink import Link, read_links
 from helexa.configfile import ConfigError
 from helexa.logsetup import configure
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         config, catalogue = load(args.config)
         keyring = KeyRing(config.auth)
         keyring.load()
+        links = read_links(config)
     except ConfigError as e:
         print(f"cortex: bad config: {e}", file=sys.stderr)
         return 2
@@ -44,22 +46,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "status":
-        return asyncio.run(_status(config, catalogue))
+        return asyncio.run(_status(config, catalogue, links))
     configure(config.log_level)
     log.info("cortex starting version=%s config=%s", __version__, args.config)
-    return asyncio.run(_serve(config, catalogue, keyring))
+    return asyncio.run(_serve(config, catalogue, keyring, links))
 
 
-async def _serve(config: CortexConfig, catalogue: Catalogue, keyring: KeyRing) -> int:
+async def _serve(
+    config: CortexConfig, catalogue: Catalogue, keyring: KeyRing, links: dict[str, Link]
+) -> int:
     from cortex.lifecycle import serve
 
-    return await serve(config, catalogue, keyring)
+    return await serve(config, catalogue, keyring, links)
 
 
-async def _status(config: CortexConfig, catalogue: Catalogue) -> int:
+async def _status(config: CortexConfig, catalogue: Catalogue, links: dict[str, Link]) -> int:
     from cortex.fleet import UP, Fleet
 
-    fleet = Fleet(config)
+    fleet = Fleet(config, links)
     try:
         await fleet.poll_all()
     finally:

@@ -19,6 +19,7 @@ from cortex.api import Gateway, build_app
 from cortex.auth import KeyRing, listen_host
 from cortex.config import Catalogue, CortexConfig
 from cortex.fleet import Fleet
+from cortex.neuronlink import Link
 from cortex.router import Router
 from helexa.sdnotify import notify
 from helexa.signals import dump_stacks_on_sigusr1, stop_event_on_signals
@@ -26,7 +27,9 @@ from helexa.signals import dump_stacks_on_sigusr1, stop_event_on_signals
 log = logging.getLogger(__name__)
 
 
-async def serve(config: CortexConfig, catalogue: Catalogue, keyring: KeyRing) -> int:
+async def serve(
+    config: CortexConfig, catalogue: Catalogue, keyring: KeyRing, links: dict[str, Link]
+) -> int:
     """Run cortex until a signal; returns the exit code."""
     loop = asyncio.get_running_loop()
     stop = stop_event_on_signals(loop)
@@ -40,7 +43,7 @@ async def serve(config: CortexConfig, catalogue: Catalogue, keyring: KeyRing) ->
     except OSError as e:
         log.error("cannot listen metrics_listen=%s error=%s", config.metrics_listen, e)
         return 1
-    fleet = Fleet(config)
+    fleet = Fleet(config, links)
     router = Router(config, fleet, catalogue)
     gateway = Gateway(config, catalogue, fleet, router)
     # handler_cancellation: a client that goes away cancels its handler, and so its gRPC call.

@@ -35,11 +35,16 @@ def check_secret(value: str, key: str) -> None:
         raise ConfigError(f"{key}: must be non-empty with no whitespace")
 
 
-def read_token(token: str, token_file: str, key: str) -> str:
-    """The token given inline or in a file of one line (``key`` is the section, e.g. ``auth``);
-    ``""`` when neither is set."""
+def check_token(token: str, token_file: str, key: str) -> None:
+    """A token given inline or in a file, not both (``key`` is the section, e.g. ``auth``)."""
+    if token:
+        check_secret(token, f"{key}.token")
     if token and token_file:
         raise ConfigError(f"{key}.token: give token or token_file, not both")
+
+
+def read_token(token: str, token_file: str, key: str) -> str:
+    """The token given inline or in a file of one line; ``""`` when neither is set."""
     if not token_file:
         return token
     lines = read_lines(token_file, f"{key}.token_file")
