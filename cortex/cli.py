@@ -33,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config, catalogue = load(args.config)
-        keyring = KeyRing(config.auth)
-        keyring.load()
         links = read_links(config)
+        # `status` calls no API: it needs the neurons' token and TLS files, not the API keys.
+        keyring = KeyRing(config.auth)
+        if args.command != "status":
+            keyring.load()
     except ConfigError as e:
         print(f"cortex: bad config: {e}", file=sys.stderr)
         return 2
