@@ -5,6 +5,7 @@ processes, real gRPC over real sockets."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from tests.harness import (
     collect,
     cortex_config,
     demo_model,
+    metric_value,
     neuron_config,
     run_cli,
 )
@@ -262,5 +264,48 @@ async def test_mtls_neuron_refuses_a_cortex_without_the_right_certificates(
     cortex = await _cortex(mtls_neuron, tmp_path, **keys)
     try:
         await _assert_refused(cortex, mtls_neuron)
+    finally:
+        cortex.stop()
+
+
+async def test_cortex_over_tls_with_its_own_token_and_ca_serves_and_a_disconnect_cancels_there(
+    demo_dir: Path, pki: dict[str, Pair], neurons: list[NeuronProcess], tmp_path: Path
+) -> None:
+    """TLS without client certificates plus a token inline, set in the [[neurons]] entry."""
+    tls = {"cert_file": str(pki["neuron"].cert), "key_file": str(pki["neuron"].key)}
+    link = Link(token=TOKEN, ca=pki["ca"].cert.read_bytes())
+    neurons.append(await _neuron(tmp_path / "neuron", link, auth={"token": TOKEN}, tls=tls))
+    neuron = neurons[-1]
+    assert "tls=on token=required" in neuron.log()
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    cortex = await _cortex(
+        neuron, tmp_path / "cortex", token_file=str(tmp_path / "token"), ca_file=str(pki["ca"].cert)
+    )
+    try:
+        await cortex.wait_ready()
+        status, body = await _chat_status(cortex)
+        assert status == 200, body
+        # A client that leaves mid-stream cancels the (intercepted) call on the neuron too.
+        body = {
+            "model": DEMO_ID,
+            "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+            "max_tokens": 2000,
+            "stream": True,
+        }
+        async with aiohttp.ClientSession() as session:
+            async with session.post(cortex.api_url + "/chat/completions", json=body) as r:
+                assert r.status == 200
+                seen = 0
+                async for line in r.content:
+                    seen += line.startswith(b"data: {")
+                    if seen >= 3:
+                        break
+        deadline = time.monotonic() + 60
+        while not metric_value(
+            neuron.metrics(), "helexa_neuron_requests_total", finish_reason="cancelled"
+        ):
+            assert time.monotonic() < deadline, "the neuron never saw the generation cancelled"
+            await asyncio.sleep(0.1)
+        assert not metric_value(neuron.metrics(), "helexa_neuron_requests_running", model=DEMO_ID)
     finally:
         cortex.stop()
