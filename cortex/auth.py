@@ -182,7 +182,10 @@ def listen_host(config: CortexConfig) -> str:
     """The host the API binds: loopback only when no key is set, unless allowed; logged."""
     host = config.listen.rpartition(":")[0]
     auth = config.auth
-    if auth.enabled or _is_loopback(host):
+    if auth.enabled:
+        return host
+    if _is_loopback(host):
+        log.info("no API keys: the API takes requests without a key, from this host only")
         return host
     if auth.allow_unauthenticated:
         log.warning(

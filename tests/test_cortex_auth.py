@@ -245,3 +245,15 @@ async def test_without_keys_the_api_binds_loopback_unless_allowed(
         assert (await _get_models(process, {}))[0] == 200
     finally:
         process.stop()
+
+
+async def test_without_keys_on_loopback_the_log_says_the_api_is_open_to_this_host(
+    shared_neuron: NeuronProcess, tmp_path: Path
+) -> None:
+    process = await _start(shared_neuron, tmp_path)  # listens on 127.0.0.1, as `make run` does
+    try:
+        assert "no API keys: the API takes requests without a key" in process.log()
+        assert "api_keys=none" in process.log() and "WARNING" not in process.log()
+        assert (await _get_models(process, {}))[0] == 200
+    finally:
+        process.stop()
