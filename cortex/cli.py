@@ -11,7 +11,9 @@ from pathlib import Path
 import uvloop
 
 from cortex import __version__
+from cortex.auth import KeyRing
 from cortex.config import DEFAULT_PATH, Catalogue, CortexConfig, load, models_path
+from cortex.neuronlink import Link, read_links
 from helexa.configfile import ConfigError
 from helexa.logsetup import configure
 
@@ -33,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config, catalogue = load(args.config)
+        links = read_links(config)
+        # `status` calls no API: it needs the neurons' token and TLS files, not the API keys.
+        keyring = KeyRing(config.auth)
+        if args.command != "status":
+            keyring.load()
     except ConfigError as e:
         print(f"cortex: bad config: {e}", file=sys.stderr)
         return 2
@@ -43,23 +50,25 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "status":
-        return asyncio.run(_status(config, catalogue))
+        return asyncio.run(_status(config, catalogue, links))
     configure(config.log_level)
     log.info("cortex starting version=%s config=%s", __version__, args.config)
     # uvloop: the gateway's loop runs for every relayed message, and costs less per turn.
-    return uvloop.run(_serve(config, catalogue))
+    return uvloop.run(_serve(config, catalogue, keyring, links))
 
 
-async def _serve(config: CortexConfig, catalogue: Catalogue) -> int:
+async def _serve(
+    config: CortexConfig, catalogue: Catalogue, keyring: KeyRing, links: dict[str, Link]
+) -> int:
     from cortex.lifecycle import serve
 
-    return await serve(config, catalogue)
+    return await serve(config, catalogue, keyring, links)
 
 
-async def _status(config: CortexConfig, catalogue: Catalogue) -> int:
+async def _status(config: CortexConfig, catalogue: Catalogue, links: dict[str, Link]) -> int:
     from cortex.fleet import UP, Fleet
 
-    fleet = Fleet(config)
+    fleet = Fleet(config, links)
     try:
         await fleet.poll_all()
     finally:

@@ -19,6 +19,7 @@ from helexa.configfile import (
     check_log_level,
     load_file,
 )
+from helexa.secretfiles import check_secret, check_token
 
 DEFAULT_PATH = Path("/etc/cortex/cortex.toml")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -30,8 +31,42 @@ def _check_positive(value: float, key: str) -> None:
         raise ConfigError(f"{key}: must be greater than 0, got {value}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class NeuronLink:
+    """How cortex calls a neuron: the token it sends and TLS. Set in ``[fleet]`` for every neuron
+    or in a ``[[neurons]]`` entry for that one: an entry that sets token or token_file uses its
+    own token, one that sets any TLS key (ca_file, cert_file, key_file, server_name) its own TLS.
+    """
+
+    # Sent as gRPC metadata `authorization: Bearer TOKEN` (the neuron's [auth] token).
+    token: str = ""
+    token_file: str = ""
+    # TLS: the CA that signed the neuron's certificate; set, cortex dials TLS only.
+    ca_file: str = ""
+    # mTLS: cortex's client certificate and key, for a neuron with tls.client_ca_file.
+    cert_file: str = ""
+    key_file: str = ""
+    # The name the neuron's certificate must carry, if not the endpoint's host.
+    server_name: str = ""
+
+    @property
+    def sets_token(self) -> bool:
+        return bool(self.token or self.token_file)
+
+    @property
+    def sets_tls(self) -> bool:
+        return bool(self.ca_file or self.cert_file or self.key_file or self.server_name)
+
+    def check_link(self, key: str) -> None:
+        check_token(self.token, self.token_file, key)
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError(f"{key}.key_file: cert_file and key_file go together")
+        if self.sets_tls and not self.ca_file:
+            raise ConfigError(f"{key}.ca_file: required for TLS (with cert_file or server_name)")
+
+
 @dataclass(frozen=True)
-class NeuronEndpoint:
+class NeuronEndpoint(NeuronLink):
     """One neuron cortex talks to, at the endpoint given here (never one it advertises)."""
 
     name: str
@@ -41,11 +76,12 @@ class NeuronEndpoint:
         if not _NAME.match(self.name):
             raise ConfigError(f"{key}.name: letters, digits, '.', '_' and '-' only")
         check_address(self.endpoint, f"{key}.endpoint")
+        self.check_link(key)
 
 
 @dataclass(frozen=True)
-class FleetConfig:
-    """How the poller keeps the neurons' state fresh."""
+class FleetConfig(NeuronLink):
+    """How the poller keeps the neurons' state fresh, and how every neuron is called."""
 
     poll_interval: float = 2.0
     # Consecutive failed polls before a neuron is marked down.
@@ -57,6 +93,7 @@ class FleetConfig:
     keepalive_timeout: float = 10.0
 
     def check_config(self, key: str) -> None:
+        self.check_link(key)
         for name in ("poll_interval", "rpc_timeout", "keepalive_time", "keepalive_timeout"):
             _check_positive(getattr(self, name), f"{key}.{name}")
         if self.keepalive_time < 5.0:
@@ -106,14 +143,29 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    """Bearer keys accepted on /v1; an empty list means no authentication."""
+    """Who may call the API (/v1): keys given inline and/or in a keys file, and per-key limits.
 
-    api_keys: list[str] = field(default_factory=list)
+    With no key configured, cortex listens on loopback only unless ``allow_unauthenticated``.
+    """
+
+    keys: list[str] = field(default_factory=list)
+    # One key per line; blank lines and '#' comments skipped. Re-read on SIGHUP.
+    keys_file: str = ""
+    allow_unauthenticated: bool = False
+    # Per key: requests running at once, and requests admitted in any 60 s; 0 means no limit.
+    max_concurrent: int = 0
+    requests_per_minute: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys or self.keys_file)
 
     def check_config(self, key: str) -> None:
-        for i, k in enumerate(self.api_keys):
-            if not k.strip():
-                raise ConfigError(f"{key}.api_keys[{i}]: must not be empty")
+        for i, k in enumerate(self.keys):
+            check_secret(k, f"{key}.keys[{i}]")
+        for name in ("max_concurrent", "requests_per_minute"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name}: must not be negative (0 means no limit)")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,14 @@ class Unauthorized(CortexError):
     """A missing or unknown API key."""
 
 
+class RateLimited(CortexError):
+    """An API key is over one of its limits; ``retry_after`` says when to come back (seconds)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ModelNotFound(CortexError):
     """No model of that name is in the catalogue or loaded on a healthy neuron."""
 

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cortex import metrics
 from cortex.config import CortexConfig, FleetConfig, NeuronEndpoint
+from cortex.neuronlink import Link, open_channel
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 
@@ -146,14 +147,14 @@ def channel_options(config: FleetConfig) -> list[tuple[str, int]]:
 class Fleet:
     """Every configured neuron and the poller that keeps their state fresh."""
 
-    def __init__(self, config: CortexConfig) -> None:
+    def __init__(self, config: CortexConfig, links: dict[str, Link]) -> None:
         self.config = config.fleet
-        self.neurons: list[NeuronState] = [self._connect(n) for n in config.neurons]
+        self.neurons: list[NeuronState] = [self._connect(n, links[n.name]) for n in config.neurons]
         self._poller: asyncio.Task[None] | None = None
         self._pokes: set[asyncio.Task[None]] = set()
 
-    def _connect(self, endpoint: NeuronEndpoint) -> NeuronState:
-        channel = grpc.aio.insecure_channel(endpoint.endpoint, options=channel_options(self.config))
+    def _connect(self, endpoint: NeuronEndpoint, link: Link) -> NeuronState:
+        channel = open_channel(endpoint.endpoint, link, channel_options(self.config))
         metrics.NEURON_UP.labels(neuron=endpoint.name).set(0)
         return NeuronState(
             name=endpoint.name,

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 
 from aiohttp import web
 
 from cortex import metrics
 from cortex.api import Gateway, build_app
+from cortex.auth import KeyRing, listen_host
 from cortex.config import Catalogue, CortexConfig
 from cortex.fleet import Fleet
+from cortex.neuronlink import Link
 from cortex.router import Router
 from helexa.sdnotify import notify
 from helexa.signals import dump_stacks_on_sigusr1, stop_event_on_signals
@@ -24,22 +27,27 @@ from helexa.signals import dump_stacks_on_sigusr1, stop_event_on_signals
 log = logging.getLogger(__name__)
 
 
-async def serve(config: CortexConfig, catalogue: Catalogue) -> int:
+async def serve(
+    config: CortexConfig, catalogue: Catalogue, keyring: KeyRing, links: dict[str, Link]
+) -> int:
     """Run cortex until a signal; returns the exit code."""
-    stop = stop_event_on_signals(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    stop = stop_event_on_signals(loop)
     dump_stacks_on_sigusr1()
+    # `systemctl reload cortex`: re-read the keys file; connections and streams carry on.
+    loop.add_signal_handler(signal.SIGHUP, keyring.reload_soon)
 
-    host, _, port = config.listen.rpartition(":")
+    host, port = listen_host(config), config.listen.rpartition(":")[2]
     try:
         metrics.serve(config.metrics_listen)
     except OSError as e:
         log.error("cannot listen metrics_listen=%s error=%s", config.metrics_listen, e)
         return 1
-    fleet = Fleet(config)
+    fleet = Fleet(config, links)
     router = Router(config, fleet, catalogue)
     gateway = Gateway(config, catalogue, fleet, router)
     # handler_cancellation: a client that goes away cancels its handler, and so its gRPC call.
-    runner = web.AppRunner(build_app(gateway), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(build_app(gateway, keyring), handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
         await fleet.start()
@@ -50,9 +58,10 @@ async def serve(config: CortexConfig, catalogue: Catalogue) -> int:
             log.error("cannot listen listen=%s error=%s", config.listen, e)
             return 1
         log.info(
-            "cortex serving listen=%s metrics=%s neurons=%d up=%d models=%d",
-            config.listen, config.metrics_listen, len(fleet.neurons),
+            "cortex serving listen=%s:%s metrics=%s neurons=%d up=%d models=%d api_keys=%s",
+            host, port, config.metrics_listen, len(fleet.neurons),
             sum(n.routable for n in fleet.neurons), len(catalogue.models),
+            keyring.count if keyring.enabled else "none",
         )  # fmt: skip
         notify("READY=1")  # after the log line: READY means the journal already says so
         await stop.wait()

@@ -12,6 +12,7 @@ from pathlib import Path
 from helexa.configfile import ConfigError
 from helexa.logsetup import configure
 from neuron import __version__
+from neuron.auth import Access
 from neuron.config import DEFAULT_PATH, NeuronConfig, load
 
 log = logging.getLogger("neuron")
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load(args.config) if args.config is not None else NeuronConfig()
+        # The token and TLS files are read here, so check-config finds a bad one too.
+        access = Access.load(config) if args.command != "info" else Access()
     except ConfigError as e:
         print(f"neuron: bad config: {e}", file=sys.stderr)
         return 2
@@ -41,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         return _info(config)
     configure(config.log_level)
     log.info("neuron starting version=%s config=%s", __version__, args.config)
-    return asyncio.run(_serve(config))
+    return asyncio.run(_serve(config, access))
 
 
-async def _serve(config: NeuronConfig) -> int:
+async def _serve(config: NeuronConfig, access: Access) -> int:
     # Download and weight-loading progress bars are for terminals, not the daemon's log.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as transformers_logging
@@ -53,7 +56,7 @@ async def _serve(config: NeuronConfig) -> int:
 
     transformers_logging.disable_progress_bar()
 
-    return await serve(config)
+    return await serve(config, access)
 
 
 def _info(config: NeuronConfig) -> int:

@@ -16,6 +16,7 @@ from helexa.configfile import (
     check_log_level,
     load_file,
 )
+from helexa.secretfiles import check_token
 from neuron.errors import InvalidArgument
 from neuron.sources import ModelSpec
 
@@ -64,6 +65,38 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """The token every call but grpc.health.v1 must carry (``authorization: Bearer TOKEN``);
+    neither set: no token is asked for."""
+
+    token: str = ""
+    # A file holding the token on one line ('#' comments and blank lines skipped).
+    token_file: str = ""
+
+    def check_config(self, key: str) -> None:
+        check_token(self.token, self.token_file, key)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS on the gRPC port; with ``client_ca_file``, callers must show a certificate it signed."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+    def check_config(self, key: str) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError(f"{key}.key_file: cert_file and key_file go together")
+        if self.client_ca_file and not self.cert_file:
+            raise ConfigError(f"{key}.client_ca_file: needs cert_file and key_file (TLS)")
+
+
+@dataclass(frozen=True)
 class NeuronConfig:
     """Everything ``neuron serve`` reads from its config file."""
 
@@ -74,6 +107,8 @@ class NeuronConfig:
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     default_models: list[ModelSpec] = field(default_factory=list)
 
     def check_config(self, key: str) -> None:

@@ -20,6 +20,7 @@ from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from helexa.sdnotify import notify
 from helexa.signals import dump_stacks_on_sigusr1, stop_event_on_signals
 from neuron import metrics
+from neuron.auth import Access
 from neuron.config import NeuronConfig
 from neuron.errors import NeuronError
 from neuron.registry import Registry
@@ -38,7 +39,7 @@ SERVER_OPTIONS = [
 ]
 
 
-async def serve(config: NeuronConfig) -> int:
+async def serve(config: NeuronConfig, access: Access) -> int:
     """Run the neuron until a signal; returns the exit code."""
     stop = stop_event_on_signals(asyncio.get_running_loop())
     dump_stacks_on_sigusr1()
@@ -52,11 +53,14 @@ async def serve(config: NeuronConfig) -> int:
             return 0
         service = NeuronService(registry)
         health_service = health.aio.HealthServicer()
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=access.interceptors)
         pb_grpc.add_NeuronServicer_to_server(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
         try:
-            server.add_insecure_port(config.listen)
+            if access.credentials is not None:
+                server.add_secure_port(config.listen, access.credentials)
+            else:
+                server.add_insecure_port(config.listen)
         except RuntimeError as e:
             log.error("cannot listen listen=%s error=%s", config.listen, e)
             return 1
@@ -64,8 +68,8 @@ async def serve(config: NeuronConfig) -> int:
         for name in ("", SERVICE_NAME):
             await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "neuron serving listen=%s metrics=%s models=%d",
-            config.listen, config.metrics_listen, len(registry.models),
+            "neuron serving listen=%s metrics=%s models=%d %s",
+            config.listen, config.metrics_listen, len(registry.models), access.describe(),
         )  # fmt: skip
         notify("READY=1")  # after the log line: READY means the journal already says so
         await stop.wait()

@@ -24,6 +24,7 @@ import grpc
 import tomli_w
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cortex.neuronlink import Link, open_channel
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 
@@ -38,6 +39,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def run_cli(program: str, command: str, config: Path) -> subprocess.CompletedProcess[str]:
+    """``neuron`` or ``cortex`` COMMAND --config CONFIG from the source tree, run to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", f"{program}.cli", command, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
 
 
 def demo_model(model_id: str = DEMO_ID, **extra: Any) -> dict[str, Any]:
@@ -100,6 +112,15 @@ class Daemon:
         with urllib.request.urlopen(self.metrics_url, timeout=5) as reply:
             return str(reply.read().decode())
 
+    async def wait_log(self, text: str, within: float = 30.0) -> None:
+        """Poll the log until it holds ``text``; fail with the log if the process dies first."""
+        deadline = time.monotonic() + within
+        while text not in self.log():
+            assert self.proc is not None
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} never logged {text!r}:\n{self.log()}")
+            await asyncio.sleep(0.05)
+
 
 @dataclass
 class NeuronProcess(Daemon):
@@ -114,10 +135,16 @@ class NeuronProcess(Daemon):
     program: list[str] = field(default_factory=lambda: [sys.executable, "-m", "neuron.cli"])
     cwd: Path = ROOT
     proc: subprocess.Popen[bytes] | None = None
+    # How tests dial it: its token and TLS, as cortex would (health needs no token).
+    link: Link = field(default_factory=Link)
 
     @property
     def endpoint(self) -> str:
         return str(self.config["listen"])
+
+    def channel(self, link: Link | None = None) -> grpc.aio.Channel:
+        """A channel to it with ``link`` (by default its own)."""
+        return open_channel(self.endpoint, self.link if link is None else link, [])
 
     def start(self) -> NeuronProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +163,7 @@ class NeuronProcess(Daemon):
     async def wait_serving(self, within: float = 120.0) -> None:
         """Poll grpc.health until SERVING; fail with the log if the process dies first."""
         deadline = time.monotonic() + within
-        async with grpc.aio.insecure_channel(self.endpoint) as channel:
+        async with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 assert self.proc is not None

@@ -17,6 +17,7 @@ from cortex.config import (
     load_config,
 )
 from helexa.configfile import ConfigError
+from tests.harness import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +70,9 @@ def test_example_configs_document_every_key(tmp_path: Path) -> None:
         "listen", "metrics_listen", "models_file", "log_level", "name", "endpoint",
         "poll_interval", "down_after_failures", "rpc_timeout", "keepalive_time",
         "keepalive_timeout", "request", "load", "stall", "keepalive", "retry_after",
-        "max_tokens", "max_body", "api_keys", "drain_timeout",
+        "max_tokens", "max_body", "keys", "keys_file", "allow_unauthenticated",
+        "max_concurrent", "requests_per_minute", "drain_timeout", "token", "token_file",
+        "ca_file", "cert_file", "key_file", "server_name",
     ]:  # fmt: skip
         assert f"{key} =" in cortex_text, key
     models_text = (ROOT / "configs/models.example.toml").read_text()
@@ -113,6 +116,20 @@ def test_example_configs_document_every_key(tmp_path: Path) -> None:
             "models[1].aliases[0]",
         ),
         ("listen = ", "", "not valid TOML"),
+        ("[auth]\napi_keys = ['k']", "", "auth.api_keys: unknown key"),
+        ("[auth]\nkeys = ['two words']", "", "auth.keys[0]"),
+        ("[auth]\nkeys = ['']", "", "auth.keys[0]"),
+        ("[auth]\nmax_concurrent = -1", "", "auth.max_concurrent"),
+        ("[auth]\nrequests_per_minute = 'many'", "", "auth.requests_per_minute"),
+        ("[fleet]\ncert_file = '/c'", "", "fleet.key_file"),
+        ("[fleet]\ncert_file = '/c'\nkey_file = '/k'", "", "fleet.ca_file"),
+        ("[fleet]\ntoken = 'has space'", "", "fleet.token"),
+        (
+            "[[neurons]]\nname='a'\nendpoint='h:1'\ntoken='t'\ntoken_file='/t'",
+            "",
+            "neurons[0].token",
+        ),
+        ("[[neurons]]\nname='a'\nendpoint='h:1'\ntls=true", "", "neurons[0].tls: unknown key"),
     ],
 )
 def test_bad_config_is_one_error_naming_the_key(
@@ -129,12 +146,7 @@ def test_bad_config_is_one_error_naming_the_key(
 def test_cortex_serve_with_bad_config_exits_naming_the_key(tmp_path: Path) -> None:
     (tmp_path / "cortex.toml").write_text("[fleet]\npoll_intervall = 1\n")
     (tmp_path / "models.toml").write_text("")
-    result = subprocess.run(
-        [sys.executable, "-m", "cortex.cli", "serve", "--config", str(tmp_path / "cortex.toml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli("cortex", "serve", tmp_path / "cortex.toml")
     assert result.returncode != 0
     assert "fleet.poll_intervall" in result.stderr
 
@@ -178,3 +190,27 @@ def test_cortex_imports_neither_torch_nor_neuron() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert len(modules) >= 9, modules
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[auth]\nkeys_file = '{missing}'", "auth.keys_file: cannot read"),
+        ("[auth]\nkeys_file = '{comments}'", "auth.keys_file"),
+        ("[fleet]\ntoken_file = '{missing}'", "fleet.token_file: cannot read"),
+        (
+            "[[neurons]]\nname = 'a'\nendpoint = 'h:1'\nca_file = '{missing}'",
+            "neurons[0].ca_file: cannot read",
+        ),
+    ],
+)
+def test_check_config_reads_the_secret_files_and_names_a_bad_one(
+    tmp_path: Path, text: str, named: str
+) -> None:
+    (tmp_path / "comments").write_text("# no key yet\n\n")
+    config = text.format(missing=tmp_path / "nope", comments=tmp_path / "comments")
+    (tmp_path / "cortex.toml").write_text(config + "\n")
+    (tmp_path / "models.toml").write_text("")
+    result = run_cli("cortex", "check-config", tmp_path / "cortex.toml")
+    assert result.returncode == 2
+    assert named in result.stderr

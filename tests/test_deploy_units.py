@@ -3,7 +3,7 @@
 ``systemd-analyze verify`` runs with ``--root`` on the unpacked packages, so it finds the unit
 files and checks that ExecStart's /usr/bin/<program> exists (and is executable) where the unit
 says; the root also gets the host's own systemd units (the targets the units refer to), since
-verify fails on a unit whose dependencies it cannot load.
+verify fails on a unit whose dependencies it cannot load, and the host's ``kill`` (ExecReload).
 """
 
 from __future__ import annotations
@@ -50,6 +50,12 @@ def verify_root(unpacked: Path) -> Path:
                 if path.is_file() and not (units / path.name).exists():
                     shutil.copy2(path, units / path.name)
             break
+    # What the host provides for ExecReload (cortex: /bin/kill -HUP $MAINPID), as the OS would.
+    kill = shutil.which("kill", path="/usr/bin:/bin")
+    assert kill is not None, "no kill program on this host"
+    (unpacked / "bin").mkdir(exist_ok=True)
+    if not (unpacked / "bin/kill").exists():
+        shutil.copy2(kill, unpacked / "bin/kill")
     return unpacked
 
 
@@ -176,3 +182,7 @@ def test_neuron_firewalld_ports_are_the_example_configs_ports() -> None:
     config = tomllib.loads((ROOT / "configs/neuron.example.toml").read_text())
     assert config["listen"].rsplit(":", 1)[1] == PORTS["helexa-neuron"]
     assert config["metrics_listen"].rsplit(":", 1)[1] == PORTS["helexa-neuron-metrics"]
+
+
+def test_cortex_unit_reload_rereads_the_keys_file_with_sighup() -> None:
+    assert unit("cortex")["Service"]["ExecReload"] == "/bin/kill -HUP $MAINPID"

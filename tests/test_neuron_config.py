@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from helexa.configfile import ConfigError, parse_bytes
 from neuron.config import NeuronConfig, load
+from tests.harness import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +27,7 @@ def test_example_config_documents_every_key() -> None:
         "listen", "metrics_listen", "cache_dir", "log_level", "use", "cpu_memory_budget",
         "cuda_memory_reserve", "cpu_threads", "max_batch_size", "max_waiting", "drain_timeout",
         "default_models", "hf_repo", "revision", "gguf_file", "path", "dtype", "device",
-        "max_context",
+        "max_context", "token", "token_file", "cert_file", "key_file", "client_ca_file",
     ]:  # fmt: skip
         assert f"{key} =" in text or f"[[{key}]]" in text, key
 
@@ -62,6 +61,11 @@ def _write(tmp_path: Path, text: str) -> Path:
             "default_models[0].source: unknown key",
         ),
         ("listen = ", "not valid TOML"),
+        ("[auth]\ntoken = 'two words'", "auth.token"),
+        ("[auth]\ntoken = 't'\ntoken_file = '/t'", "auth.token: give token or token_file"),
+        ("[tls]\ncert_file = '/c'", "tls.key_file"),
+        ("[tls]\nclient_ca_file = '/c'", "tls.client_ca_file"),
+        ("[tls]\nca_file = '/c'", "tls.ca_file: unknown key"),
     ],
 )
 def test_bad_config_is_one_error_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
@@ -74,12 +78,7 @@ def test_bad_config_is_one_error_naming_the_key(tmp_path: Path, text: str, named
 
 def test_neuron_serve_with_bad_config_exits_with_the_key(tmp_path: Path) -> None:
     path = _write(tmp_path, "[engine]\nmax_batch_size = 'four'\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "neuron.cli", "serve", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli("neuron", "serve", path)
     assert result.returncode == 2
     assert "engine.max_batch_size" in result.stderr
 
@@ -112,3 +111,22 @@ def test_commented_default_model_in_example_parses(tmp_path: Path) -> None:
     config = load(_write(tmp_path, "\n".join(lines)))
     (spec,) = config.default_models
     assert spec.hf_repo == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[auth]\ntoken_file = '{missing}'", "auth.token_file: cannot read"),
+        ("[auth]\ntoken_file = '{two_lines}'", "auth.token_file"),
+        ("[tls]\ncert_file = '{missing}'\nkey_file = '{two_lines}'", "tls.cert_file: cannot read"),
+    ],
+)
+def test_check_config_reads_the_secret_files_and_names_a_bad_one(
+    tmp_path: Path, text: str, named: str
+) -> None:
+    (tmp_path / "two").write_text("token-one\ntoken-two\n")
+    path = _write(tmp_path, text.format(missing=tmp_path / "nope", two_lines=tmp_path / "two"))
+    result = run_cli("neuron", "check-config", path)
+    assert result.returncode == 2
+    assert named in result.stderr
+    assert "token-one" not in result.stderr

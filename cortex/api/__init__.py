@@ -22,8 +22,9 @@ from cortex.api.errors import (
     internal_error_response,
     status_of,
 )
+from cortex.auth import KEYRING, KeyRing, require_key
 from cortex.config import Catalogue, CortexConfig
-from cortex.errors import CortexError, ShuttingDown, Unauthorized
+from cortex.errors import CortexError, ShuttingDown
 from cortex.fleet import Fleet
 from cortex.router import Router
 
@@ -76,7 +77,6 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             if gateway.draining:
                 metrics.REJECTIONS.labels(reason="shutting_down").inc()
                 raise ShuttingDown("cortex is shutting down; retry on another instance")
-            _authorize(request, gateway)
             gateway.active += 1
             gateway._idle.clear()
             try:
@@ -113,16 +113,6 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             )
 
 
-def _authorize(request: web.Request, gateway: Gateway) -> None:
-    keys = gateway.config.auth.api_keys
-    if not keys:
-        return
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or token.strip() not in keys:
-        raise Unauthorized("Missing or unknown API key: send 'Authorization: Bearer KEY'")
-
-
 async def health(request: web.Request) -> web.Response:
     """The process lives."""
     return web.json_response({"status": "ok"})
@@ -139,11 +129,14 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "neurons_up": up})
 
 
-def build_app(gateway: Gateway) -> web.Application:
+def build_app(gateway: Gateway, keyring: KeyRing) -> web.Application:
     from cortex.api import openai
 
-    app = web.Application(middlewares=[_errors], client_max_size=gateway.config.limits.max_body)
+    app = web.Application(
+        middlewares=[_errors, require_key], client_max_size=gateway.config.limits.max_body
+    )
     app[GATEWAY] = gateway
+    app[KEYRING] = keyring
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     openai.add_routes(app)

@@ -12,6 +12,7 @@ from cortex.errors import (
     ModelNotFound,
     NeuronFailed,
     NoCapacity,
+    RateLimited,
     ShuttingDown,
     StreamStalled,
     Unauthorized,
@@ -21,6 +22,7 @@ from cortex.errors import (
 _STATUS: dict[type[CortexError], tuple[int, str, str | None]] = {
     BadRequest: (400, "invalid_request_error", None),
     Unauthorized: (401, "invalid_request_error", "invalid_api_key"),
+    RateLimited: (429, "requests", "rate_limit_exceeded"),
     ModelNotFound: (404, "invalid_request_error", "model_not_found"),
     NeuronFailed: (502, "api_error", "neuron_failed"),
     NoCapacity: (503, "server_error", "no_capacity"),
@@ -49,6 +51,8 @@ def error_body(error: CortexError) -> dict[str, Any]:
 
 def error_response(error: CortexError, retry_after: int) -> web.Response:
     headers = {"Retry-After": str(retry_after)} if isinstance(error, _RETRY_LATER) else None
+    if isinstance(error, RateLimited):
+        headers = {"Retry-After": str(error.retry_after)}
     return web.json_response(error_body(error), status=status_of(error), headers=headers)
 
 

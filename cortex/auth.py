@@ -1,0 +1,202 @@
+"""Who may call cortex's API: API keys (inline and a keys file re-read on SIGHUP) and per-key limits.
+
+Keys are held only as SHA-256 digests and compared in constant time against every key (no early
+exit); a key's text is never logged, put in a metric or an error message. A request to /v1
+names its key in ``Authorization: Bearer KEY`` or ``x-api-key: KEY``; a missing or unknown key is
+a 401, a key over ``max_concurrent`` or ``requests_per_minute`` a 429 with ``Retry-After``. A
+request holds its concurrency slot until its handler ends: a stream's last byte, or the client
+going away (which cancels the handler). /health and /ready are never checked: they are probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from cortex import metrics
+from cortex.config import AuthConfig, CortexConfig
+from cortex.errors import RateLimited, Unauthorized
+from helexa.configfile import ConfigError
+from helexa.secretfiles import check_secret, read_lines
+
+log = logging.getLogger(__name__)
+
+WINDOW = 60.0  # seconds of requests_per_minute
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass
+class _KeyUse:
+    """One key's requests running now and admitted within the last minute."""
+
+    active: int = 0
+    admitted: deque[float] = field(default_factory=deque)
+
+
+class KeyRing:
+    """The API keys cortex accepts now, and each key's use against its limits."""
+
+    def __init__(self, config: AuthConfig) -> None:
+        self.config = config
+        self._digests: list[bytes] = []
+        self._use: dict[bytes, _KeyUse] = {}
+        self._reloads: set[asyncio.Task[None]] = set()
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    @property
+    def count(self) -> int:
+        return len(self._digests)
+
+    def load(self) -> int:
+        """Read the keys (the file too); ``ConfigError`` naming the key if the file is bad."""
+        self._use_keys(self._read())
+        return self.count
+
+    def _read(self) -> list[bytes]:
+        keys = list(self.config.keys)
+        if self.config.keys_file:
+            from_file = read_lines(self.config.keys_file, "auth.keys_file")
+            if not from_file:
+                raise ConfigError(f"auth.keys_file: {self.config.keys_file} holds no key")
+            for i, key in enumerate(from_file):
+                check_secret(key, f"auth.keys_file (key {i + 1} of the file)")
+            keys += from_file
+        return list(dict.fromkeys(_digest(k) for k in keys))
+
+    def _use_keys(self, digests: list[bytes]) -> None:
+        # Keys that stay keep their counts; a removed key's in-flight requests still finish.
+        self._use = {d: self._use.get(d, _KeyUse()) for d in digests}
+        self._digests = digests
+
+    def reload_soon(self) -> None:
+        """SIGHUP: re-read the keys file off the loop; a bad file keeps the keys in use."""
+        task = asyncio.create_task(self._reload(), name="keys-reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self) -> None:
+        if not self.config.keys_file:
+            log.info("SIGHUP: no auth.keys_file to reload keys=%d", len(self._digests))
+            return
+        try:
+            digests = await asyncio.to_thread(self._read)
+        except ConfigError as e:
+            log.error("api keys not reloaded, keeping keys=%d error=%s", len(self._digests), e)
+            return
+        self._use_keys(digests)
+        log.info("api keys reloaded keys=%d keys_file=%s", len(digests), self.config.keys_file)
+
+    def identify(self, request: web.Request) -> bytes:
+        """The digest of the request's key; ``Unauthorized`` if it has none we accept."""
+        offered = [request.headers.get("x-api-key", "")]
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            offered.append(token.strip())
+        found = b""
+        for key in offered:
+            if not key:
+                continue
+            digest = _digest(key)
+            for known in self._digests:  # every key, no early exit
+                if hmac.compare_digest(known, digest):
+                    found = known
+        if not found:
+            metrics.REJECTIONS.labels(reason="invalid_api_key").inc()
+            raise Unauthorized(
+                "Missing or unknown API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
+            )
+        return found
+
+    @asynccontextmanager
+    async def admit(self, digest: bytes) -> AsyncIterator[None]:
+        """Hold one of the key's slots while the request runs; ``RateLimited`` when over."""
+        use = self._use.get(digest) or _KeyUse()
+        now = time.monotonic()
+        while use.admitted and use.admitted[0] <= now - WINDOW:
+            use.admitted.popleft()
+        limit = self.config.max_concurrent
+        if limit and use.active >= limit:
+            metrics.REJECTIONS.labels(reason="key_concurrency").inc()
+            raise RateLimited(
+                f"Too many requests at once for this API key (max_concurrent={limit})",
+                retry_after=1,
+            )
+        rate = self.config.requests_per_minute
+        if rate and len(use.admitted) >= rate:
+            metrics.REJECTIONS.labels(reason="key_rate_limit").inc()
+            # The oldest admitted request leaves the window then, freeing a slot.
+            wait = max(1, math.ceil(use.admitted[0] + WINDOW - now))
+            raise RateLimited(
+                f"Rate limit reached for this API key (requests_per_minute={rate})",
+                retry_after=wait,
+            )
+        use.admitted.append(now)
+        use.active += 1
+        try:
+            yield
+        finally:
+            use.active -= 1
+
+
+KEYRING = web.AppKey("keyring", KeyRing)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Inside the error middleware: its refusals become OpenAI envelopes there."""
+    keyring = request.app[KEYRING]
+    if not keyring.enabled or not request.path.startswith("/v1/"):
+        return await handler(request)
+    async with keyring.admit(keyring.identify(request)):
+        return await handler(request)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def listen_host(config: CortexConfig) -> str:
+    """The host the API binds: loopback only when no key is set, unless allowed; logged."""
+    host = config.listen.rpartition(":")[0]
+    auth = config.auth
+    if auth.enabled:
+        return host
+    if _is_loopback(host):
+        log.info("no API keys: the API takes requests without a key, from this host only")
+        return host
+    if auth.allow_unauthenticated:
+        log.warning(
+            "no API keys and auth.allow_unauthenticated = true: anyone who reaches listen=%s "
+            "may use the API",
+            config.listen,
+        )
+        return host
+    log.warning(
+        "no API keys ([auth] keys / keys_file): listening on 127.0.0.1 instead of listen=%s; "
+        "set keys, or auth.allow_unauthenticated = true to serve without them",
+        config.listen,
+    )
+    return "127.0.0.1"
