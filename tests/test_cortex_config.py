@@ -87,7 +87,7 @@ def test_example_configs_document_every_key(tmp_path: Path) -> None:
     config, catalogue = load(tmp_path / "cortex.toml")
     assert config.neurons[0].name == "gpu-host-1"
     assert catalogue.models[0].id == "smollm2-135m-instruct"
-    assert catalogue.models[0].memory == 300 << 20
+    assert catalogue.models[0].memory == 340 << 20
 
 
 @pytest.mark.parametrize(
