@@ -1,7 +1,8 @@
 """Generation benchmark: SmolLM2-135M-Instruct on the CPU, chat requests of 64 output tokens
 at 1, 4, 8 and 16 concurrent streams, against each server in turn in one run:
 
-- the bare forward step (transformers model, KV cache of ~64 tokens): the ceiling;
+- the bare forward step, KV cache of ~64 tokens, of transformers' forward and of neuron's
+  (the ceiling of the engine: what a step costs with no server, sampling or streaming);
 - neuron over gRPC, and cortex → neuron over HTTP (what clients use);
 - ``transformers serve`` on the same materialised model files, with and without
   ``--continuous-batching``.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shutil
 import subprocess
@@ -22,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import aiohttp
 import grpc
@@ -41,29 +43,59 @@ from tests.harness import (
 )
 
 
-def bare_step_ceiling(model_dir: Path, batches: list[int], dtype_name: str) -> dict[int, float]:
-    """Tokens/s of the bare decode step at each batch size: no server, no sampling."""
+def bare_step_ceiling(
+    model_dir: Path, batches: list[int], engine: str, dtype_name: str
+) -> dict[int, float]:
+    """Tokens/s of the bare decode step at each batch size: no server, no sampling.
+
+    ``engine`` is "transformers" (its own forward, what ``transformers serve`` runs) or
+    "neuron" (neuron's forward, with the int4 codes where the CPU kernel pays).
+    """
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
+    from neuron.forward import Forward, KVCache
+    from neuron.quant import int4_kernel_usable, load_int4
+
     dtype = getattr(torch, dtype_name)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    if engine == "neuron":
+        use_int4 = int4_kernel_usable(torch.device("cpu"), dtype)
+        forward = Forward(model, load_int4(model_dir) if use_int4 else {}, use_int4)
     ceiling = {}
     with torch.inference_mode():
         for batch in batches:
-            cache = DynamicCache(config=model.config)
-            model(input_ids=torch.randint(0, 1000, (batch, 64)), past_key_values=cache)
+            prompt = torch.randint(0, 1000, (batch, 64))
+            if engine == "neuron":
+                cache = KVCache.empty(forward, batch, 128)
+                positions = torch.arange(64).expand(batch, 64)
+                forward(prompt, positions, torch.ones(batch, 64, dtype=torch.long), cache)
+                step = functools.partial(_neuron_step, forward, cache)
+            else:
+                cache = DynamicCache(config=model.config)
+                model(input_ids=prompt, past_key_values=cache)
+                step = functools.partial(_transformers_step, model, cache)
             token = torch.randint(0, 1000, (batch, 1))
             for _ in range(3):  # warm up
-                model(input_ids=token, past_key_values=cache)
+                step(token)
             steps = 20
             started = time.perf_counter()
             for _ in range(steps):
-                out = model(input_ids=token, past_key_values=cache)
-                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                token = step(token).argmax(-1, keepdim=True)
             ceiling[batch] = batch * steps / (time.perf_counter() - started)
-    del model
     return ceiling
+
+
+def _neuron_step(forward: Any, cache: Any, token: Any) -> Any:
+    import torch
+
+    rows = token.shape[0]
+    mask = torch.ones(rows, cache.length + 1, dtype=torch.long)
+    return forward(token, torch.full((rows, 1), cache.length), mask, cache)
+
+
+def _transformers_step(model: Any, cache: Any, token: Any) -> Any:
+    return model(input_ids=token, past_key_values=cache).logits[:, -1]
 
 
 async def measure(send_factory, concurrency: list[int], per_stream: int) -> list[Summary]:  # type: ignore[no-untyped-def]
@@ -170,10 +202,10 @@ async def run(args: argparse.Namespace) -> str:
     rows: list[tuple[str, Summary]] = []
     out = []
     try:
-        for dtype in ("bfloat16", "float32"):
-            ceiling = bare_step_ceiling(model_dir, args.concurrency, dtype)
+        for engine in ("transformers", "neuron"):
+            ceiling = bare_step_ceiling(model_dir, args.concurrency, engine, "bfloat16")
             out.append(
-                f"bare forward step ({dtype}), tok/s: "
+                f"bare forward step ({engine}, bfloat16), tok/s: "
                 + ", ".join(f"{b} streams {v:.0f}" for b, v in ceiling.items())
             )
         for name, summaries in [
