@@ -391,6 +391,10 @@ class ModelEngine:
         if seq.finished:
             return
         seq.finished = True
+        # Counted before the last chunk goes out: a client that has its answer sees it counted.
+        now = time.monotonic()
+        metrics.REQUESTS.labels(model=self.model_id, finish_reason=reason).inc()
+        metrics.END_TO_END.labels(**self._metric_labels).observe(now - seq.arrived_at)
         if not seq.cancelled:  # a client that is gone gets nothing more
             rest = seq.text[seq.emitted :] if reason != ERROR else ""
             seq.sink(
@@ -403,9 +407,6 @@ class ModelEngine:
                     error=error,
                 )
             )
-        now = time.monotonic()
-        metrics.REQUESTS.labels(model=self.model_id, finish_reason=reason).inc()
-        metrics.END_TO_END.labels(**self._metric_labels).observe(now - seq.arrived_at)
         assert self.worker is not None
         with self.worker.cond:
             self.unfinished -= 1
