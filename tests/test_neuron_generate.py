@@ -69,9 +69,11 @@ async def test_seeded_sampling_repeats_and_differs_by_seed(shared_stub: pb_grpc.
             seed=seed,
         )
 
-    a, b, c = await asyncio.gather(
-        collect(shared_stub, req(1)), collect(shared_stub, req(1)), collect(shared_stub, req(2))
-    )
+    # One after another: in bf16 a row's arithmetic depends slightly on the padding around it
+    # in a batch, and sampling amplifies that (batched == alone is checked in float32).
+    a = await collect(shared_stub, req(1))
+    b = await collect(shared_stub, req(1))
+    c = await collect(shared_stub, req(2))
     assert a[0] == b[0]
     assert a[0] != c[0]
 
