@@ -12,12 +12,25 @@ from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from tests.harness import (
     DEMO_GGUF,
     SHARED_CACHE,
+    STARTED,
     NeuronProcess,
     NotifySocket,
     demo_model,
     neuron_config,
 )
 from tests.packages import Package, build, unpack
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report carries the stacks and log ends of the daemons still running."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for daemon in STARTED:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                title = f"{daemon.name} pid {daemon.proc.pid} ({daemon.workdir})"
+                report.sections.append((title, daemon.stacks_and_log()))
 
 
 @pytest.fixture(scope="session")

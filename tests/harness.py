@@ -66,6 +66,10 @@ def chat(model: str, content: str, **params: Any) -> pb.GenerateRequest:
     return pb.GenerateRequest(model=model, chat=pb.ChatMessages(messages=[message]), **params)
 
 
+# Every daemon a test started, so a failing test can show what they were doing (conftest).
+STARTED: list[Daemon] = []
+
+
 class Daemon:
     """What every daemon under test offers: its log, signals, exit, stop and metrics."""
 
@@ -92,6 +96,13 @@ class Daemon:
     def send(self, signum: int = signal.SIGTERM) -> None:
         assert self.proc is not None
         self.proc.send_signal(signum)
+
+    def stacks_and_log(self, lines: int = 120) -> str:
+        """Ask a running daemon for every thread's stack (SIGUSR1); the end of its log."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+        return "\n".join(self.log().splitlines()[-lines:])
 
     def wait_exit(self, within: float = 60.0) -> int:
         assert self.proc is not None
@@ -158,6 +169,7 @@ class NeuronProcess(Daemon):
                 env=env,
                 cwd=self.cwd,
             )
+        STARTED.append(self)
         return self
 
     async def wait_serving(self, within: float = 120.0) -> None:
@@ -338,6 +350,7 @@ class CortexProcess(Daemon):
                 env=env,
                 cwd=self.cwd,
             )
+        STARTED.append(self)
         return self
 
     def _get(self, path: str) -> int:
