@@ -29,7 +29,14 @@ class ModelNotFound(CortexError):
 
 
 class NoCapacity(CortexError):
-    """No healthy neuron can serve the model now (all down, draining, full); retry later."""
+    """No healthy neuron can serve the model now (all down, draining, full); retry later.
+
+    ``retry_after``: the seconds to tell the client, when measured (else the configured ones).
+    """
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ShuttingDown(CortexError):

@@ -48,6 +48,8 @@ def error_body(error: CortexError) -> dict[str, Any]:
 
 
 def error_response(error: CortexError, retry_after: int) -> web.Response:
+    if isinstance(error, NoCapacity) and error.retry_after is not None:
+        retry_after = error.retry_after
     headers = {"Retry-After": str(retry_after)} if isinstance(error, _RETRY_LATER) else None
     return web.json_response(error_body(error), status=status_of(error), headers=headers)
 
