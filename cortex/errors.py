@@ -20,6 +20,10 @@ class BadRequest(CortexError):
     """A malformed body or a wrong field; ``param`` names the field."""
 
 
+class BodyTooLarge(CortexError):
+    """A request body above ``[limits] max_body``."""
+
+
 class Unauthorized(CortexError):
     """A missing or unknown API key."""
 

@@ -59,6 +59,8 @@ _STATES = {
 }
 _ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_SEQUENCES = 16
+# Below this a temperature samples as greedy: dividing logits by it overflows to inf and NaN.
+MIN_TEMPERATURE = 1e-5
 
 
 class NeuronService(pb_grpc.NeuronServicer):
@@ -211,6 +213,8 @@ async def _prepare(
         if not request.prompt:
             raise InvalidArgument("prompt", "must not be empty")
         prompt_ids = await asyncio.to_thread(engine.encode_prompt, request.prompt)
+    if not prompt_ids:
+        raise InvalidArgument(kind, "encodes to no tokens")
     if len(prompt_ids) >= engine.max_context:
         raise InvalidArgument(
             "input",
@@ -230,9 +234,10 @@ async def _prepare(
                 f"together more than the model's context of {engine.max_context} tokens",
             )
         max_tokens = request.max_tokens
+    temperature = _number(request, "temperature", 1.0, low=0.0)
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_number(request, "temperature", 1.0, low=0.0),
+        temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
         top_p=_number(request, "top_p", 1.0, low=0.0, low_open=True, high=1.0),
         top_k=request.top_k if request.HasField("top_k") else 0,
         seed=request.seed if request.HasField("seed") else None,

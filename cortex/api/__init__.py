@@ -140,11 +140,12 @@ async def ready(request: web.Request) -> web.Response:
 
 
 def build_app(gateway: Gateway) -> web.Application:
-    from cortex.api import openai
+    from cortex.api import openai, openapi
 
     app = web.Application(middlewares=[_errors], client_max_size=gateway.config.limits.max_body)
     app[GATEWAY] = gateway
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    app.router.add_get("/openapi.json", openapi.openapi)
     openai.add_routes(app)
     return app

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from cortex.errors import (
     BadRequest,
+    BodyTooLarge,
     CortexError,
     ModelNotFound,
     NeuronFailed,
@@ -21,6 +22,7 @@ from cortex.errors import (
 _STATUS: dict[type[CortexError], tuple[int, str, str | None]] = {
     BadRequest: (400, "invalid_request_error", None),
     Unauthorized: (401, "invalid_request_error", "invalid_api_key"),
+    BodyTooLarge: (413, "invalid_request_error", "request_too_large"),
     ModelNotFound: (404, "invalid_request_error", "model_not_found"),
     NeuronFailed: (502, "api_error", "neuron_failed"),
     NoCapacity: (503, "server_error", "no_capacity"),
