@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 
 WINDOW = 60.0
 
@@ -20,21 +21,22 @@ WINDOW = 60.0
 class DrainRate:
     """Completions per second of each model, over a sliding window."""
 
-    def __init__(self, window: float = WINDOW) -> None:
+    def __init__(self, window: float = WINDOW, clock: Callable[[], float] = time.monotonic) -> None:
         self.window = window
-        self.started = time.monotonic()
+        self.clock = clock
+        self.started = clock()
         self._done: dict[str, deque[float]] = {}
 
     def finished(self, model_id: str) -> None:
         """One generation of ``model_id`` ran to its end."""
-        now = time.monotonic()
+        now = self.clock()
         done = self._done.setdefault(model_id, deque())
         done.append(now)
         self._trim(done, now)
 
     def rate(self, model_id: str) -> float:
         """Completions per second over the window; 0 when none was seen in it."""
-        now = time.monotonic()
+        now = self.clock()
         done = self._done.get(model_id)
         if not done:
             return 0.0

@@ -293,7 +293,11 @@ class Router:
                     raise NeuronFailed(
                         f"the neuron failed the request: {code.name}: {details}"
                     ) from None
-                raise NoCapacity(e.message, self.retry_after(model_id)) from None
+                message = e.message
+                if failures:
+                    code, details = failures[-1]
+                    message = f"no neuron can take the request now: {code.name}: {details}"
+                raise NoCapacity(message, self.retry_after(model_id)) from None
             if queue_deadline is None:
                 queue_deadline = time.monotonic() + timeouts.queue
             request.queue_timeout = queue_deadline - time.monotonic()

@@ -242,7 +242,8 @@ async def _prepare(
         top_k=request.top_k if request.HasField("top_k") else 0,
         seed=request.seed if request.HasField("seed") else None,
         stop=_stops(request),
-        repetition_penalty=_number(request, "repetition_penalty", 1.0, low=0.0, low_open=True),
+        # Bounded so that dividing logits by it (and then by the temperature) stays finite.
+        repetition_penalty=_number(request, "repetition_penalty", 1.0, low=0.01, high=100.0),
     )
     return prompt_ids, params
 
@@ -268,7 +269,7 @@ def _number(
         return default
     value = float(getattr(request, name))
     below = value <= low if low_open else value < low
-    if math.isnan(value) or below or value > high:
+    if not math.isfinite(value) or below or value > high:
         bound = f"{'>' if low_open else '>='} {low:g}" + (
             f" and <= {high:g}" if high < math.inf else ""
         )

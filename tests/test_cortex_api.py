@@ -34,21 +34,9 @@ QUESTION = "What is the capital of France?"
 PARIS = "The capital of France is Paris."
 
 
-@pytest.fixture(scope="module")
-async def cortex(
-    shared_neuron: NeuronProcess, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[CortexProcess]:
-    await shared_neuron.wait_serving()
-    process = CortexProcess(
-        tmp_path_factory.mktemp("cortex-api"),
-        cortex_config([shared_neuron], limits={"max_tokens": 4096, "max_body": "1MiB"}),
-        models=[catalogue_model(DEMO_ID, aliases=["smol"], pinned=True)],
-    ).start()
-    try:
-        await process.wait_ready()
-        yield process
-    finally:
-        process.stop()
+@pytest.fixture
+def cortex(shared_cortex: CortexProcess) -> CortexProcess:
+    return shared_cortex
 
 
 def client(cortex: CortexProcess, **kwargs: Any) -> openai.AsyncOpenAI:

@@ -176,6 +176,10 @@ async def test_sigkilled_neuron_is_marked_down_and_the_fleet_recovers(
         # The stream on the dead neuron ends with an error event; the other one completes.
         await asyncio.gather(first.rest(), second.rest())
         assert [first.errored(), second.errored()].count(True) == 1
+        # A clean error event, never a truncated answer passed off as finished.
+        (cut,) = [s for s in (first, second) if s.errored()]
+        assert not any(b'"finish_reason":"' in e for e in cut.events), cut.events[-3:]
+        assert b'"code":"neuron_failed"' in cut.events[-2]
         # New requests go to the live neuron (retried there before their first token).
         assert [await _chat(session, cortex) for _ in range(4)] == [200] * 4
         await _wait_up(cortex, ["n0"])

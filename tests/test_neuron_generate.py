@@ -172,6 +172,16 @@ async def test_info_reports_the_cpu_device(shared_stub: pb_grpc.NeuronStub) -> N
             grpc.StatusCode.INVALID_ARGUMENT,
             "queue_timeout",
         ),
+        (
+            chat(DEMO_ID, QUESTION, repetition_penalty=1e-45, temperature=1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "repetition_penalty: must be >= 0.01 and <= 100",
+        ),
+        (
+            chat(DEMO_ID, QUESTION, temperature=float("inf")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),
     ],
 )
 async def test_bad_generate_requests_get_clear_statuses_and_the_neuron_keeps_serving(

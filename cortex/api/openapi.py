@@ -79,6 +79,22 @@ _TEXT_PART = {
     "required": ["type", "text"],
     "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
 }
+
+
+def _answer(kind: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": kind},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": {"type": "object"}},
+            "usage": _ref("Usage"),
+        },
+    }
+
+
 _SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -145,28 +161,8 @@ _SCHEMAS: dict[str, Any] = {
             "total_tokens": {"type": "integer"},
         },
     },
-    "ChatCompletion": {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "chat.completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {"type": "array", "items": {"type": "object"}},
-            "usage": _ref("Usage"),
-        },
-    },
-    "Completion": {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "text_completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {"type": "array", "items": {"type": "object"}},
-            "usage": _ref("Usage"),
-        },
-    },
+    "ChatCompletion": _answer("chat.completion"),
+    "Completion": _answer("text_completion"),
     "Model": {
         "type": "object",
         "properties": {
