@@ -217,8 +217,12 @@ async def test_neuron_sigterm_lets_the_stream_finish_and_new_requests_go_elsewhe
         events = await on_n1.rest()
         await on_n0.rest()
     assert set(statuses) <= {200, 503}
-    # The new requests went to n0 (and the stream there finished too).
-    assert _served(n0) - served_n0 == statuses.count(200) + 1
+    # The new requests went to n0 (and the stream there finished too). The neuron counts a
+    # request just after sending its last message: wait for the count.
+    deadline = time.monotonic() + 10
+    while _served(n0) - served_n0 != statuses.count(200) + 1:
+        assert time.monotonic() < deadline, (_served(n0) - served_n0, statuses)
+        await asyncio.sleep(0.05)
     assert not on_n1.errored(), events[-3:]
     final = json.loads(events[-2][len(b"data: ") :])
     assert final["choices"][0]["finish_reason"] in ("stop", "length")
