@@ -212,9 +212,13 @@ class ModelEngine:
         if worker is None:
             raise ShuttingDown(f"model {self.model_id} is not running")
         with worker.cond:
-            if len(self.waiting) >= self.max_waiting and self.max_waiting > 0:
+            # Free batch slots count too: a burst must not be refused before the worker has
+            # had a step to admit what it has room for.
+            free = max(0, self.max_batch_size - len(self.running))
+            if len(self.waiting) >= self.max_waiting + free:
                 raise QueueFull(
-                    f"model {self.model_id} has {len(self.waiting)} requests waiting (the bound)"
+                    f"model {self.model_id} has {len(self.waiting)} requests waiting for "
+                    f"{free} free batch slots (the bound: max_waiting = {self.max_waiting})"
                 )
             self.waiting.append(seq)
             self.unfinished += 1

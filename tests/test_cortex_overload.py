@@ -67,11 +67,15 @@ async def small_neuron(
 
 @contextlib.asynccontextmanager
 async def running_cortex(
-    workdir: Path, neurons: list[Any], names: list[str] | None = None, **timeouts: float
+    workdir: Path,
+    neurons: list[Any],
+    names: list[str] | None = None,
+    poll_interval: float = 0.5,
+    **timeouts: float,
 ) -> AsyncIterator[CortexProcess]:
     """A cortex over ``neurons`` with these ``[timeouts]``, stopped at the end."""
     timeouts = {"retry_after": 2, "retry_after_max": RETRY_AFTER_MAX, **timeouts}
-    config = cortex_config(neurons, names=names, timeouts=timeouts)
+    config = cortex_config(neurons, names=names, poll_interval=poll_interval, timeouts=timeouts)
     # Polls may wait long: the poller must not mark a silent neuron down before a request
     # meets it (the accept timeout is what is tested).
     config["fleet"]["rpc_timeout"] = 30.0
@@ -231,6 +235,57 @@ async def test_request_waiting_past_the_queue_timeout_is_a_503_before_any_token(
         small_neuron.metrics(), "helexa_neuron_requests_total", finish_reason="queue_timeout"
     )
     assert now == expired + 1
+
+
+async def _fill(stub: pb_grpc.NeuronStub) -> list[Any]:
+    """Another gateway's 4 long streams: both batch slots and both waiting places taken."""
+    long = chat(DEMO_ID, "Write a very long story about a dragon.", max_tokens=4000)
+    calls = [stub.Generate(long, timeout=300) for _ in range(4)]
+    deadline = time.monotonic() + 60
+    while True:
+        (model,) = (await stub.ListModels(pb.ListModelsRequest(), timeout=10)).models
+        if (model.in_flight, model.waiting) == (2, 2):
+            return calls
+        assert time.monotonic() < deadline, (model, [c.done() for c in calls])
+        await asyncio.sleep(0.05)
+
+
+async def test_every_neuron_refusing_with_its_queue_full_is_a_503_with_retry_after(
+    small_neuron: NeuronProcess, tmp_path: Path
+) -> None:
+    # Two entries for the one neuron (one through a forwarding listener); polls far apart, so
+    # cortex believes both idle and learns otherwise only from their RESOURCE_EXHAUSTED.
+    relay = await BlackHole(small_neuron.endpoint).start()
+    try:
+        async with (
+            running_cortex(
+                tmp_path, [relay, small_neuron], ["a", "b"], poll_interval=300
+            ) as process,
+            grpc.aio.insecure_channel(small_neuron.endpoint) as channel,
+            aiohttp.ClientSession() as session,
+        ):
+            stub = pb_grpc.NeuronStub(channel)
+            holders = await _fill(stub)
+            try:
+                async with session.post(
+                    process.url + "/v1/chat/completions", json=_body(max_tokens=8, stream=True)
+                ) as r:
+                    raw = await r.read()
+                    _check_retry_later(r.status, r.headers, raw)
+            finally:
+                for call in holders:
+                    call.cancel()
+            error = json.loads(raw)["error"]
+            assert error["code"] == "no_capacity"
+            assert "RESOURCE_EXHAUSTED" in error["message"] and "waiting" in error["message"]
+            metrics = process.metrics()
+            retries = metric_value(
+                metrics, "helexa_gateway_retries_total", code="RESOURCE_EXHAUSTED"
+            )
+            assert retries == 2, "each neuron was tried once"
+            await _idle(stub)
+    finally:
+        await relay.close()
 
 
 class BlackHole:
