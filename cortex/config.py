@@ -115,14 +115,24 @@ class TimeoutsConfig:
     stall: float = 120.0
     # While waiting for tokens, an SSE comment is sent this often so proxies keep the stream.
     keepalive: float = 10.0
-    # Seconds clients are told to wait (Retry-After) when there is no capacity.
+    # Most seconds a request waits in neurons' queues for a batch slot, over all its tries;
+    # past it, a 503 with Retry-After (the neuron drops it before any token).
+    queue: float = 30.0
+    # Seconds a neuron has to take a Generate call (answer its headers) before another is tried.
+    accept: float = 10.0
+    # Retry-After of a 503 while cortex drains, or when no completion has been seen lately to
+    # measure how fast the queue drains.
     retry_after: int = 5
+    # Largest Retry-After given (the measured one is clamped to 1..retry_after_max).
+    retry_after_max: int = 60
 
     def check_config(self, key: str) -> None:
-        for name in ("request", "load", "stall", "keepalive"):
+        for name in ("request", "load", "stall", "keepalive", "queue", "accept"):
             _check_positive(getattr(self, name), f"{key}.{name}")
         if self.retry_after < 1:
             raise ConfigError(f"{key}.retry_after: must be at least 1")
+        if self.retry_after_max < self.retry_after:
+            raise ConfigError(f"{key}.retry_after_max: must be at least retry_after")
 
 
 @dataclass(frozen=True)
@@ -209,6 +219,7 @@ class CatalogueModel:
     device: str = "auto"
     max_batch_size: int = 0
     max_context: int = 0
+    max_waiting: int = 0
     # Memory the model takes on a device, for placement.
     memory: int = field(default=0, metadata={"unit": "bytes"})
     aliases: list[str] = field(default_factory=list)
@@ -235,6 +246,8 @@ class CatalogueModel:
             raise ConfigError(f"{key}.max_batch_size: must not be negative")
         if self.max_context < 0:
             raise ConfigError(f"{key}.max_context: must not be negative")
+        if self.max_waiting < 0:
+            raise ConfigError(f"{key}.max_waiting: must not be negative")
         if self.memory <= 0:
             raise ConfigError(f"{key}.memory: required, the bytes the model takes (e.g. '2GiB')")
 

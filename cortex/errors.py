@@ -20,6 +20,10 @@ class BadRequest(CortexError):
     """A malformed body or a wrong field; ``param`` names the field."""
 
 
+class BodyTooLarge(CortexError):
+    """A request body above ``[limits] max_body``."""
+
+
 class Unauthorized(CortexError):
     """A missing or unknown API key."""
 
@@ -37,7 +41,14 @@ class ModelNotFound(CortexError):
 
 
 class NoCapacity(CortexError):
-    """No healthy neuron can serve the model now (all down, draining, full); retry later."""
+    """No healthy neuron can serve the model now (all down, draining, full); retry later.
+
+    ``retry_after``: the seconds to tell the client, when measured (else the configured ones).
+    """
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ShuttingDown(CortexError):

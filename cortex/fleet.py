@@ -57,6 +57,9 @@ class ModelView:
     in_flight: int
     waiting: int
     error: str = ""
+    # The neuron's bounds for it: requests generated at once, and waiting (0: not reported).
+    max_batch_size: int = 0
+    max_waiting: int = 0
 
     @property
     def recency(self) -> float:
@@ -85,6 +88,7 @@ class NeuronState:
     in_flight: int = 0
     active: dict[str, int] = field(default_factory=dict)
     own_at_poll: int = 0
+    active_at_poll: dict[str, int] = field(default_factory=dict)
 
     @property
     def routable(self) -> bool:
@@ -103,6 +107,20 @@ class NeuronState:
         """
         polled = sum(m.in_flight + m.waiting for m in self.models.values())
         return max(0, polled - self.own_at_poll) + self.in_flight
+
+    def model_load(self, model_id: str) -> int:
+        """Requests for one model here, running or waiting: cortex's own now, others' polled."""
+        model = self.models.get(model_id)
+        polled = model.in_flight + model.waiting if model is not None else 0
+        others = max(0, polled - self.active_at_poll.get(model_id, 0))
+        return others + self.active.get(model_id, 0)
+
+    def full(self, model_id: str) -> bool:
+        """Whether the model's batch and queue here are known to be full (a new call is refused)."""
+        model = self.models.get(model_id)
+        if model is None or not model.max_waiting:
+            return False
+        return self.model_load(model_id) >= model.max_batch_size + model.max_waiting
 
     def free_bytes(self, device: str = "auto") -> int:
         """The most memory free on one device matching ``device`` (auto, cpu, cuda, cuda:N)."""
@@ -215,6 +233,7 @@ class Fleet:
         ]
         neuron.models = {m.id: _model_view(m) for m in listed.models}
         neuron.own_at_poll = neuron.in_flight
+        neuron.active_at_poll = dict(neuron.active)
         neuron.failures, neuron.error, neuron.polled_at = 0, "", time.time()
         self._set_status(neuron, status)
         ready = sum(1 for m in neuron.models.values() if m.state == "READY")
@@ -253,4 +272,6 @@ def _model_view(m: pb.ModelStatus) -> ModelView:
         in_flight=m.in_flight,
         waiting=m.waiting,
         error=m.error,
+        max_batch_size=m.max_batch_size,
+        max_waiting=m.max_waiting,
     )

@@ -7,6 +7,13 @@ allowed up neuron with room, after evicting the least recently used unpinned idl
 none has room. Concurrent requests for a model being placed wait for that one placement. A
 ``Generate`` that fails before its first message is retried on another neuron; after it, the
 failure is the client's to see.
+
+A neuron must take a ``Generate`` (send its headers) within ``timeouts.accept``, or the next
+is tried. A request waits in neurons' queues at most ``timeouts.queue`` in all: each try
+carries what is left of it, and the neuron drops the request when it runs out. A neuron whose
+batch and queue for the model are known to be full (its last poll plus cortex's own requests
+since) is not tried; when every one is, or all refused, the answer is 503 with a Retry-After
+measured from how fast the model's queue drains (``cortex.drain``).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import grpc
 
 from cortex import metrics
 from cortex.config import Catalogue, CatalogueModel, CortexConfig
+from cortex.drain import DrainRate
 from cortex.errors import BadRequest, ModelNotFound, NeuronFailed, NoCapacity
 from cortex.fleet import Fleet, ModelView, NeuronState
 from helexa.neuron.v1 import neuron_pb2 as pb
@@ -29,6 +37,7 @@ log = logging.getLogger(__name__)
 # Failures of a Generate before its first message that another neuron may not share.
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.INTERNAL,
@@ -75,6 +84,7 @@ def spec_of(entry: CatalogueModel) -> pb.ModelSpec:
         device=entry.device,
         max_batch_size=entry.max_batch_size,
         max_context=entry.max_context,
+        max_waiting=entry.max_waiting,
     )
     if entry.hf_repo:
         spec.huggingface.CopyFrom(
@@ -95,6 +105,7 @@ class Router:
         self.fleet = fleet
         self.catalogue = catalogue
         self._placing: dict[str, asyncio.Task[NeuronState]] = {}
+        self.drain = DrainRate()
 
     async def close(self) -> None:
         tasks = list(self._placing.values())
@@ -134,9 +145,12 @@ class Router:
             for n in self.fleet.neurons
             if n.routable and n.name not in exclude and n.has_ready(model_id)
         ]
-        chosen = least_loaded(ready)
+        chosen = least_loaded([n for n in ready if not n.full(model_id)])
         if chosen is not None:
             return chosen
+        if ready:
+            metrics.REJECTIONS.labels(reason="saturated").inc()
+            raise NoCapacity(f"every neuron serving '{model_id}' has its queue full")
         entry = self.catalogue.find(model_id)
         if entry is None:
             raise NoCapacity(f"no healthy neuron holds the model '{model_id}' now")
@@ -244,43 +258,80 @@ class Router:
         )  # fmt: skip
         await self.fleet.refresh(neuron)
 
+    # ---- saying "not now" ----
+
+    def queued(self, model_id: str) -> int:
+        """Requests for ``model_id`` waiting beyond the batch slots of every up neuron."""
+        return sum(
+            max(0, n.model_load(model_id) - n.models[model_id].max_batch_size)
+            for n in self.fleet.neurons
+            if n.routable and n.has_ready(model_id)
+        )
+
+    def retry_after(self, model_id: str) -> int:
+        timeouts = self.config.timeouts
+        return self.drain.retry_after(
+            model_id, self.queued(model_id), timeouts.retry_after, timeouts.retry_after_max
+        )
+
     # ---- generation ----
 
     async def generate(
         self, model_id: str, request: pb.GenerateRequest
     ) -> AsyncIterator[pb.GenerateResponse]:
         """Stream ``request`` from a neuron, retrying others until the first message arrives."""
+        timeouts = self.config.timeouts
         tried: set[str] = set()
-        failures: list[grpc.aio.AioRpcError] = []
+        failures: list[tuple[grpc.StatusCode, str]] = []
+        queue_deadline: float | None = None
         while True:
             try:
                 neuron = await self.acquire(model_id, tried)
-            except NoCapacity:
-                if failures and any(f.code() not in _CAPACITY for f in failures):
-                    last = failures[-1]
+            except NoCapacity as e:
+                if any(code not in _CAPACITY for code, _ in failures):
+                    code, details = failures[-1]
                     raise NeuronFailed(
-                        f"the neuron failed the request: {last.code().name}: {last.details()}"
+                        f"the neuron failed the request: {code.name}: {details}"
                     ) from None
-                raise
+                message = e.message
+                if failures:
+                    code, details = failures[-1]
+                    message = f"no neuron can take the request now: {code.name}: {details}"
+                raise NoCapacity(message, self.retry_after(model_id)) from None
+            if queue_deadline is None:
+                queue_deadline = time.monotonic() + timeouts.queue
+            request.queue_timeout = queue_deadline - time.monotonic()
+            if request.queue_timeout <= 0:
+                metrics.REJECTIONS.labels(reason="queue_timeout").inc()
+                raise NoCapacity(
+                    f"no neuron had room for '{model_id}' within timeouts.queue "
+                    f"({timeouts.queue:g} s)",
+                    self.retry_after(model_id),
+                )
             tried.add(neuron.name)
             neuron.begin(model_id)
-            call = neuron.stub.Generate(request, timeout=self.config.timeouts.request)
+            call = neuron.stub.Generate(request, timeout=timeouts.request)
             try:
                 try:
+                    await asyncio.wait_for(call.initial_metadata(), timeouts.accept)
                     first = await call.read()
-                except grpc.aio.AioRpcError as e:
-                    if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                        raise _bad_request(e.details() or "") from None
-                    if e.code() not in _RETRYABLE:
+                except (grpc.aio.AioRpcError, TimeoutError) as e:
+                    if isinstance(e, TimeoutError):
+                        code = grpc.StatusCode.DEADLINE_EXCEEDED
+                        details = f"did not take the call within {timeouts.accept:g} s"
+                    else:
+                        code, details = e.code(), e.details() or ""
+                    if code == grpc.StatusCode.INVALID_ARGUMENT:
+                        raise _bad_request(details) from None
+                    if code not in _RETRYABLE:
                         raise NeuronFailed(
-                            f"neuron {neuron.name} failed the request: "
-                            f"{e.code().name}: {e.details()}"
+                            f"neuron {neuron.name} failed the request: {code.name}: {details}"
                         ) from None
-                    failures.append(e)
-                    metrics.RETRIES.labels(model=model_id, code=e.code().name).inc()
+                    failures.append((code, details))
+                    metrics.RETRIES.labels(model=model_id, code=code.name).inc()
                     log.warning(
                         "retrying on another neuron model=%s neuron=%s code=%s error=%s",
-                        model_id, neuron.name, e.code().name, e.details(),
+                        model_id, neuron.name, code.name, details,
                     )  # fmt: skip
                     self.fleet.poke(neuron)
                     continue
@@ -290,6 +341,7 @@ class Router:
                 try:
                     while (message := await call.read()) is not grpc.aio.EOF:
                         yield message
+                    self.drain.finished(model_id)
                     return
                 except grpc.aio.AioRpcError as e:
                     self.fleet.poke(neuron)

@@ -54,14 +54,14 @@ class EngineConfig:
     """Batching limits for every model this neuron holds (a spec may lower max_batch_size)."""
 
     max_batch_size: int = 16
-    # Requests waiting for a batch slot per model before new ones are refused.
+    # Requests waiting for a batch slot per model before new ones are refused (a spec may lower it).
     max_waiting: int = 256
 
     def check_config(self, key: str) -> None:
         if self.max_batch_size < 1:
             raise ConfigError(f"{key}.max_batch_size: must be at least 1")
-        if self.max_waiting < 0:
-            raise ConfigError(f"{key}.max_waiting: must not be negative")
+        if self.max_waiting < 1:
+            raise ConfigError(f"{key}.max_waiting: must be at least 1")
 
 
 @dataclass(frozen=True)

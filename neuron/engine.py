@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from neuron import metrics
-from neuron.errors import QueueFull, ShuttingDown
+from neuron.errors import QueueFull, QueueTimeout, ShuttingDown
 from neuron.forward import Forward, KVCache
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 # Columns a new batch's KV cache has beyond its prompts before it first grows.
 _DECODE_ROOM = 64
+# Dropped while still waiting for a batch slot (never sent to a client: the call fails).
+EXPIRED = "queue_timeout"
 
 
 @dataclass(frozen=True)
@@ -142,9 +144,17 @@ class ModelEngine:
         return list(self.tokenizer(prompt)["input_ids"])
 
     async def stream(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str = ""
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str = "",
+        queue_timeout: float = 0.0,
     ) -> AsyncIterator[Chunk]:
-        """Generate for one request; chunks that arrive while the caller is busy are merged."""
+        """Generate for one request; chunks that arrive while the caller is busy are merged.
+
+        With ``queue_timeout`` (seconds, 0: none), a request still waiting for a batch slot
+        after that long is withdrawn and ``QueueTimeout`` is raised before any chunk.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk] = asyncio.Queue()
 
@@ -159,27 +169,61 @@ class ModelEngine:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self._submit(seq)
         try:
-            while True:
+            if queue_timeout > 0:
+                chunk = await self._first_chunk(seq, queue, queue_timeout)
+            else:
                 chunk = await queue.get()
+            while True:
                 while chunk.finish_reason is None and not queue.empty():
                     chunk = _merge(chunk, queue.get_nowait())
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
+                chunk = await queue.get()
         finally:
             if not seq.finished:
                 seq.cancelled = True
                 if self.worker is not None:
                     self.worker.wake()
 
+    async def _first_chunk(
+        self, seq: Sequence, queue: asyncio.Queue[Chunk], queue_timeout: float
+    ) -> Chunk:
+        try:
+            return await asyncio.wait_for(queue.get(), queue_timeout)
+        except TimeoutError:
+            if not self._withdraw(seq):
+                return await queue.get()  # admitted meanwhile: it is generating now
+        raise QueueTimeout(
+            f"model {self.model_id}: waited {queue_timeout:g} s for a batch slot (queue_timeout)"
+        )
+
+    def _withdraw(self, seq: Sequence) -> bool:
+        """Take ``seq`` out of the waiting queue if it is still there (not admitted)."""
+        worker = self.worker
+        if worker is None:
+            return False
+        with worker.cond:
+            if seq not in self.waiting:
+                return False
+            self.waiting.remove(seq)
+            seq.cancelled = True  # nothing more goes to its sink
+            self._finish(seq, EXPIRED)
+            metrics.WAITING.labels(**self._metric_labels).set(len(self.waiting))
+        return True
+
     def _submit(self, seq: Sequence) -> None:
         worker = self.worker
         if worker is None:
             raise ShuttingDown(f"model {self.model_id} is not running")
         with worker.cond:
-            if len(self.waiting) >= self.max_waiting and self.max_waiting > 0:
+            # Free batch slots count too: a burst must not be refused before the worker has
+            # had a step to admit what it has room for.
+            free = max(0, self.max_batch_size - len(self.running))
+            if len(self.waiting) >= self.max_waiting + free:
                 raise QueueFull(
-                    f"model {self.model_id} has {len(self.waiting)} requests waiting (the bound)"
+                    f"model {self.model_id} has {len(self.waiting)} requests waiting for "
+                    f"{free} free batch slots (the bound: max_waiting = {self.max_waiting})"
                 )
             self.waiting.append(seq)
             self.unfinished += 1

@@ -40,3 +40,7 @@ class LoadFailed(NeuronError):
 
 class QueueFull(NeuronError):
     """The model's queue of waiting requests is at its bound."""
+
+
+class QueueTimeout(NeuronError):
+    """A request waited for a batch slot longer than its ``queue_timeout`` and was dropped."""

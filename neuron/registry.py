@@ -150,7 +150,10 @@ class Registry:
                     self.config.engine.max_batch_size,
                 ),
                 max_context=max_context,
-                max_waiting=self.config.engine.max_waiting,
+                max_waiting=min(
+                    spec.max_waiting or self.config.engine.max_waiting,
+                    self.config.engine.max_waiting,
+                ),
             )
             self._workers[device.name].attach(engine)
             held.engine, held.state, held.loaded_at = engine, READY, time.time()

@@ -27,6 +27,7 @@ from neuron.errors import (
     NeuronError,
     NoRoom,
     QueueFull,
+    QueueTimeout,
     ShuttingDown,
     SpecConflict,
 )
@@ -40,6 +41,7 @@ _CODES: dict[type[NeuronError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NoRoom: grpc.StatusCode.RESOURCE_EXHAUSTED,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    QueueTimeout: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     SpecConflict: grpc.StatusCode.FAILED_PRECONDITION,
     LoadFailed: grpc.StatusCode.FAILED_PRECONDITION,
@@ -57,6 +59,8 @@ _STATES = {
 }
 _ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_SEQUENCES = 16
+# Below this a temperature samples as greedy: dividing logits by it overflows to inf and NaN.
+MIN_TEMPERATURE = 1e-5
 
 
 class NeuronService(pb_grpc.NeuronServicer):
@@ -127,13 +131,17 @@ class NeuronService(pb_grpc.NeuronServicer):
         self.active_generations += 1
         self._drained.clear()
         try:
+            # Headers at once: the caller knows this neuron took the call (a host that accepts
+            # TCP and never answers gets no further than here, and cortex fails over).
+            await context.send_initial_metadata(())
             if self.draining:
                 raise ShuttingDown("the neuron is shutting down and takes no new requests")
             engine = await self.registry.engine_for(_required_model(request))
             prompt_ids, params = await _prepare(engine, request)
             request_id = request.request_id or uuid.uuid4().hex
-            # The engine refuses (queue full, model going away) at the first iteration.
-            async for chunk in engine.stream(prompt_ids, params, request_id):
+            queue_timeout = _queue_timeout(request)
+            # The engine refuses (queue full, queue timeout, model going away) before any chunk.
+            async for chunk in engine.stream(prompt_ids, params, request_id, queue_timeout):
                 if chunk.finish_reason == ERROR:
                     await context.abort(grpc.StatusCode.INTERNAL, chunk.error)
                 response = pb.GenerateResponse(text=chunk.text, tokens=chunk.tokens)
@@ -164,6 +172,8 @@ class NeuronService(pb_grpc.NeuronServicer):
             waiting=len(engine.waiting) if engine else 0,
             max_context=engine.max_context if engine else 0,
             spec=spec_to_proto(held.spec),
+            max_batch_size=engine.max_batch_size if engine else 0,
+            max_waiting=engine.max_waiting if engine else 0,
         )
 
 
@@ -203,28 +213,48 @@ async def _prepare(
         if not request.prompt:
             raise InvalidArgument("prompt", "must not be empty")
         prompt_ids = await asyncio.to_thread(engine.encode_prompt, request.prompt)
+    if not prompt_ids:
+        raise InvalidArgument(kind, "encodes to no tokens")
     if len(prompt_ids) >= engine.max_context:
         raise InvalidArgument(
             "input",
             f"the prompt is {len(prompt_ids)} tokens; the model's context is "
             f"{engine.max_context} tokens",
         )
-    room = engine.max_context - len(prompt_ids)
-    max_tokens = room
+    # Unset, max_tokens is what the context leaves; set, prompt plus max_tokens must fit in the
+    # context (as OpenAI and vLLM answer), rather than a silently shorter completion.
+    max_tokens = engine.max_context - len(prompt_ids)
     if request.HasField("max_tokens"):
         if request.max_tokens < 1:
             raise InvalidArgument("max_tokens", f"must be at least 1, got {request.max_tokens}")
-        max_tokens = min(request.max_tokens, room)
+        if request.max_tokens > max_tokens:
+            raise InvalidArgument(
+                "max_tokens",
+                f"the prompt is {len(prompt_ids)} tokens and max_tokens is {request.max_tokens}: "
+                f"together more than the model's context of {engine.max_context} tokens",
+            )
+        max_tokens = request.max_tokens
+    temperature = _number(request, "temperature", 1.0, low=0.0)
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_number(request, "temperature", 1.0, low=0.0),
+        temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
         top_p=_number(request, "top_p", 1.0, low=0.0, low_open=True, high=1.0),
         top_k=request.top_k if request.HasField("top_k") else 0,
         seed=request.seed if request.HasField("seed") else None,
         stop=_stops(request),
-        repetition_penalty=_number(request, "repetition_penalty", 1.0, low=0.0, low_open=True),
+        # Bounded so that dividing logits by it (and then by the temperature) stays finite.
+        repetition_penalty=_number(request, "repetition_penalty", 1.0, low=0.01, high=100.0),
     )
     return prompt_ids, params
+
+
+def _queue_timeout(request: pb.GenerateRequest) -> float:
+    value = request.queue_timeout
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidArgument(
+            "queue_timeout", f"must be 0 (no bound) or more seconds, got {value:g}"
+        )
+    return value
 
 
 def _number(
@@ -239,7 +269,7 @@ def _number(
         return default
     value = float(getattr(request, name))
     below = value <= low if low_open else value < low
-    if math.isnan(value) or below or value > high:
+    if not math.isfinite(value) or below or value > high:
         bound = f"{'>' if low_open else '>='} {low:g}" + (
             f" and <= {high:g}" if high < math.inf else ""
         )
@@ -271,6 +301,7 @@ def spec_from_proto(spec: pb.ModelSpec) -> ModelSpec:
         device=spec.device or "auto",
         max_batch_size=spec.max_batch_size,
         max_context=spec.max_context,
+        max_waiting=spec.max_waiting,
     )
     if kind == "huggingface" and not result.hf_repo:
         raise InvalidArgument("spec.huggingface.repo", "must not be empty")
@@ -287,6 +318,7 @@ def spec_to_proto(spec: ModelSpec) -> pb.ModelSpec:
         device=spec.device,
         max_batch_size=spec.max_batch_size,
         max_context=spec.max_context,
+        max_waiting=spec.max_waiting,
     )
     if spec.hf_repo:
         message.huggingface.CopyFrom(

@@ -49,6 +49,9 @@ class ModelSpec:
     device: str = "auto"
     max_batch_size: int = 0
     max_context: int = 0
+    # Requests that may wait for a batch slot; 0: the neuron's engine.max_waiting (a spec may
+    # lower it, never raise it).
+    max_waiting: int = 0
 
     def validate(self, key: str = "spec") -> None:
         """Raise ``InvalidArgument`` naming the first wrong field."""
@@ -70,6 +73,8 @@ class ModelSpec:
             raise InvalidArgument(f"{prefix}max_batch_size", "must not be negative")
         if self.max_context < 0:
             raise InvalidArgument(f"{prefix}max_context", "must not be negative")
+        if self.max_waiting < 0:
+            raise InvalidArgument(f"{prefix}max_waiting", "must not be negative")
 
     def same_source(self, other: ModelSpec) -> bool:
         """Whether two specs load the same weights in the same dtype."""

@@ -11,10 +11,14 @@ import pytest
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from tests.harness import (
     DEMO_GGUF,
+    DEMO_ID,
     SHARED_CACHE,
     STARTED,
+    CortexProcess,
     NeuronProcess,
     NotifySocket,
+    catalogue_model,
+    cortex_config,
     demo_model,
     neuron_config,
 )
@@ -62,6 +66,25 @@ async def shared_stub(shared_neuron: NeuronProcess) -> AsyncIterator[pb_grpc.Neu
     await shared_neuron.wait_serving()
     async with grpc.aio.insecure_channel(shared_neuron.endpoint) as channel:
         yield pb_grpc.NeuronStub(channel)
+
+
+@pytest.fixture(scope="session")
+async def shared_cortex(
+    shared_neuron: NeuronProcess, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[CortexProcess]:
+    """One cortex over the shared neuron (the demo model pinned, alias "smol"), shared by
+    tests that do not stop or reconfigure it."""
+    await shared_neuron.wait_serving()
+    process = CortexProcess(
+        tmp_path_factory.mktemp("shared-cortex"),
+        cortex_config([shared_neuron], limits={"max_tokens": 4096, "max_body": "1MiB"}),
+        models=[catalogue_model(DEMO_ID, aliases=["smol"], pinned=True)],
+    ).start()
+    try:
+        await process.wait_ready()
+        yield process
+    finally:
+        process.stop()
 
 
 @pytest.fixture

@@ -34,21 +34,9 @@ QUESTION = "What is the capital of France?"
 PARIS = "The capital of France is Paris."
 
 
-@pytest.fixture(scope="module")
-async def cortex(
-    shared_neuron: NeuronProcess, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[CortexProcess]:
-    await shared_neuron.wait_serving()
-    process = CortexProcess(
-        tmp_path_factory.mktemp("cortex-api"),
-        cortex_config([shared_neuron], limits={"max_tokens": 4096}),
-        models=[catalogue_model(DEMO_ID, aliases=["smol"], pinned=True)],
-    ).start()
-    try:
-        await process.wait_ready()
-        yield process
-    finally:
-        process.stop()
+@pytest.fixture
+def cortex(shared_cortex: CortexProcess) -> CortexProcess:
+    return shared_cortex
 
 
 def client(cortex: CortexProcess, **kwargs: Any) -> openai.AsyncOpenAI:
@@ -189,6 +177,92 @@ async def test_unknown_route_and_wrong_method_are_openai_errors(cortex: CortexPr
             assert "message" in (await r.json())["error"]
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_body_above_max_body_is_a_413_openai_error(
+    cortex: CortexProcess, chunked: bool
+) -> None:
+    body = json.dumps(_chat(messages=[{"role": "user", "content": "x" * (2 << 20)}])).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 1 << 16):
+            yield body[i : i + (1 << 16)]
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            cortex.url + "/v1/chat/completions",
+            data=chunks() if chunked else body,
+            headers={"Content-Type": "application/json"},
+        ) as r:
+            assert r.status == 413
+            error = (await r.json())["error"]
+    assert error["code"] == "request_too_large"
+    assert error["type"] == "invalid_request_error"
+    assert str(1 << 20) in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "max_tokens", "param", "named"),
+    [
+        ("word " * 9000, None, "messages", "the model's context is 8192 tokens"),
+        ("word " * 5000, 4000, "max_tokens", "together more than the model's context of 8192"),
+    ],
+    ids=["prompt", "prompt-plus-max-tokens"],
+)
+async def test_prompt_beyond_the_context_is_a_400_naming_the_limit(
+    cortex: CortexProcess, content: str, max_tokens: int | None, param: str, named: str
+) -> None:
+    body = _chat(messages=[{"role": "user", "content": content}], max_tokens=max_tokens)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 400
+            error = (await r.json())["error"]
+    assert named in error["message"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+async def test_openapi_lists_exactly_the_routes_cortex_serves(cortex: CortexProcess) -> None:
+    from cortex.api import Gateway, build_app
+    from cortex.config import load
+    from cortex.fleet import Fleet
+    from cortex.router import Router
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(cortex.url + "/openapi.json") as r:
+            assert r.status == 200
+            document = await r.json()
+    assert document["openapi"].startswith("3.")
+    listed = {
+        (method.upper(), path)
+        for path, item in document["paths"].items()
+        for method in item
+        if method != "parameters"
+    }
+    # The routes of the app cortex builds from this very config.
+    config, catalogue = load(cortex.config_path)
+    fleet = Fleet(config)
+    try:
+        app = build_app(Gateway(config, catalogue, fleet, Router(config, fleet, catalogue)))
+        served = {
+            (route.method, route.resource.canonical)
+            for route in app.router.routes()
+            if route.method != "HEAD" and route.resource is not None
+        }
+    finally:
+        await fleet.close()
+    assert listed == served
+    # And each listed route answers there (not 404 or 405), with a body its schema allows.
+    bodies = {
+        "/v1/chat/completions": _chat(max_tokens=1),
+        "/v1/completions": {"model": DEMO_ID, "prompt": "Hi", "max_tokens": 1},
+    }
+    async with aiohttp.ClientSession() as session:
+        for method, path in sorted(listed):
+            url = cortex.url + path.replace("{model}", DEMO_ID)
+            async with session.request(method, url, json=bodies.get(path)) as r:
+                assert r.status == 200, (method, path, await r.text())
+
+
 async def test_cortex_keeps_serving_after_bad_input(cortex: CortexProcess) -> None:
     sdk = client(cortex)
     with pytest.raises(openai.BadRequestError) as error:
@@ -280,6 +354,36 @@ def test_cortex_status_prints_the_fleet(cortex: CortexProcess) -> None:
     assert any(line.split()[:2] == ["n0", "up"] and "cpu" in line for line in lines), lines
     assert any(DEMO_ID in line and "READY" in line and "pinned" in line for line in lines)
     assert "1 of 1 neurons up" in result.stdout
+
+
+def _loads(neuron: NeuronProcess) -> float:
+    return metric_value(neuron.metrics(), "helexa_neuron_model_loads_total", model=DEMO_ID)
+
+
+async def test_restarted_cortex_rebuilds_the_fleet_by_polling_and_serves_without_reloading(
+    shared_neuron: NeuronProcess, tmp_path: Path
+) -> None:
+    loads = _loads(shared_neuron)
+    process = CortexProcess(
+        tmp_path, cortex_config([shared_neuron]), models=[catalogue_model(DEMO_ID)]
+    )
+    try:
+        for _ in range(2):  # the same config, a new process: it knows only what it polls
+            process.start()
+            await process.wait_ready()
+            reply = await client(process).chat.completions.create(
+                model=DEMO_ID,
+                messages=[{"role": "user", "content": QUESTION}],
+                temperature=0,
+                max_tokens=32,
+            )
+            assert reply.choices[0].message.content == PARIS
+            assert "helexa_gateway_placements_total{" not in process.metrics()
+            process.send(signal.SIGTERM)
+            assert await asyncio.to_thread(process.wait_exit, 60) == 0
+    finally:
+        process.stop()
+    assert _loads(shared_neuron) == loads
 
 
 async def test_sigterm_drains_in_flight_stream_then_exits_zero(

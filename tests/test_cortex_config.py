@@ -69,16 +69,16 @@ def test_example_configs_document_every_key(tmp_path: Path) -> None:
     for key in [
         "listen", "metrics_listen", "models_file", "log_level", "name", "endpoint",
         "poll_interval", "down_after_failures", "rpc_timeout", "keepalive_time",
-        "keepalive_timeout", "request", "load", "stall", "keepalive", "retry_after",
-        "max_tokens", "max_body", "keys", "keys_file", "allow_unauthenticated",
-        "max_concurrent", "requests_per_minute", "drain_timeout", "token", "token_file",
-        "ca_file", "cert_file", "key_file", "server_name",
+        "keepalive_timeout", "request", "load", "stall", "keepalive", "queue", "accept",
+        "retry_after", "retry_after_max", "max_tokens", "max_body", "keys", "keys_file",
+        "allow_unauthenticated", "max_concurrent", "requests_per_minute", "drain_timeout",
+        "token", "token_file", "ca_file", "cert_file", "key_file", "server_name",
     ]:  # fmt: skip
         assert f"{key} =" in cortex_text, key
     models_text = (ROOT / "configs/models.example.toml").read_text()
     for key in [
         "id", "aliases", "hf_repo", "revision", "path", "gguf_file", "dtype", "device",
-        "max_batch_size", "max_context", "memory", "neurons", "pinned",
+        "max_batch_size", "max_context", "max_waiting", "memory", "neurons", "pinned",
     ]:  # fmt: skip
         assert f"{key} =" in models_text, key
     # The commented blocks, uncommented, load with the real loader.
@@ -98,6 +98,8 @@ def test_example_configs_document_every_key(tmp_path: Path) -> None:
         ("[fleet]\npoll_interval = 'soon'", "", "fleet.poll_interval: expected a number"),
         ("[fleet]\nkeepalive_time = 1", "", "fleet.keepalive_time"),
         ("[timeouts]\nstall = 0", "", "timeouts.stall"),
+        ("[timeouts]\nqueue = 0", "", "timeouts.queue"),
+        ("[timeouts]\nretry_after = 10\nretry_after_max = 5", "", "timeouts.retry_after_max"),
         ("[[neurons]]\nname = 'a'\nendpoint = 'nowhere'", "", "neurons[0].endpoint"),
         ("[[neurons]]\nendpoint = 'h:1'", "", "neurons[0].name: required key is missing"),
         (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cortex.config import Catalogue, CatalogueModel, FleetConfig
+from cortex.drain import DrainRate
 from cortex.fleet import UP, ModelView, NeuronState, channel_options
 from cortex.router import eviction_order, least_loaded, spec_of
 
@@ -87,3 +88,20 @@ def test_neuron_channels_send_keepalive_pings_the_neuron_accepts() -> None:
     assert options["grpc.keepalive_timeout_ms"] == 10_000
     # The neuron allows a ping every 5 s at the most (neuron.lifecycle.SERVER_OPTIONS).
     assert options["grpc.keepalive_time_ms"] >= 5_000
+
+
+def test_retry_after_is_the_queue_over_the_measured_drain_rate_clamped() -> None:
+    now = [100.0]
+    drain = DrainRate(window=60.0, clock=lambda: now[0])
+    # Nothing finished yet: nothing to measure, the configured fallback.
+    assert drain.retry_after("m", queued=10, fallback=5, most=60) == 5
+    for _ in range(20):  # 20 completions in 10 s: 2 per second
+        now[0] += 0.5
+        drain.finished("m")
+    assert drain.rate("m") == 2.0
+    assert drain.retry_after("m", queued=9, fallback=5, most=60) == 5  # (9 + 1) / 2
+    assert drain.retry_after("m", queued=0, fallback=5, most=60) == 1
+    assert drain.retry_after("m", queued=999, fallback=5, most=60) == 60
+    assert drain.retry_after("other", queued=9, fallback=7, most=60) == 7
+    now[0] += 120  # a window with no completion: back to the fallback
+    assert drain.retry_after("m", queued=9, fallback=5, most=60) == 5

@@ -30,6 +30,7 @@ def test_example_config_documents_every_key() -> None:
         "max_context", "token", "token_file", "cert_file", "key_file", "client_ca_file",
     ]:  # fmt: skip
         assert f"{key} =" in text or f"[[{key}]]" in text, key
+    assert text.count("max_waiting =") == 2, "engine.max_waiting and a default model's"
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -45,6 +46,8 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("[engine]\nmax_batch = 4", "engine.max_batch: unknown key"),
         ("[engine]\nmax_batch_size = 'four'", "engine.max_batch_size: expected an integer"),
         ("[engine]\nmax_batch_size = 0", "engine.max_batch_size: must be at least 1"),
+        ("[engine]\nmax_waiting = 0", "engine.max_waiting: must be at least 1"),
+        ("[[default_models]]\nid='m'\npath='/x'\nmax_waiting=-1", "default_models[0].max_waiting"),
         ("[shutdown]\ndrain_timeout = -1", "shutdown.drain_timeout"),
         ("listen = 'nowhere'", "listen: expected HOST:PORT"),
         ("[devices]\ncpu_memory_budget = 'lots'", "devices.cpu_memory_budget"),

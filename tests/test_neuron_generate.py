@@ -163,6 +163,27 @@ async def test_info_reports_the_cpu_device(shared_stub: pb_grpc.NeuronStub) -> N
             grpc.StatusCode.INVALID_ARGUMENT,
             "context",
         ),
+        (
+            chat(DEMO_ID, QUESTION, max_tokens=8190),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_tokens: the prompt is 37 tokens and max_tokens is 8190: together more than "
+            "the model's context of 8192 tokens",
+        ),
+        (
+            chat(DEMO_ID, QUESTION, queue_timeout=-1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "queue_timeout",
+        ),
+        (
+            chat(DEMO_ID, QUESTION, repetition_penalty=1e-45, temperature=1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "repetition_penalty: must be >= 0.01 and <= 100",
+        ),
+        (
+            chat(DEMO_ID, QUESTION, temperature=float("inf")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),
     ],
 )
 async def test_bad_generate_requests_get_clear_statuses_and_the_neuron_keeps_serving(

@@ -116,6 +116,42 @@ async def test_cancelling_a_stream_frees_its_slot_for_the_next_request(
     await shared_stub.UnloadModel(pb.UnloadModelRequest(id="one-slot"))
 
 
+async def test_a_models_own_queue_bound_and_queue_timeout_refuse_before_any_token(
+    shared_stub: pb_grpc.NeuronStub, shared_neuron: NeuronProcess
+) -> None:
+    # One batch slot and one waiting place for this model (the neuron's default is 256).
+    spec = demo_spec("one-wait", max_batch_size=1, max_waiting=1)
+    await shared_stub.LoadModel(pb.LoadModelRequest(spec=spec))
+    running = shared_stub.Generate(chat("one-wait", LONG, max_tokens=4000), timeout=300)
+    await running.read()
+    waiter = shared_stub.Generate(chat("one-wait", "Hi", max_tokens=4, queue_timeout=5.0))
+    waited = asyncio.ensure_future(waiter.read())
+    while True:  # until it is queued behind the running one
+        models = (await shared_stub.ListModels(pb.ListModelsRequest())).models
+        (model,) = [m for m in models if m.id == "one-wait"]
+        if model.waiting == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert (model.max_batch_size, model.max_waiting) == (1, 1)
+    with pytest.raises(grpc.aio.AioRpcError) as full:
+        await collect(shared_stub, chat("one-wait", "Hi", max_tokens=4))
+    assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "1 requests waiting" in (full.value.details() or "")
+    # Still waiting after its queue_timeout: dropped, the call fails with no message at all.
+    with pytest.raises(grpc.aio.AioRpcError) as expired:
+        await waited
+    assert expired.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue_timeout" in (expired.value.details() or "")
+    models = (await shared_stub.ListModels(pb.ListModelsRequest())).models
+    (model,) = [m for m in models if m.id == "one-wait"]
+    assert model.waiting == 0 and model.in_flight == 1
+    metrics = shared_neuron.metrics()
+    labels = {"model": "one-wait", "finish_reason": "queue_timeout"}
+    assert metric_value(metrics, "helexa_neuron_requests_total", **labels) == 1
+    running.cancel()
+    await shared_stub.UnloadModel(pb.UnloadModelRequest(id="one-wait"))
+
+
 @pytest.mark.parametrize(
     ("spec", "code", "named"),
     [

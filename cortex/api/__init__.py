@@ -130,7 +130,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 def build_app(gateway: Gateway, keyring: KeyRing) -> web.Application:
-    from cortex.api import openai
+    from cortex.api import openai, openapi
 
     app = web.Application(
         middlewares=[_errors, require_key], client_max_size=gateway.config.limits.max_body
@@ -139,5 +139,6 @@ def build_app(gateway: Gateway, keyring: KeyRing) -> web.Application:
     app[KEYRING] = keyring
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    app.router.add_get("/openapi.json", openapi.openapi)
     openai.add_routes(app)
     return app

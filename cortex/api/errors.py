@@ -8,6 +8,7 @@ from aiohttp import web
 
 from cortex.errors import (
     BadRequest,
+    BodyTooLarge,
     CortexError,
     ModelNotFound,
     NeuronFailed,
@@ -23,6 +24,7 @@ _STATUS: dict[type[CortexError], tuple[int, str, str | None]] = {
     BadRequest: (400, "invalid_request_error", None),
     Unauthorized: (401, "invalid_request_error", "invalid_api_key"),
     RateLimited: (429, "requests", "rate_limit_exceeded"),
+    BodyTooLarge: (413, "invalid_request_error", "request_too_large"),
     ModelNotFound: (404, "invalid_request_error", "model_not_found"),
     NeuronFailed: (502, "api_error", "neuron_failed"),
     NoCapacity: (503, "server_error", "no_capacity"),
@@ -50,6 +52,8 @@ def error_body(error: CortexError) -> dict[str, Any]:
 
 
 def error_response(error: CortexError, retry_after: int) -> web.Response:
+    if isinstance(error, NoCapacity) and error.retry_after is not None:
+        retry_after = error.retry_after
     headers = {"Retry-After": str(retry_after)} if isinstance(error, _RETRY_LATER) else None
     if isinstance(error, RateLimited):
         headers = {"Retry-After": str(error.retry_after)}

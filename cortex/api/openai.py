@@ -27,7 +27,7 @@ from aiohttp import web
 from cortex import metrics
 from cortex.api import Gateway, gateway_of
 from cortex.api.errors import error_body
-from cortex.errors import BadRequest, CortexError, NeuronFailed, StreamStalled
+from cortex.errors import BadRequest, BodyTooLarge, CortexError, NeuronFailed, StreamStalled
 from helexa.neuron.v1 import neuron_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -82,14 +82,26 @@ class Parsed:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    limit = request.client_max_size
+    if (request.content_length or 0) > limit:
+        raise _too_large(limit)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(limit) from None
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"The request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("The request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object")
     return body
+
+
+def _too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"The request body is larger than the limit of {limit} bytes")
 
 
 def _int(body: dict[str, Any], name: str) -> int | None:
@@ -105,11 +117,15 @@ def _number(body: dict[str, Any], name: str, low: float, high: float) -> float |
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or _nan(value):
         raise BadRequest(f"'{name}' must be a number, got {value!r}", param=name)
     if not low <= value <= high:
         raise BadRequest(f"'{name}' must be between {low:g} and {high:g}, got {value}", param=name)
     return float(value)
+
+
+def _nan(value: float) -> bool:
+    return isinstance(value, float) and math.isnan(value)
 
 
 def _bool(body: dict[str, Any], name: str) -> bool:
@@ -206,7 +222,8 @@ def parse_chat(gateway: Gateway, body: dict[str, Any]) -> Parsed:
         key = f"messages[{i}]"
         if not isinstance(message, dict):
             raise BadRequest(f"'{key}' must be an object", param=key)
-        role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        given = message.get("role")
+        role = _ROLES.get(given) if isinstance(given, str) else None
         if role is None:
             raise BadRequest(
                 f"'{key}.role' must be one of {', '.join(_ROLES)}, got {message.get('role')!r}",
@@ -363,14 +380,26 @@ def _sse(body: dict[str, Any]) -> bytes:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gateway = gateway_of(request)
-    parsed = parse_chat(gateway, await _body(request))
+    parsed = _parse(parse_chat, gateway, await _body(request))
     return await _answer(request, gateway, Answer("chat", parsed))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     gateway = gateway_of(request)
-    parsed = parse_completion(gateway, await _body(request))
+    parsed = _parse(parse_completion, gateway, await _body(request))
     return await _answer(request, gateway, Answer("completion", parsed))
+
+
+def _parse(
+    parse: Callable[[Gateway, dict[str, Any]], Parsed], gateway: Gateway, body: dict[str, Any]
+) -> Parsed:
+    try:
+        return parse(gateway, body)
+    except UnicodeEncodeError:  # JSON may escape a lone surrogate; protobuf strings cannot hold it
+        raise BadRequest(
+            "The request holds a string that is not valid Unicode (a lone surrogate such as "
+            "\\ud800)"
+        ) from None
 
 
 async def _answer(request: web.Request, gateway: Gateway, answer: Answer) -> web.StreamResponse:

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dhelexa/neuron/v1/neuron.proto\x12\x10helexa.neuron.v1\"\x8f\x01\n\x06\x44\x65vice\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.helexa.neuron.v1.DeviceKind\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\"\r\n\x0bInfoRequest\"j\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12)\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x18.helexa.neuron.v1.Device\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"F\n\x11HuggingFaceSource\x12\x0c\n\x04repo\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x11\n\tgguf_file\x18\x03 \x01(\t\".\n\x0bLocalSource\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\tgguf_file\x18\x02 \x01(\t\"\xd9\x01\n\tModelSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12:\n\x0bhuggingface\x18\x02 \x01(\x0b\x32#.helexa.neuron.v1.HuggingFaceSourceH\x00\x12.\n\x05local\x18\x03 \x01(\x0b\x32\x1d.helexa.neuron.v1.LocalSourceH\x00\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x13\n\x0bmax_context\x18\x07 \x01(\rB\x08\n\x06source\"\x87\x02\n\x0bModelStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.helexa.neuron.v1.ModelState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0eresident_bytes\x18\x05 \x01(\x04\x12\x11\n\tloaded_at\x18\x06 \x01(\x01\x12\x11\n\tlast_used\x18\x07 \x01(\x01\x12\x11\n\tin_flight\x18\x08 \x01(\r\x12\x0f\n\x07waiting\x18\t \x01(\r\x12\x13\n\x0bmax_context\x18\n \x01(\r\x12)\n\x04spec\x18\x0b \x01(\x0b\x32\x1b.helexa.neuron.v1.ModelSpec\"\x13\n\x11ListModelsRequest\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.helexa.neuron.v1.ModelStatus\"=\n\x10LoadModelRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.helexa.neuron.v1.ModelSpec\"Y\n\x11LoadModelResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.helexa.neuron.v1.ModelStatus\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\" \n\x12UnloadModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\">\n\x13UnloadModelResponse\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x04\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"?\n\x0c\x43hatMessages\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.helexa.neuron.v1.ChatMessage\"\xef\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1e.helexa.neuron.v1.ChatMessagesH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\rH\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0b \x01(\tB\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x8f\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x35\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1e.helexa.neuron.v1.FinishReason\x12&\n\x05usage\x18\x04 \x01(\x0b\x32\x17.helexa.neuron.v1.Usage*T\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_KIND_CPU\x10\x01\x12\x14\n\x10\x44\x45VICE_KIND_CUDA\x10\x02*\x8c\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xaf\x03\n\x06Neuron\x12\x45\n\x04Info\x12\x1d.helexa.neuron.v1.InfoRequest\x1a\x1e.helexa.neuron.v1.InfoResponse\x12W\n\nListModels\x12#.helexa.neuron.v1.ListModelsRequest\x1a$.helexa.neuron.v1.ListModelsResponse\x12T\n\tLoadModel\x12\".helexa.neuron.v1.LoadModelRequest\x1a#.helexa.neuron.v1.LoadModelResponse\x12Z\n\x0bUnloadModel\x12$.helexa.neuron.v1.UnloadModelRequest\x1a%.helexa.neuron.v1.UnloadModelResponse\x12S\n\x08Generate\x12!.helexa.neuron.v1.GenerateRequest\x1a\".helexa.neuron.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dhelexa/neuron/v1/neuron.proto\x12\x10helexa.neuron.v1\"\x8f\x01\n\x06\x44\x65vice\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.helexa.neuron.v1.DeviceKind\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\"\r\n\x0bInfoRequest\"j\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12)\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x18.helexa.neuron.v1.Device\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"F\n\x11HuggingFaceSource\x12\x0c\n\x04repo\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x11\n\tgguf_file\x18\x03 \x01(\t\".\n\x0bLocalSource\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\tgguf_file\x18\x02 \x01(\t\"\xee\x01\n\tModelSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12:\n\x0bhuggingface\x18\x02 \x01(\x0b\x32#.helexa.neuron.v1.HuggingFaceSourceH\x00\x12.\n\x05local\x18\x03 \x01(\x0b\x32\x1d.helexa.neuron.v1.LocalSourceH\x00\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\x13\n\x0bmax_waiting\x18\x08 \x01(\rB\x08\n\x06source\"\xb4\x02\n\x0bModelStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.helexa.neuron.v1.ModelState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0eresident_bytes\x18\x05 \x01(\x04\x12\x11\n\tloaded_at\x18\x06 \x01(\x01\x12\x11\n\tlast_used\x18\x07 \x01(\x01\x12\x11\n\tin_flight\x18\x08 \x01(\r\x12\x0f\n\x07waiting\x18\t \x01(\r\x12\x13\n\x0bmax_context\x18\n \x01(\r\x12)\n\x04spec\x18\x0b \x01(\x0b\x32\x1b.helexa.neuron.v1.ModelSpec\x12\x16\n\x0emax_batch_size\x18\x0c \x01(\r\x12\x13\n\x0bmax_waiting\x18\r \x01(\r\"\x13\n\x11ListModelsRequest\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.helexa.neuron.v1.ModelStatus\"=\n\x10LoadModelRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.helexa.neuron.v1.ModelSpec\"Y\n\x11LoadModelResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.helexa.neuron.v1.ModelStatus\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\" \n\x12UnloadModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\">\n\x13UnloadModelResponse\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x04\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"?\n\x0c\x43hatMessages\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.helexa.neuron.v1.ChatMessage\"\x86\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1e.helexa.neuron.v1.ChatMessagesH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\rH\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x15\n\rqueue_timeout\x18\x0c \x01(\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x8f\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x35\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1e.helexa.neuron.v1.FinishReason\x12&\n\x05usage\x18\x04 \x01(\x0b\x32\x17.helexa.neuron.v1.Usage*T\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_KIND_CPU\x10\x01\x12\x14\n\x10\x44\x45VICE_KIND_CUDA\x10\x02*\x8c\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xaf\x03\n\x06Neuron\x12\x45\n\x04Info\x12\x1d.helexa.neuron.v1.InfoRequest\x1a\x1e.helexa.neuron.v1.InfoResponse\x12W\n\nListModels\x12#.helexa.neuron.v1.ListModelsRequest\x1a$.helexa.neuron.v1.ListModelsResponse\x12T\n\tLoadModel\x12\".helexa.neuron.v1.LoadModelRequest\x1a#.helexa.neuron.v1.LoadModelResponse\x12Z\n\x0bUnloadModel\x12$.helexa.neuron.v1.UnloadModelRequest\x1a%.helexa.neuron.v1.UnloadModelResponse\x12S\n\x08Generate\x12!.helexa.neuron.v1.GenerateRequest\x1a\".helexa.neuron.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'helexa.neuron.v1.neuron_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEVICEKIND']._serialized_start=1954
-  _globals['_DEVICEKIND']._serialized_end=2038
-  _globals['_MODELSTATE']._serialized_start=2041
-  _globals['_MODELSTATE']._serialized_end=2181
-  _globals['_FINISHREASON']._serialized_start=2183
-  _globals['_FINISHREASON']._serialized_end=2307
+  _globals['_DEVICEKIND']._serialized_start=2043
+  _globals['_DEVICEKIND']._serialized_end=2127
+  _globals['_MODELSTATE']._serialized_start=2130
+  _globals['_MODELSTATE']._serialized_end=2270
+  _globals['_FINISHREASON']._serialized_start=2272
+  _globals['_FINISHREASON']._serialized_end=2396
   _globals['_DEVICE']._serialized_start=52
   _globals['_DEVICE']._serialized_end=195
   _globals['_INFOREQUEST']._serialized_start=197
@@ -48,31 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOCALSOURCE']._serialized_start=392
   _globals['_LOCALSOURCE']._serialized_end=438
   _globals['_MODELSPEC']._serialized_start=441
-  _globals['_MODELSPEC']._serialized_end=658
-  _globals['_MODELSTATUS']._serialized_start=661
-  _globals['_MODELSTATUS']._serialized_end=924
-  _globals['_LISTMODELSREQUEST']._serialized_start=926
-  _globals['_LISTMODELSREQUEST']._serialized_end=945
-  _globals['_LISTMODELSRESPONSE']._serialized_start=947
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1014
-  _globals['_LOADMODELREQUEST']._serialized_start=1016
-  _globals['_LOADMODELREQUEST']._serialized_end=1077
-  _globals['_LOADMODELRESPONSE']._serialized_start=1079
-  _globals['_LOADMODELRESPONSE']._serialized_end=1168
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1170
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1202
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1204
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1266
-  _globals['_CHATMESSAGE']._serialized_start=1268
-  _globals['_CHATMESSAGE']._serialized_end=1312
-  _globals['_CHATMESSAGES']._serialized_start=1314
-  _globals['_CHATMESSAGES']._serialized_end=1377
-  _globals['_GENERATEREQUEST']._serialized_start=1380
-  _globals['_GENERATEREQUEST']._serialized_end=1747
-  _globals['_USAGE']._serialized_start=1749
-  _globals['_USAGE']._serialized_end=1806
-  _globals['_GENERATERESPONSE']._serialized_start=1809
-  _globals['_GENERATERESPONSE']._serialized_end=1952
-  _globals['_NEURON']._serialized_start=2310
-  _globals['_NEURON']._serialized_end=2741
+  _globals['_MODELSPEC']._serialized_end=679
+  _globals['_MODELSTATUS']._serialized_start=682
+  _globals['_MODELSTATUS']._serialized_end=990
+  _globals['_LISTMODELSREQUEST']._serialized_start=992
+  _globals['_LISTMODELSREQUEST']._serialized_end=1011
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1013
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1080
+  _globals['_LOADMODELREQUEST']._serialized_start=1082
+  _globals['_LOADMODELREQUEST']._serialized_end=1143
+  _globals['_LOADMODELRESPONSE']._serialized_start=1145
+  _globals['_LOADMODELRESPONSE']._serialized_end=1234
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1236
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1268
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1270
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1332
+  _globals['_CHATMESSAGE']._serialized_start=1334
+  _globals['_CHATMESSAGE']._serialized_end=1378
+  _globals['_CHATMESSAGES']._serialized_start=1380
+  _globals['_CHATMESSAGES']._serialized_end=1443
+  _globals['_GENERATEREQUEST']._serialized_start=1446
+  _globals['_GENERATEREQUEST']._serialized_end=1836
+  _globals['_USAGE']._serialized_start=1838
+  _globals['_USAGE']._serialized_end=1895
+  _globals['_GENERATERESPONSE']._serialized_start=1898
+  _globals['_GENERATERESPONSE']._serialized_end=2041
+  _globals['_NEURON']._serialized_start=2399
+  _globals['_NEURON']._serialized_end=2830
 # @@protoc_insertion_point(module_scope)

@@ -91,7 +91,7 @@ class LocalSource(_message.Message):
     def __init__(self, path: _Optional[str] = ..., gguf_file: _Optional[str] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("id", "huggingface", "local", "dtype", "device", "max_batch_size", "max_context")
+    __slots__ = ("id", "huggingface", "local", "dtype", "device", "max_batch_size", "max_context", "max_waiting")
     ID_FIELD_NUMBER: _ClassVar[int]
     HUGGINGFACE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class ModelSpec(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
     id: str
     huggingface: HuggingFaceSource
     local: LocalSource
@@ -106,10 +107,11 @@ class ModelSpec(_message.Message):
     device: str
     max_batch_size: int
     max_context: int
-    def __init__(self, id: _Optional[str] = ..., huggingface: _Optional[_Union[HuggingFaceSource, _Mapping]] = ..., local: _Optional[_Union[LocalSource, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_context: _Optional[int] = ...) -> None: ...
+    max_waiting: int
+    def __init__(self, id: _Optional[str] = ..., huggingface: _Optional[_Union[HuggingFaceSource, _Mapping]] = ..., local: _Optional[_Union[LocalSource, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_waiting: _Optional[int] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("id", "state", "error", "device", "resident_bytes", "loaded_at", "last_used", "in_flight", "waiting", "max_context", "spec")
+    __slots__ = ("id", "state", "error", "device", "resident_bytes", "loaded_at", "last_used", "in_flight", "waiting", "max_context", "spec", "max_batch_size", "max_waiting")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +123,8 @@ class ModelStatus(_message.Message):
     WAITING_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: ModelState
     error: str
@@ -132,7 +136,9 @@ class ModelStatus(_message.Message):
     waiting: int
     max_context: int
     spec: ModelSpec
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., loaded_at: _Optional[float] = ..., last_used: _Optional[float] = ..., in_flight: _Optional[int] = ..., waiting: _Optional[int] = ..., max_context: _Optional[int] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
+    max_batch_size: int
+    max_waiting: int
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., loaded_at: _Optional[float] = ..., last_used: _Optional[float] = ..., in_flight: _Optional[int] = ..., waiting: _Optional[int] = ..., max_context: _Optional[int] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., max_waiting: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -187,7 +193,7 @@ class ChatMessages(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "chat", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty", "request_id")
+    __slots__ = ("model", "chat", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty", "request_id", "queue_timeout")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +205,7 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     model: str
     chat: ChatMessages
     prompt: str
@@ -210,7 +217,8 @@ class GenerateRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     repetition_penalty: float
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
+    queue_timeout: float
+    def __init__(self, model: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., request_id: _Optional[str] = ..., queue_timeout: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
