@@ -223,8 +223,10 @@ async def test_prompt_beyond_the_context_is_a_400_naming_the_limit(
 
 async def test_openapi_lists_exactly_the_routes_cortex_serves(cortex: CortexProcess) -> None:
     from cortex.api import Gateway, build_app
+    from cortex.auth import KeyRing
     from cortex.config import load
     from cortex.fleet import Fleet
+    from cortex.neuronlink import read_links
     from cortex.router import Router
 
     async with aiohttp.ClientSession() as session:
@@ -240,9 +242,10 @@ async def test_openapi_lists_exactly_the_routes_cortex_serves(cortex: CortexProc
     }
     # The routes of the app cortex builds from this very config.
     config, catalogue = load(cortex.config_path)
-    fleet = Fleet(config)
+    fleet = Fleet(config, read_links(config))
     try:
-        app = build_app(Gateway(config, catalogue, fleet, Router(config, fleet, catalogue)))
+        gateway = Gateway(config, catalogue, fleet, Router(config, fleet, catalogue))
+        app = build_app(gateway, KeyRing(config.auth))
         served = {
             (route.method, route.resource.canonical)
             for route in app.router.routes()
