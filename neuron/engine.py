@@ -337,7 +337,7 @@ class ModelEngine:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = KVCache.empty(self.forward, len(seqs), longest + _DECODE_ROOM)
         assert self.worker is not None
-        with self.worker.prompt_threads():
+        with self.worker.threads():
             logits = self.forward(ids, position_ids, mask, cache)
         tokens = self._sample(logits, seqs)
         metrics.PROMPT_TOKENS.labels(**self._metric_labels).inc(int(lengths.sum()))
@@ -354,9 +354,11 @@ class ModelEngine:
         self._mask = torch.cat(
             [self._mask, torch.ones(batch, 1, dtype=self._mask.dtype, device=self.device)], dim=1
         )
-        logits = self.forward(
-            self._next_tokens[:, None], self._positions[:, None], self._mask, self._cache
-        )
+        assert self.worker is not None
+        with self.worker.threads():
+            logits = self.forward(
+                self._next_tokens[:, None], self._positions[:, None], self._mask, self._cache
+            )
         self._positions = self._positions + 1
         tokens = self._sample(logits, self.running)
         self._next_tokens = tokens
@@ -580,21 +582,26 @@ class DeviceWorker:
         self._thread.join(timeout=10)
 
     @contextlib.contextmanager
-    def prompt_threads(self) -> Iterator[None]:
-        """Every core for a prompt: it is compute-bound and gains more than it stalls
-        (8 prompts of 30 tokens: 184 ms on 2 threads, about 350 on 1)."""
-        if self.device.type != "cpu" or self._cpu_threads:
+    def threads(self) -> Iterator[None]:
+        """torch's threads for one forward pass, and one between passes.
+
+        Between passes this thread samples, detokenises and hands chunks to the event loop,
+        which needs a core at that moment too: with torch left at every core, one stream
+        ran at 31 tokens/s and 8 at 137-145 on 2 cores; dropping to one thread between
+        passes gave 49-53 and 208-212 (the bare step is 48 and 237).
+        """
+        if self.device.type != "cpu":
             yield
             return
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        torch.set_num_threads(self._cpu_threads or len(os.sched_getaffinity(0)))
         try:
             yield
         finally:
-            torch.set_num_threads(default_cpu_threads())
+            torch.set_num_threads(1)
 
     def _run(self) -> None:
         if self.device.type == "cpu":
-            torch.set_num_threads(self._cpu_threads or default_cpu_threads())
+            torch.set_num_threads(1)
         while True:
             with self.cond:
                 while (
@@ -616,16 +623,6 @@ class DeviceWorker:
                         future.set_exception(e)
             for engine in engines:
                 engine.step()
-
-
-def default_cpu_threads() -> int:
-    """Every core this process may run on but one: the event loop and gRPC need one too.
-
-    With every core given to torch, each wake-up of the loop deschedules a torch thread and
-    stalls the step it is part of (measured on 2 cores, one stream: 33 tok/s with 2 threads,
-    42 with 1).
-    """
-    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def _deliver(items: list[tuple[Sequence, Chunk]]) -> None:
