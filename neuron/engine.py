@@ -110,7 +110,6 @@ class ModelEngine:
         max_waiting: int,
     ) -> None:
         self.model_id = model_id
-        self.model = model
         self.forward: Forward | None = forward
         self.tokenizer = tokenizer
         self.device = device
@@ -242,7 +241,7 @@ class ModelEngine:
 
     def release(self) -> None:
         """Drop every reference to the model's tensors (called on the device thread)."""
-        self.model = self.forward = None
+        self.forward = None
         self.tokenizer = None
         self._reset_batch()
 

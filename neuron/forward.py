@@ -100,7 +100,6 @@ class Forward:
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.hidden = config.hidden_size
         self.eps = config.rms_norm_eps
         # Attention here is over the whole context: a model trained with a sliding window is
         # only served up to its window.
