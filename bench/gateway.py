@@ -9,7 +9,8 @@ relay), and with one that coalesces as neuron does (a message carries every toke
 while the previous one was being written).
 
 - added latency: non-streaming chat requests of 16 tokens, one at a time, p50/p99;
-- requests/s: non-streaming requests at concurrency 64 (wrk);
+- requests/s: non-streaming requests at concurrency 1 and 64 (wrk), and at 64 through
+  ``bench.bare_relay`` on the same core: the ceiling of a Python aiohttp -> grpc.aio relay;
 - streamed tokens/s: 256-token SSE streams at concurrency 1 and 64 (wrk).
 """
 
@@ -58,8 +59,11 @@ async def latency_direct(endpoint: str, n: int) -> list[float]:
     async with grpc.aio.insecure_channel(endpoint) as channel:
         stub = pb_grpc.NeuronStub(channel)
         message = pb.ChatMessage(role="user", content="Hello")
-        request = pb.GenerateRequest(
-            model="standin", chat=pb.ChatMessages(messages=[message]), max_tokens=16
+        request = pb.GenerateRequest(  # as cortex asks for a non-streaming answer
+            model="standin",
+            chat=pb.ChatMessages(messages=[message]),
+            max_tokens=16,
+            message_interval=60.0,
         )
         for i in range(n + 50):
             started = time.perf_counter()
@@ -122,6 +126,36 @@ def pin(pid: int, core: str) -> None:
     subprocess.run(["taskset", "-a", "-p", "-c", core, str(pid)], check=True, capture_output=True)
 
 
+async def bare_relay_rps(standin: str, seconds: int, workdir: Path) -> float:
+    """Non-streaming requests/s at concurrency 64 through ``bench.bare_relay`` on cortex's core."""
+    listen = f"127.0.0.1:{free_port()}"
+    relay = start_bare_relay(listen, standin)
+    try:
+        url = f"http://{listen}/v1/chat/completions"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):  # until it answers
+                try:
+                    async with session.post(url, json=body(16, False)) as reply:
+                        if reply.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.1)
+        pin(relay.pid, CORTEX_CORE)
+        return wrk(url, body(16, False), 64, seconds, workdir)
+    finally:
+        relay.terminate()
+        relay.wait(timeout=10)
+
+
+def start_bare_relay(listen: str, standin: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.bare_relay", "--listen", listen, "--neuron", standin],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+
+
 def start_standin(listen: str, tokens_per_message: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
@@ -180,6 +214,10 @@ async def run(seconds: int, samples: int, tokens_per_message: int) -> list[tuple
         for connections in (1, 64):
             rps = wrk(url, body(16, False), connections, seconds, workdir)
             rows.append((f"non-streaming requests/s, concurrency {connections}", f"{rps:,.0f}"))
+        rps = await bare_relay_rps(listen, seconds, workdir)
+        rows.append(
+            ("bare relay (the ceiling): non-streaming requests/s, concurrency 64", f"{rps:,.0f}")
+        )
         for connections in (1, 64):
             rps = wrk(url, body(256, True), connections, seconds, workdir)
             rows.append(

@@ -9,6 +9,9 @@ It holds one READY model, ``standin``. Generate streams ``max_tokens`` tokens (e
 With ``--tokens-per-message 0`` it sends as neuron does: tokens are produced one per event
 loop turn and each message carries every token produced while the previous one was being
 written (``ModelEngine.stream`` merges what queued while its reader was busy).
+
+A request with ``message_interval`` set (a caller that wants the answer whole) gets every
+token in one message, as neuron sends an answer produced within the interval.
 """
 
 from __future__ import annotations
@@ -84,7 +87,9 @@ class StandIn(pb_grpc.NeuronServicer):
         total = request.max_tokens if request.HasField("max_tokens") else 16
         self.in_flight += 1
         try:
-            if self.tokens_per_message > 0:
+            if request.message_interval > 0:  # wanted whole, and all are there at once
+                counts = _fixed(total, total)
+            elif self.tokens_per_message > 0:
                 counts = _fixed(total, self.tokens_per_message)
             else:
                 counts = _coalesced(total)

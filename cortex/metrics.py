@@ -22,7 +22,8 @@ REQUESTS = Counter(
 )
 TIME_TO_FIRST_TOKEN = Histogram(
     "helexa_gateway_time_to_first_token_seconds",
-    "From a request's arrival at cortex to its first token from a neuron (placement included)",
+    "From a streamed request's arrival at cortex to its first token from a neuron (placement "
+    "included); non-streaming requests get their tokens together, see request_duration_seconds",
     ["model"],
     buckets=_TTFT_BUCKETS,
     registry=REGISTRY,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 
@@ -278,7 +278,7 @@ class Router:
 
     async def generate(
         self, model_id: str, request: pb.GenerateRequest
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """Stream ``request`` from a neuron, retrying others until the first message arrives."""
         timeouts = self.config.timeouts
         tried: set[str] = set()
@@ -313,7 +313,8 @@ class Router:
             call = neuron.stub.Generate(request, timeout=timeouts.request)
             try:
                 try:
-                    await asyncio.wait_for(call.initial_metadata(), timeouts.accept)
+                    async with asyncio.timeout(timeouts.accept):  # no task, unlike wait_for
+                        await call.initial_metadata()
                     first = await call.read()
                 except (grpc.aio.AioRpcError, TimeoutError) as e:
                     if isinstance(e, TimeoutError):

@@ -56,8 +56,13 @@ class EngineConfig:
     max_batch_size: int = 16
     # Requests waiting for a batch slot per model before new ones are refused (a spec may lower it).
     max_waiting: int = 256
+    # Keys and values of prompt beginnings kept per model, so a prompt that starts like an
+    # earlier one runs only its new tokens; 0: off. Outside the models' memory budget.
+    prefix_cache: int = field(default=256 << 20, metadata={"unit": "bytes"})
 
     def check_config(self, key: str) -> None:
+        if self.prefix_cache < 0:
+            raise ConfigError(f"{key}.prefix_cache: must not be negative")
         if self.max_batch_size < 1:
             raise ConfigError(f"{key}.max_batch_size: must be at least 1")
         if self.max_waiting < 1:

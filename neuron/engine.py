@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from neuron import metrics
 from neuron.errors import QueueFull, QueueTimeout, ShuttingDown
 from neuron.forward import Forward, KVCache
+from neuron.prefix import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class ModelEngine:
         max_batch_size: int,
         max_context: int,
         max_waiting: int,
+        prefix_cache: int = 0,
     ) -> None:
         self.model_id = model_id
         self.forward: Forward | None = forward
@@ -117,6 +119,8 @@ class ModelEngine:
         self.max_context = max_context
         self.max_waiting = max_waiting
         self.eos_ids = _eos_ids(model, tokenizer)
+        # Keys and values of prompt beginnings, at most ``prefix_cache`` bytes (worker thread).
+        self.prefixes = PrefixCache(prefix_cache)
         self.worker: DeviceWorker | None = None
         self.last_used = 0.0
         # Shared with the asyncio side, guarded by the worker's condition lock.
@@ -153,11 +157,14 @@ class ModelEngine:
         params: SamplingParams,
         request_id: str = "",
         queue_timeout: float = 0.0,
+        message_interval: float = 0.0,
     ) -> AsyncIterator[Chunk]:
         """Generate for one request; chunks that arrive while the caller is busy are merged.
 
         With ``queue_timeout`` (seconds, 0: none), a request still waiting for a batch slot
-        after that long is withdrawn and ``QueueTimeout`` is raised before any chunk.
+        after that long is withdrawn and ``QueueTimeout`` is raised before any chunk. With
+        ``message_interval`` (seconds, 0: a stream), chunks are held and merged: at most one
+        per interval, and the last at once (for a caller that wants the answer whole).
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk] = asyncio.Queue()
@@ -170,12 +177,16 @@ class ModelEngine:
                 chunk = await self._first_chunk(seq, queue, queue_timeout)
             else:
                 chunk = await queue.get()
+            hold_until = seq.arrived_at + message_interval
             while True:
                 while chunk.finish_reason is None and not queue.empty():
                     chunk = _merge(chunk, queue.get_nowait())
+                if message_interval > 0 and chunk.finish_reason is None:
+                    chunk = await _held(chunk, queue, hold_until)
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
+                hold_until = time.monotonic() + message_interval
                 chunk = await queue.get()
         finally:
             if not seq.finished:
@@ -243,6 +254,8 @@ class ModelEngine:
         """Drop every reference to the model's tensors (called on the device thread)."""
         self.forward = None
         self.tokenizer = None
+        self.prefixes.clear()
+        metrics.PREFIX_CACHE_BYTES.labels(**self._metric_labels).set(0)
         self._reset_batch()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -259,6 +272,7 @@ class ModelEngine:
         try:
             self._drop_cancelled()
             self._admit()
+            self._flush()  # first tokens go out now, not after the decode step below
             if self.running:
                 self._decode()
         except Exception as e:  # a failed forward must not kill the worker or hang clients
@@ -322,27 +336,65 @@ class ModelEngine:
 
     @torch.inference_mode()
     def _prefill(self, seqs: list[Sequence]) -> None:
-        """Run the prompts of ``seqs`` together (left-padded) and merge them into the batch."""
+        """Run the prompts of ``seqs`` together and merge them into the batch.
+
+        What the prefix cache holds of a prompt's beginning is copied in, not run (one token
+        is always run, for its logits). Columns ``[0, past)`` hold the cached beginnings and
+        ``[past, past + longest)`` the tokens run now, each part right-aligned per row.
+        """
         assert self.forward is not None
-        longest = max(len(s.prompt_ids) for s in seqs)
+        matches = [self.prefixes.match(s.prompt_ids[:-1]) for s in seqs]
+        suffixes = [s.prompt_ids[m:] for s, (m, _) in zip(seqs, matches, strict=True)]
+        past = max(m for m, _ in matches)
+        longest = max(len(x) for x in suffixes)
+        columns = past + longest
         pad = self.eos_ids[0] if self.eos_ids else 0
-        ids = torch.tensor(
-            [[pad] * (longest - len(s.prompt_ids)) + s.prompt_ids for s in seqs],
-            device=self.device,
-        )
-        lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)
-        columns = torch.arange(longest, device=self.device)
-        mask = (columns[None, :] >= (longest - lengths)[:, None]).long()
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = KVCache.empty(self.forward, len(seqs), longest + _DECODE_ROOM)
+        ids = torch.tensor([[pad] * (longest - len(x)) + x for x in suffixes], device=self.device)
+        cache = KVCache.empty(self.forward, len(seqs), columns + _DECODE_ROOM)
+        mask = torch.zeros(len(seqs), columns, dtype=torch.long, device=self.device)
+        if past:
+            cache.data[..., :past, :] = 0  # padding there must not be garbage (NaN * 0)
+        for row, (m, pieces) in enumerate(matches):
+            at = past - m
+            for piece in pieces:
+                cache.data[:, :, row, :, at : at + piece.shape[3]] = piece
+                at += piece.shape[3]
+            mask[row, past - m : past] = 1
+            mask[row, columns - len(suffixes[row]) :] = 1
+        cache.length = past
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
         assert self.worker is not None
         with self.worker.threads():
             logits = self.forward(ids, position_ids, mask, cache)
         tokens = self._sample(logits, seqs)
-        metrics.PROMPT_TOKENS.labels(**self._metric_labels).inc(int(lengths.sum()))
+        lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)
+        self._remember_prompts(seqs, matches, suffixes, cache, past)
+        labels = self._metric_labels
+        metrics.PROMPT_TOKENS.labels(**labels).inc(int(lengths.sum()))
+        metrics.PREFIX_CACHE_HITS.labels(**labels).inc(sum(m for m, _ in matches))
+        metrics.PREFIX_CACHE_BYTES.labels(**labels).set(self.prefixes.bytes)
         first_row = len(self.running)
         self._merge_batch(seqs, cache, mask, lengths, tokens)
         self._emit(first_row, tokens)
+
+    def _remember_prompts(
+        self,
+        seqs: list[Sequence],
+        matches: list[tuple[int, list[torch.Tensor]]],
+        suffixes: list[list[int]],
+        cache: KVCache,
+        past: int,
+    ) -> None:
+        """Keep each prompt's keys and values in the prefix cache."""
+        if self.prefixes.budget <= 0:
+            return
+        end = cache.length
+        for row, (seq, (m, _)) in enumerate(zip(seqs, matches, strict=True)):
+            kv = cache.data[:, :, row]
+            whole = torch.cat(
+                [kv[..., past - m : past, :], kv[..., end - len(suffixes[row]) : end, :]], dim=3
+            )
+            self.prefixes.insert(seq.prompt_ids, whole)
 
     @torch.inference_mode()
     def _decode(self) -> None:
@@ -627,6 +679,16 @@ class DeviceWorker:
 def _deliver(items: list[tuple[Sequence, Chunk]]) -> None:
     for seq, chunk in items:
         seq.sink(chunk)
+
+
+async def _held(chunk: Chunk, queue: asyncio.Queue[Chunk], until: float) -> Chunk:
+    """Merge what comes into ``chunk`` until the last chunk, or until ``until`` (monotonic)."""
+    remaining = until - time.monotonic()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(remaining):  # a cancelled get leaves its item queued
+            while chunk.finish_reason is None:
+                chunk = _merge(chunk, await queue.get())
+    return chunk
 
 
 def _merge(a: Chunk, b: Chunk) -> Chunk:

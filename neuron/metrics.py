@@ -53,6 +53,18 @@ QUEUE_TIME = Histogram(
 PROMPT_TOKENS = Counter(
     "helexa_neuron_prompt_tokens", "Prompt tokens processed", ["model"], registry=REGISTRY
 )
+PREFIX_CACHE_HITS = Counter(
+    "helexa_neuron_prefix_cache_hit_tokens",
+    "Prompt tokens whose keys and values came from the prefix cache instead of being run",
+    ["model"],
+    registry=REGISTRY,
+)
+PREFIX_CACHE_BYTES = Gauge(
+    "helexa_neuron_prefix_cache_bytes",
+    "Memory the prefix cache holds for a loaded model (engine.prefix_cache bounds it)",
+    ["model"],
+    registry=REGISTRY,
+)
 GENERATION_TOKENS = Counter(
     "helexa_neuron_generation_tokens", "Tokens generated", ["model"], registry=REGISTRY
 )

@@ -150,6 +150,7 @@ class Registry:
                     self.config.engine.max_batch_size,
                 ),
                 max_context=max_context,
+                prefix_cache=self.config.engine.prefix_cache,
                 max_waiting=min(
                     spec.max_waiting or self.config.engine.max_waiting,
                     self.config.engine.max_waiting,

@@ -139,9 +139,11 @@ class NeuronService(pb_grpc.NeuronServicer):
             engine = await self.registry.engine_for(_required_model(request))
             prompt_ids, params = await _prepare(engine, request)
             request_id = request.request_id or uuid.uuid4().hex
-            queue_timeout = _queue_timeout(request)
+            queue_timeout = _seconds(request, "queue_timeout", "no bound")
+            interval = _seconds(request, "message_interval", "a stream")
             # The engine refuses (queue full, queue timeout, model going away) before any chunk.
-            async for chunk in engine.stream(prompt_ids, params, request_id, queue_timeout):
+            chunks = engine.stream(prompt_ids, params, request_id, queue_timeout, interval)
+            async for chunk in chunks:
                 if chunk.finish_reason == ERROR:
                     await context.abort(grpc.StatusCode.INTERNAL, chunk.error)
                 response = pb.GenerateResponse(text=chunk.text, tokens=chunk.tokens)
@@ -248,12 +250,10 @@ async def _prepare(
     return prompt_ids, params
 
 
-def _queue_timeout(request: pb.GenerateRequest) -> float:
-    value = request.queue_timeout
+def _seconds(request: pb.GenerateRequest, name: str, zero: str) -> float:
+    value: float = getattr(request, name)
     if not (math.isfinite(value) and value >= 0):
-        raise InvalidArgument(
-            "queue_timeout", f"must be 0 (no bound) or more seconds, got {value:g}"
-        )
+        raise InvalidArgument(name, f"must be 0 ({zero}) or more seconds, got {value:g}")
     return value
 
 

@@ -321,9 +321,11 @@ async def test_client_disconnect_mid_stream_cancels_generation_on_the_neuron(
 
 
 async def test_metrics_are_prefixed_histograms(cortex: CortexProcess) -> None:
-    await client(cortex).chat.completions.create(
-        model=DEMO_ID, messages=[{"role": "user", "content": QUESTION}], max_tokens=4
+    stream = await client(cortex).chat.completions.create(
+        model=DEMO_ID, messages=[{"role": "user", "content": QUESTION}], max_tokens=4, stream=True
     )
+    async for _ in stream:
+        pass
     text = cortex.metrics()
     for name in (
         "helexa_gateway_time_to_first_token_seconds_bucket",

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
-from tests.harness import DEMO_ID, chat, collect, demo_spec
+from tests.harness import (
+    DEMO_ID,
+    NeuronProcess,
+    chat,
+    collect,
+    demo_model,
+    demo_spec,
+    metric_value,
+    neuron_config,
+)
 
 QUESTION = "What is the capital of France?"
 
@@ -32,6 +42,34 @@ async def test_greedy_chat_whole_answer_is_the_streamed_text(
     first, _, _ = await collect(shared_stub, chat(DEMO_ID, QUESTION, max_tokens=32, temperature=0))
     second, _, _ = await collect(shared_stub, chat(DEMO_ID, QUESTION, max_tokens=32, temperature=0))
     assert first == second == "The capital of France is Paris."
+
+
+async def test_an_answer_wanted_whole_comes_in_as_few_messages_as_the_interval_allows(
+    shared_stub: pb_grpc.NeuronStub,
+) -> None:
+    whole = chat(DEMO_ID, QUESTION, max_tokens=32, temperature=0, message_interval=60)
+    text, last, count = await collect(shared_stub, whole)
+    assert (text, count) == ("The capital of France is Paris.", 1)
+    assert last.finish_reason == pb.FINISH_REASON_STOP
+    assert last.tokens == last.usage.completion_tokens > 1
+
+    story = "Write a long story about a dragon."
+    # Once first, so that both runs below reuse the same cached prompt: in bf16 a prompt run
+    # whole and one continued from the prefix cache can round differently.
+    await collect(shared_stub, chat(DEMO_ID, story, max_tokens=1))
+    streamed, _, streamed_count = await collect(
+        shared_stub, chat(DEMO_ID, story, max_tokens=48, temperature=0)
+    )
+    interval = 0.2
+    started = time.monotonic()
+    held, last, count = await collect(
+        shared_stub,
+        chat(DEMO_ID, story, max_tokens=48, temperature=0, message_interval=interval),
+    )
+    elapsed = time.monotonic() - started
+    assert held == streamed and last.usage.completion_tokens == 48
+    # At most one message per interval (the last comes at once), where a stream has ~one a token.
+    assert count <= elapsed / interval + 1 < streamed_count
 
 
 async def test_raw_prompt_is_generated_without_template(shared_stub: pb_grpc.NeuronStub) -> None:
@@ -70,7 +108,9 @@ async def test_seeded_sampling_repeats_and_differs_by_seed(shared_stub: pb_grpc.
         )
 
     # One after another: in bf16 a row's arithmetic depends slightly on the padding around it
-    # in a batch, and sampling amplifies that (batched == alone is checked in float32).
+    # in a batch, and sampling amplifies that (batched == alone is checked in float32). The
+    # first run puts the prompt in the prefix cache, so that the compared runs reuse it alike.
+    await collect(shared_stub, req(0))
     a = await collect(shared_stub, req(1))
     b = await collect(shared_stub, req(1))
     c = await collect(shared_stub, req(2))
@@ -106,6 +146,55 @@ async def test_eight_concurrent_streams_are_batched_not_serialised(
     assert "Paris" in together[0][0]
     assert concurrent < 0.6 * sequential, f"{concurrent=:.2f}s vs {sequential=:.2f}s"
     await shared_stub.UnloadModel(pb.UnloadModelRequest(id=model))
+
+
+async def test_prompts_reuse_cached_beginnings_and_answer_as_if_run_whole(
+    shared_neuron: NeuronProcess, shared_stub: pb_grpc.NeuronStub, tmp_path: Path
+) -> None:
+    # float32 on both sides, so that greedy answers can be compared exactly: the shared
+    # neuron (prefix cache on, its default) against one with engine.prefix_cache = 0.
+    model = "smollm2-f32-prefix"
+    config = neuron_config([demo_model(model, dtype="float32")])
+    config["engine"]["prefix_cache"] = 0
+    plain = NeuronProcess(tmp_path / "no-prefix-cache", config).start()
+    await shared_stub.LoadModel(pb.LoadModelRequest(spec=demo_spec(model, dtype="float32")))
+    first = [
+        pb.ChatMessage(role="user", content=QUESTION),
+        pb.ChatMessage(role="assistant", content="The capital of France is Paris."),
+    ]
+    follow_up = pb.GenerateRequest(
+        model=model,
+        chat=pb.ChatMessages(
+            messages=[*first, pb.ChatMessage(role="user", content="And of Italy?")]
+        ),
+        max_tokens=24,
+        temperature=0,
+    )
+    questions = [QUESTION, "Name three colours.", "What is 2 + 2?", "Say hello."]
+    requests = [chat(model, q, max_tokens=24, temperature=0) for q in questions]
+    try:
+        await plain.wait_serving()
+        async with plain.channel() as channel:
+            stub = pb_grpc.NeuronStub(channel)
+            expected = [(await collect(stub, r))[0] for r in [*requests, follow_up]]
+        assert "Paris" in expected[0] and "Rome" in expected[-1]
+        assert metric_value(plain.metrics(), "helexa_neuron_prefix_cache_hit_tokens_total") == 0
+
+        hits = "helexa_neuron_prefix_cache_hit_tokens_total"
+        before = metric_value(shared_neuron.metrics(), hits, model=model)
+        alone = await collect(shared_stub, requests[0])  # its whole prompt is cached now
+        together = await asyncio.gather(*(collect(shared_stub, r) for r in requests))
+        again = await collect(shared_stub, follow_up)  # the conversation so far is cached
+        answers = [alone[0]] + [t[0] for t in together] + [again[0]]
+        assert answers == [expected[0], *expected], "reused keys and values changed an answer"
+        # The template's system prompt (20+ tokens) came from the cache for every prompt after
+        # the first, the whole repeated question but its last token, and the first turn of the
+        # conversation for the follow-up.
+        reused = metric_value(shared_neuron.metrics(), hits, model=model) - before
+        assert reused >= 5 * 20 + alone[1].usage.prompt_tokens - 1
+    finally:
+        plain.stop()
+        await shared_stub.UnloadModel(pb.UnloadModelRequest(id=model))
 
 
 async def test_list_models_reports_the_default_model_ready(
@@ -173,6 +262,11 @@ async def test_info_reports_the_cpu_device(shared_stub: pb_grpc.NeuronStub) -> N
             chat(DEMO_ID, QUESTION, queue_timeout=-1),
             grpc.StatusCode.INVALID_ARGUMENT,
             "queue_timeout",
+        ),
+        (
+            chat(DEMO_ID, QUESTION, message_interval=float("nan")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "message_interval: must be 0 (a stream) or more seconds",
         ),
         (
             chat(DEMO_ID, QUESTION, repetition_penalty=1e-45, temperature=1),

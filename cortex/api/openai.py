@@ -18,7 +18,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,6 +178,10 @@ def _common(gateway: Gateway, body: dict[str, Any], request: pb.GenerateRequest)
         if not isinstance(options, dict):
             raise BadRequest("'stream_options' must be an object", param="stream_options")
         include_usage = _bool(options, "include_usage")
+    if not stream:
+        # The client wants the answer whole: the neuron sends it in one message (a message
+        # costs both ends more than a token), with one at least every half stall timeout.
+        request.message_interval = gateway.config.timeouts.stall / 2
     model_id = gateway.router.resolve(name)
     request.model = model_id
     return Parsed(model_id, request, stream, include_usage)
@@ -407,11 +411,12 @@ async def _answer(request: web.Request, gateway: Gateway, answer: Answer) -> web
     request["model_label"] = parsed.model
     parsed.generate.request_id = answer.id
     arrived = time.monotonic()
-    relay = Relay(gateway.router.generate(parsed.model, parsed.generate))
+    messages = gateway.router.generate(parsed.model, parsed.generate)
+    if not parsed.stream:
+        return await _whole(gateway, answer, messages)
+    relay = Relay(messages)
     try:
-        if parsed.stream:
-            return await _stream(request, gateway, answer, relay, arrived)
-        return await _whole(gateway, answer, relay, arrived)
+        return await _stream(request, gateway, answer, relay, arrived)
     finally:
         await relay.close()
 
@@ -430,26 +435,30 @@ def _first_token_seen(answer: Answer, arrived: float) -> Callable[[], None]:
     return mark
 
 
-async def _whole(gateway: Gateway, answer: Answer, relay: Relay, arrived: float) -> web.Response:
+async def _whole(
+    gateway: Gateway, answer: Answer, messages: AsyncGenerator[pb.GenerateResponse, None]
+) -> web.Response:
+    """The answer as one JSON body. Its tokens come held together (``message_interval``), so
+    there is no first-token time, and no relay task: the messages are read here."""
     timeouts = gateway.config.timeouts
     outcome = Outcome()
     parts: list[str] = []
-    mark_first = _first_token_seen(answer, arrived)
-    # Before the first token a placement may run (bounded by timeouts.load).
+    # Before the first message a placement may run (bounded by timeouts.load).
     within = timeouts.load + timeouts.stall
-    while True:
-        items = await relay.next(within)
-        if items is None:
-            raise StreamStalled(f"no token from the neuron within {within:g} seconds")
-        within = timeouts.stall
-        for item in items:
-            if item is _END:
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(within):  # cancels the read, and so the call
+                    message = await anext(messages)
+            except StopAsyncIteration:
                 outcome.text = "".join(parts)
                 return web.json_response(answer.whole(outcome))
-            if isinstance(item, CortexError):
-                raise item
-            mark_first()
-            parts.append(_absorb(outcome, item))
+            except TimeoutError:
+                raise StreamStalled(f"no token from the neuron within {within:g} seconds") from None
+            within = timeouts.stall
+            parts.append(_absorb(outcome, message))
+    finally:
+        await messages.aclose()
 
 
 async def _stream(

@@ -193,7 +193,7 @@ class ChatMessages(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "chat", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty", "request_id", "queue_timeout")
+    __slots__ = ("model", "chat", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty", "request_id", "queue_timeout", "message_interval")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +206,7 @@ class GenerateRequest(_message.Message):
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     model: str
     chat: ChatMessages
     prompt: str
@@ -218,7 +219,8 @@ class GenerateRequest(_message.Message):
     repetition_penalty: float
     request_id: str
     queue_timeout: float
-    def __init__(self, model: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., request_id: _Optional[str] = ..., queue_timeout: _Optional[float] = ...) -> None: ...
+    message_interval: float
+    def __init__(self, model: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., request_id: _Optional[str] = ..., queue_timeout: _Optional[float] = ..., message_interval: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
