@@ -8,6 +8,7 @@ that followed, and its completion tokens.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,14 @@ PROMPTS = [
     "Write a story about a robot who wants to become a painter.",
     "Explain how bread is made, step by step, in detail.",
 ]
+
+_serial = itertools.count()
+
+
+def prompt(index: int) -> str:
+    """A user message no earlier request sent: a server's prefix cache can reuse the chat
+    template's system prompt, as for any chat client, but never a whole earlier prompt."""
+    return f"Request {next(_serial)}: {PROMPTS[index % len(PROMPTS)]}"
 
 
 @dataclass
@@ -120,7 +129,7 @@ def openai_sender(
     async def send(index: int) -> Result:
         body = {
             "model": model,
-            "messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
+            "messages": [{"role": "user", "content": prompt(index)}],
             "max_tokens": max_tokens,
             "temperature": 0,
             "stream": True,
@@ -147,7 +156,7 @@ def openai_sender(
 
 def grpc_sender(stub: pb_grpc.NeuronStub, model: str, max_tokens: int) -> Send:
     async def send(index: int) -> Result:
-        message = pb.ChatMessage(role="user", content=PROMPTS[index % len(PROMPTS)])
+        message = pb.ChatMessage(role="user", content=prompt(index))
         request = pb.GenerateRequest(
             model=model,
             chat=pb.ChatMessages(messages=[message]),
