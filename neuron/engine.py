@@ -368,7 +368,7 @@ class ModelEngine:
             logits = self.forward(ids, position_ids, mask, cache)
         tokens = self._sample(logits, seqs)
         lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)
-        self._remember_prompts(seqs, matches, suffixes, cache, past)
+        self._remember_prompts(seqs, cache, mask)
         labels = self._metric_labels
         metrics.PROMPT_TOKENS.labels(**labels).inc(int(lengths.sum()))
         metrics.PREFIX_CACHE_HITS.labels(**labels).inc(sum(m for m, _ in matches))
@@ -377,24 +377,13 @@ class ModelEngine:
         self._merge_batch(seqs, cache, mask, lengths, tokens)
         self._emit(first_row, tokens)
 
-    def _remember_prompts(
-        self,
-        seqs: list[Sequence],
-        matches: list[tuple[int, list[torch.Tensor]]],
-        suffixes: list[list[int]],
-        cache: KVCache,
-        past: int,
-    ) -> None:
-        """Keep each prompt's keys and values in the prefix cache."""
+    def _remember_prompts(self, seqs: list[Sequence], cache: KVCache, mask: torch.Tensor) -> None:
+        """Keep each prompt's keys and values (its row's real columns) in the prefix cache."""
         if self.prefixes.budget <= 0:
             return
-        end = cache.length
-        for row, (seq, (m, _)) in enumerate(zip(seqs, matches, strict=True)):
-            kv = cache.data[:, :, row]
-            whole = torch.cat(
-                [kv[..., past - m : past, :], kv[..., end - len(suffixes[row]) : end, :]], dim=3
-            )
-            self.prefixes.insert(seq.prompt_ids, whole)
+        used = cache.data[..., : mask.shape[1], :]
+        for row, seq in enumerate(seqs):
+            self.prefixes.insert(seq.prompt_ids, used[:, :, row, :, mask[row].bool()])
 
     @torch.inference_mode()
     def _decode(self) -> None:
