@@ -66,6 +66,14 @@ def chat(model: str, content: str, **params: Any) -> pb.GenerateRequest:
     return pb.GenerateRequest(model=model, chat=pb.ChatMessages(messages=[message]), **params)
 
 
+def endless(model: str = DEMO_ID, max_tokens: int = 4000) -> pb.GenerateRequest:
+    """A stream that holds its batch slot until cancelled: greedy counting (no template) goes
+    on past hundreds of tokens, where a sampled story can end early and free its slot."""
+    return pb.GenerateRequest(
+        model=model, prompt="1, 2, 3, 4, 5, 6, 7, 8,", max_tokens=max_tokens, temperature=0
+    )
+
+
 # Every daemon a test started, so a failing test can show what they were doing (conftest).
 STARTED: list[Daemon] = []
 

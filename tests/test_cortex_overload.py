@@ -32,6 +32,7 @@ from tests.harness import (
     collect,
     cortex_config,
     demo_model,
+    endless,
     free_port,
     metric_value,
     neuron_config,
@@ -206,11 +207,10 @@ async def test_request_waiting_past_the_queue_timeout_is_a_503_before_any_token(
     expired = metric_value(
         small_neuron.metrics(), "helexa_neuron_requests_total", finish_reason="queue_timeout"
     )
-    long = chat(DEMO_ID, "Write a very long story about a dragon.", max_tokens=4000)
     async with grpc.aio.insecure_channel(small_neuron.endpoint) as channel:
         stub = pb_grpc.NeuronStub(channel)
         # Another gateway's two long streams hold both batch slots; the queue has room.
-        holders = [stub.Generate(long, timeout=300) for _ in range(2)]
+        holders = [stub.Generate(endless(), timeout=300) for _ in range(2)]
         try:
             for call in holders:
                 await call.read()
@@ -224,6 +224,7 @@ async def test_request_waiting_past_the_queue_timeout_is_a_503_before_any_token(
                 raw = await r.read()
                 _check_retry_later(r.status, r.headers, raw)
             assert "(queue_timeout)" in json.loads(raw)["error"]["message"]
+            assert not any(call.done() for call in holders), "a holder ended and freed its slot"
             assert r.headers["Content-Type"].startswith("application/json")
             (model,) = (await stub.ListModels(pb.ListModelsRequest())).models
             assert model.waiting == 0, "the expired request was left in the queue"
@@ -239,8 +240,7 @@ async def test_request_waiting_past_the_queue_timeout_is_a_503_before_any_token(
 
 async def _fill(stub: pb_grpc.NeuronStub) -> list[Any]:
     """Another gateway's 4 long streams: both batch slots and both waiting places taken."""
-    long = chat(DEMO_ID, "Write a very long story about a dragon.", max_tokens=4000)
-    calls = [stub.Generate(long, timeout=300) for _ in range(4)]
+    calls = [stub.Generate(endless(), timeout=300) for _ in range(4)]
     deadline = time.monotonic() + 60
     while True:
         (model,) = (await stub.ListModels(pb.ListModelsRequest(), timeout=10)).models

@@ -19,6 +19,7 @@ from tests.harness import (
     chat,
     collect,
     demo_model,
+    endless,
     neuron_config,
     read_rest,
 )
@@ -134,9 +135,7 @@ async def test_stream_longer_than_drain_timeout_ends_cancelled_and_exit_is_bound
     neuron = start(tmp_path, neurons, default_models=[demo_model()], drain_timeout=drain)
     await neuron.wait_serving()
     async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
-        call = pb_grpc.NeuronStub(channel).Generate(
-            chat(DEMO_ID, LONG, max_tokens=5000, temperature=0), timeout=300
-        )
+        call = pb_grpc.NeuronStub(channel).Generate(endless(max_tokens=5000), timeout=300)
         await call.read()
         neuron.send(signal.SIGTERM)
         signalled = time.monotonic()
@@ -154,9 +153,7 @@ async def test_second_signal_exits_at_once(
     neuron = start(tmp_path, neurons, default_models=[demo_model()], drain_timeout=300)
     await neuron.wait_serving()
     async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
-        call = pb_grpc.NeuronStub(channel).Generate(
-            chat(DEMO_ID, LONG, max_tokens=5000), timeout=300
-        )
+        call = pb_grpc.NeuronStub(channel).Generate(endless(max_tokens=5000), timeout=300)
         await call.read()
         neuron.send(signal.SIGTERM)
         deadline = time.monotonic() + 30

@@ -22,6 +22,7 @@ from tests.harness import (
     chat,
     collect,
     demo_spec,
+    endless,
     metric_value,
     neuron_config,
     read_rest,
@@ -89,7 +90,7 @@ async def test_cancelling_a_stream_frees_its_slot_for_the_next_request(
 ) -> None:
     # One slot: if the cancelled stream kept it, the next request would wait for 4000 tokens.
     await shared_stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("one-slot", max_batch_size=1)))
-    call = shared_stub.Generate(chat("one-slot", LONG, max_tokens=4000), timeout=300)
+    call = shared_stub.Generate(endless("one-slot"), timeout=300)
     await call.read()
     await call.read()
     call.cancel()
@@ -122,7 +123,7 @@ async def test_a_models_own_queue_bound_and_queue_timeout_refuse_before_any_toke
     # One batch slot and one waiting place for this model (the neuron's default is 256).
     spec = demo_spec("one-wait", max_batch_size=1, max_waiting=1)
     await shared_stub.LoadModel(pb.LoadModelRequest(spec=spec))
-    running = shared_stub.Generate(chat("one-wait", LONG, max_tokens=4000), timeout=300)
+    running = shared_stub.Generate(endless("one-wait"), timeout=300)
     await running.read()
     waiter = shared_stub.Generate(chat("one-wait", "Hi", max_tokens=4, queue_timeout=5.0))
     waited = asyncio.ensure_future(waiter.read())
@@ -208,7 +209,7 @@ async def test_no_room_and_a_full_queue_are_resource_exhausted(
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "does not fit" in (error.value.details() or "")
 
-        running = stub.Generate(chat("a", LONG, max_tokens=4000), timeout=300)
+        running = stub.Generate(endless("a"), timeout=300)
         await running.read()
         waiting = stub.Generate(
             chat("a", "What is the capital of France?", max_tokens=16, temperature=0)
