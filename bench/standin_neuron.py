@@ -10,6 +10,8 @@ With ``--tokens-per-message 0`` it sends as neuron does: tokens are produced one
 loop turn and each message carries every token produced while the previous one was being
 written (``ModelEngine.stream`` merges what queued while its reader was busy).
 
+``GenerateMany`` (how cortex asks) is served by neuron's own ``neuron.multiplex``.
+
 A request with ``message_interval`` set (a caller that wants the answer whole) gets every
 token in one message, as neuron sends an answer produced within the interval.
 """
@@ -18,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -29,9 +32,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
+from neuron.multiplex import Multiplexer
 
 MODEL = "standin"
 TOTAL = 64 << 30
+
+
+class Unknown(Exception):
+    """A model the stand-in does not hold."""
+
+
+def _status(error: Exception) -> tuple[grpc.StatusCode, str]:
+    code = grpc.StatusCode.NOT_FOUND if isinstance(error, Unknown) else grpc.StatusCode.INTERNAL
+    return code, str(error)
 
 
 class StandIn(pb_grpc.NeuronServicer):
@@ -40,6 +53,7 @@ class StandIn(pb_grpc.NeuronServicer):
         self.in_flight = 0
         self.loaded_at = time.time()
         self.messages: dict[int, pb.GenerateResponse] = {}
+        self.many = Multiplexer(self._generation, _status)
 
     async def Info(self, request: pb.InfoRequest, context: Any) -> pb.InfoResponse:
         device = pb.Device(
@@ -82,8 +96,24 @@ class StandIn(pb_grpc.NeuronServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: Any
     ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            async for response in self._generation(request):
+                yield response
+        except Unknown as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+
+    async def GenerateMany(
+        self, requests: AsyncIterator[pb.GenerateManyRequest], context: Any
+    ) -> AsyncIterator[pb.GenerateManyResponse]:
+        async with contextlib.aclosing(self.many.serve(requests, context)) as responses:
+            async for response in responses:
+                yield response
+
+    async def _generation(
+        self, request: pb.GenerateRequest
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         if request.model != MODEL:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not loaded")
+            raise Unknown(f"model {request.model!r} is not loaded")
         total = request.max_tokens if request.HasField("max_tokens") else 16
         self.in_flight += 1
         try:

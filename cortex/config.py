@@ -107,7 +107,7 @@ class FleetConfig(NeuronLink):
 class TimeoutsConfig:
     """Bounds on the waits a request can meet."""
 
-    # Deadline of one Generate call, first token to last.
+    # Deadline of one generation on a neuron, first token to last.
     request: float = 600.0
     # Deadline of one LoadModel or UnloadModel call (a cold download can take minutes).
     load: float = 900.0
@@ -118,7 +118,7 @@ class TimeoutsConfig:
     # Most seconds a request waits in neurons' queues for a batch slot, over all its tries;
     # past it, a 503 with Retry-After (the neuron drops it before any token).
     queue: float = 30.0
-    # Seconds a neuron has to take a Generate call (answer its headers) before another is tried.
+    # Seconds a neuron has to take a request (its accepted event) before another is tried.
     accept: float = 10.0
     # Retry-After of a 503 while cortex drains, or when no completion has been seen lately to
     # measure how fast the queue drains.

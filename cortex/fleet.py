@@ -1,5 +1,7 @@
 """The fleet: one long-lived gRPC channel per neuron and a poller that keeps its state fresh.
 
+Generations go over the channel's one ``GenerateMany`` call (``cortex.multiplex``).
+
 Each poll asks a neuron for its health, ``Info`` and ``ListModels``. A neuron that fails
 ``down_after_failures`` polls in a row is marked down and gets no requests; it is up again as
 soon as one poll answers. Health NOT_SERVING or ``Info.draining`` marks it draining: it keeps
@@ -19,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cortex import metrics
 from cortex.config import CortexConfig, FleetConfig, NeuronEndpoint
+from cortex.multiplex import Multiplexer
 from cortex.neuronlink import Link, open_channel
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
@@ -76,6 +79,7 @@ class NeuronState:
     channel: grpc.aio.Channel
     stub: pb_grpc.NeuronStub
     health: health_pb2_grpc.HealthStub
+    generations: Multiplexer  # every Generate goes over its one GenerateMany call
     status: str = UNKNOWN
     failures: int = 0
     error: str = ""
@@ -174,12 +178,14 @@ class Fleet:
     def _connect(self, endpoint: NeuronEndpoint, link: Link) -> NeuronState:
         channel = open_channel(endpoint.endpoint, link, channel_options(self.config))
         metrics.NEURON_UP.labels(neuron=endpoint.name).set(0)
+        stub = pb_grpc.NeuronStub(channel)
         return NeuronState(
             name=endpoint.name,
             endpoint=endpoint.endpoint,
             channel=channel,
-            stub=pb_grpc.NeuronStub(channel),
+            stub=stub,
             health=health_pb2_grpc.HealthStub(channel),
+            generations=Multiplexer(stub),
         )
 
     def get(self, name: str) -> NeuronState | None:
@@ -199,6 +205,7 @@ class Fleet:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for neuron in self.neurons:
+            await neuron.generations.close()
             await neuron.channel.close()
 
     async def _poll_forever(self) -> None:

@@ -80,11 +80,16 @@ class _StreamToken(_Token, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._with_token(details), request)
 
 
+class _ManyToken(_Token, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._with_token(details), requests)
+
+
 def open_channel(endpoint: str, link: Link, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
     """A channel to ``endpoint`` (exactly as configured) with ``link``'s token and TLS."""
     interceptors: list[grpc.aio.ClientInterceptor] | None = None
     if link.token:
-        interceptors = [_UnaryToken(link.token), _StreamToken(link.token)]
+        interceptors = [_UnaryToken(link.token), _StreamToken(link.token), _ManyToken(link.token)]
     if not link.tls:
         return grpc.aio.insecure_channel(endpoint, options=options, interceptors=interceptors)
     credentials = grpc.ssl_channel_credentials(

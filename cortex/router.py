@@ -5,10 +5,11 @@ polled, plus cortex's own in-flight requests there), ties broken by neuron name,
 never depends on dict or hash order. When no neuron has the model, it is placed: loaded on an
 allowed up neuron with room, after evicting the least recently used unpinned idle model when
 none has room. Concurrent requests for a model being placed wait for that one placement. A
-``Generate`` that fails before its first message is retried on another neuron; after it, the
-failure is the client's to see.
+generation that fails before its first message is retried on another neuron; after it, the
+failure is the client's to see. Generations go over each neuron's ``GenerateMany`` call
+(``cortex.multiplex``), and fail as ``Generate`` calls would.
 
-A neuron must take a ``Generate`` (send its headers) within ``timeouts.accept``, or the next
+A neuron must take a request (its ``accepted`` event) within ``timeouts.accept``, or the next
 is tried. A request waits in neurons' queues at most ``timeouts.queue`` in all: each try
 carries what is left of it, and the neuron drops the request when it runs out. A neuron whose
 batch and queue for the model are known to be full (its last poll plus cortex's own requests
@@ -30,11 +31,12 @@ from cortex.config import Catalogue, CatalogueModel, CortexConfig
 from cortex.drain import DrainRate
 from cortex.errors import BadRequest, ModelNotFound, NeuronFailed, NoCapacity
 from cortex.fleet import Fleet, ModelView, NeuronState
+from cortex.multiplex import Failed
 from helexa.neuron.v1 import neuron_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# Failures of a Generate before its first message that another neuron may not share.
+# Failures of a generation before its first message that another neuron may not share.
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -98,7 +100,7 @@ def spec_of(entry: CatalogueModel) -> pb.ModelSpec:
 
 
 class Router:
-    """Routing, placement with eviction, and Generate with retry before the first token."""
+    """Routing, placement with eviction, and generation with retry before the first token."""
 
     def __init__(self, config: CortexConfig, fleet: Fleet, catalogue: Catalogue) -> None:
         self.config = config
@@ -310,18 +312,18 @@ class Router:
                 )
             tried.add(neuron.name)
             neuron.begin(model_id)
-            call = neuron.stub.Generate(request, timeout=timeouts.request)
+            generation = neuron.generations.start(request, timeouts.request)
             try:
                 try:
                     async with asyncio.timeout(timeouts.accept):  # no task, unlike wait_for
-                        await call.initial_metadata()
-                    first = await call.read()
-                except (grpc.aio.AioRpcError, TimeoutError) as e:
+                        await generation.accepted()
+                    first = await generation.read()
+                except (Failed, TimeoutError) as e:
                     if isinstance(e, TimeoutError):
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
-                        details = f"did not take the call within {timeouts.accept:g} s"
+                        details = f"did not take the request within {timeouts.accept:g} s"
                     else:
-                        code, details = e.code(), e.details() or ""
+                        code, details = e.code, e.details
                     if code == grpc.StatusCode.INVALID_ARGUMENT:
                         raise _bad_request(details) from None
                     if code not in _RETRYABLE:
@@ -336,21 +338,21 @@ class Router:
                     )  # fmt: skip
                     self.fleet.poke(neuron)
                     continue
-                if first is grpc.aio.EOF:
-                    raise NeuronFailed(f"neuron {neuron.name} ended the stream with nothing")
+                if first is None:
+                    raise NeuronFailed(f"neuron {neuron.name} ended the generation with nothing")
                 yield first
                 try:
-                    while (message := await call.read()) is not grpc.aio.EOF:
-                        yield message
+                    while (later := await generation.read()) is not None:
+                        yield later
                     self.drain.finished(model_id)
                     return
-                except grpc.aio.AioRpcError as e:
+                except Failed as e:
                     self.fleet.poke(neuron)
                     raise NeuronFailed(
-                        f"neuron {neuron.name} failed mid-stream: {e.code().name}: {e.details()}"
+                        f"neuron {neuron.name} failed mid-stream: {e.code.name}: {e.details}"
                     ) from None
             finally:
-                call.cancel()  # a no-op once finished; stops the neuron when the client left
+                generation.cancel()  # a no-op once finished; stops the neuron when the client left
                 neuron.end(model_id)
 
 

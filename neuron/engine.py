@@ -22,7 +22,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,7 +158,7 @@ class ModelEngine:
         request_id: str = "",
         queue_timeout: float = 0.0,
         message_interval: float = 0.0,
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """Generate for one request; chunks that arrive while the caller is busy are merged.
 
         With ``queue_timeout`` (seconds, 0: none), a request still waiting for a batch slot

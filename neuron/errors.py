@@ -44,3 +44,7 @@ class QueueFull(NeuronError):
 
 class QueueTimeout(NeuronError):
     """A request waited for a batch slot longer than its ``queue_timeout`` and was dropped."""
+
+
+class GenerationFailed(NeuronError):
+    """The engine failed while generating (a bug or a device fault); the message says how."""

@@ -106,7 +106,7 @@ async def _deactivate(
     started = time.monotonic()
     # First, so that callers polling health stop sending before anything is refused.
     await health_service.enter_graceful_shutdown()
-    service.draining = registry.draining = True
+    service.begin_drain()
     metrics.DRAINING.set(1)
     notify("STOPPING=1")
     log.info(

@@ -7,11 +7,12 @@ the boundary, and turns ``NeuronError`` into gRPC statuses in one place (``_CODE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from neuron import __version__
 from neuron.engine import CANCELLED, ERROR, LENGTH, STOP, ModelEngine, SamplingParams
 from neuron.errors import (
+    GenerationFailed,
     InvalidArgument,
     LoadFailed,
     ModelNotFound,
@@ -31,6 +33,7 @@ from neuron.errors import (
     ShuttingDown,
     SpecConflict,
 )
+from neuron.multiplex import Multiplexer
 from neuron.registry import Registry
 from neuron.sources import ModelSpec
 
@@ -45,6 +48,7 @@ _CODES: dict[type[NeuronError], grpc.StatusCode] = {
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     SpecConflict: grpc.StatusCode.FAILED_PRECONDITION,
     LoadFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    GenerationFailed: grpc.StatusCode.INTERNAL,
 }
 _FINISH = {
     STOP: pb.FINISH_REASON_STOP,
@@ -64,7 +68,7 @@ MIN_TEMPERATURE = 1e-5
 
 
 class NeuronService(pb_grpc.NeuronServicer):
-    """Serves the neuron contract over a registry; counts Generate calls for the drain."""
+    """Serves the neuron contract over a registry; counts generations for the drain."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -72,6 +76,12 @@ class NeuronService(pb_grpc.NeuronServicer):
         self.active_generations = 0
         self._drained = asyncio.Event()
         self._drained.set()
+        self._many = Multiplexer(self._generation, _status)
+
+    def begin_drain(self) -> None:
+        """Refuse new work; GenerateMany calls end once their generations are done."""
+        self.draining = self.registry.draining = True
+        self._many.drain()
 
     async def wait_drained(self, within: float) -> bool:
         """Wait until no Generate call is running; False if ``within`` seconds pass first."""
@@ -128,12 +138,30 @@ class NeuronService(pb_grpc.NeuronServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: Any
     ) -> AsyncIterator[pb.GenerateResponse]:
+        # Headers at once: the caller knows this neuron took the call (a host that accepts
+        # TCP and never answers gets no further than here, and cortex fails over).
+        await context.send_initial_metadata(())
+        try:
+            async with contextlib.aclosing(self._generation(request)) as responses:
+                async for response in responses:
+                    yield response
+        except NeuronError as e:
+            await _abort(context, e)
+
+    async def GenerateMany(
+        self, requests: AsyncIterator[pb.GenerateManyRequest], context: Any
+    ) -> AsyncIterator[pb.GenerateManyResponse]:
+        async with contextlib.aclosing(self._many.serve(requests, context)) as responses:
+            async for response in responses:
+                yield response
+
+    async def _generation(
+        self, request: pb.GenerateRequest
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """One generation, as Generate streams it and GenerateMany multiplexes it."""
         self.active_generations += 1
         self._drained.clear()
         try:
-            # Headers at once: the caller knows this neuron took the call (a host that accepts
-            # TCP and never answers gets no further than here, and cortex fails over).
-            await context.send_initial_metadata(())
             if self.draining:
                 raise ShuttingDown("the neuron is shutting down and takes no new requests")
             engine = await self.registry.engine_for(_required_model(request))
@@ -143,17 +171,16 @@ class NeuronService(pb_grpc.NeuronServicer):
             interval = _seconds(request, "message_interval", "a stream")
             # The engine refuses (queue full, queue timeout, model going away) before any chunk.
             chunks = engine.stream(prompt_ids, params, request_id, queue_timeout, interval)
-            async for chunk in chunks:
-                if chunk.finish_reason == ERROR:
-                    await context.abort(grpc.StatusCode.INTERNAL, chunk.error)
-                response = pb.GenerateResponse(text=chunk.text, tokens=chunk.tokens)
-                if chunk.finish_reason is not None:
-                    response.finish_reason = _FINISH[chunk.finish_reason]
-                    response.usage.prompt_tokens = chunk.prompt_tokens
-                    response.usage.completion_tokens = chunk.completion_tokens
-                yield response
-        except NeuronError as e:
-            await _abort(context, e)
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    if chunk.finish_reason == ERROR:
+                        raise GenerationFailed(chunk.error)
+                    response = pb.GenerateResponse(text=chunk.text, tokens=chunk.tokens)
+                    if chunk.finish_reason is not None:
+                        response.finish_reason = _FINISH[chunk.finish_reason]
+                        response.usage.prompt_tokens = chunk.prompt_tokens
+                        response.usage.completion_tokens = chunk.completion_tokens
+                    yield response
         finally:
             self.active_generations -= 1
             if self.active_generations == 0:
@@ -180,8 +207,15 @@ class NeuronService(pb_grpc.NeuronServicer):
 
 
 async def _abort(context: Any, error: NeuronError) -> None:
-    code = _CODES.get(type(error), grpc.StatusCode.INTERNAL)
-    await context.abort(code, str(error))
+    await context.abort(*_status(error))
+
+
+def _status(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status a call ends with for ``error``."""
+    if isinstance(error, NeuronError):
+        return _CODES.get(type(error), grpc.StatusCode.INTERNAL), str(error)
+    log.error("generation failed", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"the neuron failed: {type(error).__name__}: {error}"
 
 
 def _required_model(request: pb.GenerateRequest) -> str:

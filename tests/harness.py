@@ -16,6 +16,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -411,3 +412,40 @@ def cortex_config(
 def catalogue_model(model_id: str, memory: str = "350MB", **extra: Any) -> dict[str, Any]:
     """A models.toml entry for the demo GGUF under ``model_id`` (bf16: 335,385,216 bytes)."""
     return {"id": model_id, "path": str(DEMO_GGUF), "memory": memory, **extra}
+
+
+class Many:
+    """One GenerateMany call: starts and cancels go up, events are kept per id as they come."""
+
+    def __init__(self, stub: pb_grpc.NeuronStub) -> None:
+        self.call: Any = stub.GenerateMany(timeout=300)
+        self.events: dict[int, list[pb.GenerateEvent]] = defaultdict(list)
+        self.messages: list[pb.GenerateManyResponse] = []
+
+    async def start(self, requests: dict[int, pb.GenerateRequest]) -> None:
+        starts = [pb.GenerateManyRequest.Start(id=i, request=r) for i, r in requests.items()]
+        await self.call.write(pb.GenerateManyRequest(start=starts))
+
+    async def cancel(self, *ids: int) -> None:
+        await self.call.write(pb.GenerateManyRequest(cancel=ids))
+
+    def over(self, id: int) -> bool:
+        events = self.events.get(id, [])
+        return bool(events) and _is_last(events[-1])
+
+    def text(self, id: int) -> str:
+        return "".join(e.response.text for e in self.events[id] if e.HasField("response"))
+
+    async def read_until(self, done: Any) -> None:
+        """Read messages until ``done()`` holds."""
+        while not done():
+            message = await self.call.read()
+            assert message is not grpc.aio.EOF, "the call ended early"
+            self.messages.append(message)
+            for event in message.events:
+                assert not self.over(event.id), f"an event for {event.id} after its last"
+                self.events[event.id].append(event)
+
+
+def _is_last(event: pb.GenerateEvent) -> bool:
+    return event.HasField("error") or bool(event.response.finish_reason)

@@ -367,6 +367,6 @@ async def test_neuron_that_accepts_and_never_answers_is_failed_over_after_accept
                 metrics, "helexa_gateway_retries_total", code="DEADLINE_EXCEEDED"
             )
             assert retries == 1
-            assert "did not take the call within 2 s" in process.log()
+            assert "did not take the request within 2 s" in process.log()
     finally:
         await hole.close()

@@ -11,7 +11,7 @@ import asyncio
 import json
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
+from neuron.multiplex import Multiplexer
 from tests.harness import CortexProcess, cortex_config, free_port, metric_value
 
 MODEL = "scripted"
@@ -65,10 +66,22 @@ class ScriptedNeuron(pb_grpc.NeuronServicer):
         return pb.ListModelsResponse(models=[status])
 
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[Any]:
+        try:
+            async for response in self._generation(request):
+                yield response
+        except Scripted as e:
+            await context.abort(e.code, e.message)
+
+    async def GenerateMany(self, requests: Any, context: Any) -> AsyncIterator[Any]:
+        many = Multiplexer(self._generation, lambda e: (e.code, e.message))  # type: ignore[attr-defined]
+        async for response in many.serve(requests, context):
+            yield response
+
+    async def _generation(self, request: pb.GenerateRequest) -> AsyncGenerator[Any, None]:
         cue = request.chat.messages[-1].content
         self.calls.append(cue)
         if self.refuse:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted: refusing")
+            raise Scripted(grpc.StatusCode.UNAVAILABLE, "scripted: refusing")
         try:
             if cue == "burst":
                 for _ in range(BURST):
@@ -80,7 +93,7 @@ class ScriptedNeuron(pb_grpc.NeuronServicer):
                 await asyncio.sleep(3600)
             if cue == "midfail":
                 await asyncio.sleep(0.5)  # so the first token has gone out to the client
-                await context.abort(grpc.StatusCode.INTERNAL, "scripted: broke mid-stream")
+                raise Scripted(grpc.StatusCode.INTERNAL, "scripted: broke mid-stream")
             yield pb.GenerateResponse(
                 text=" world",
                 tokens=1,
@@ -90,6 +103,14 @@ class ScriptedNeuron(pb_grpc.NeuronServicer):
         except asyncio.CancelledError:
             self.cancelled.append(cue)
             raise
+
+
+class Scripted(Exception):
+    """A scripted failure: the status the call (or the generation's error event) ends with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 @pytest.fixture

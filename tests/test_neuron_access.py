@@ -23,6 +23,7 @@ from tests.certs import Pair, issue, make_ca
 from tests.harness import (
     DEMO_ID,
     CortexProcess,
+    Many,
     NeuronProcess,
     catalogue_model,
     chat,
@@ -101,6 +102,12 @@ async def token_neuron(
         neuron.stop()
 
 
+async def _many(stub: pb_grpc.NeuronStub) -> None:
+    many = Many(stub)
+    await many.start({1: chat(DEMO_ID, PROMPT, max_tokens=4)})
+    await many.read_until(lambda: many.over(1))
+
+
 @pytest.mark.parametrize("token", ["", "wrong-token-77"], ids=["no-token", "wrong-token"])
 async def test_neuron_refuses_every_call_without_its_token_but_answers_health(
     token_neuron: NeuronProcess, token: str
@@ -111,6 +118,7 @@ async def test_neuron_refuses_every_call_without_its_token_but_answers_health(
             stub.Info(pb.InfoRequest(), timeout=10),
             stub.ListModels(pb.ListModelsRequest(), timeout=10),
             collect(stub, chat(DEMO_ID, PROMPT, max_tokens=4)),
+            _many(stub),
         ):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await call

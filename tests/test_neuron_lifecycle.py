@@ -15,6 +15,7 @@ from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from tests.harness import (
     DEMO_ID,
+    Many,
     NeuronProcess,
     chat,
     collect,
@@ -31,6 +32,17 @@ def start(tmp_path: Path, neurons: list[NeuronProcess], **config: object) -> Neu
     neuron = NeuronProcess(tmp_path / f"neuron{len(neurons)}", neuron_config(**config)).start()  # type: ignore[arg-type]
     neurons.append(neuron)
     return neuron
+
+
+async def _until_draining(channel: grpc.aio.Channel) -> None:
+    """Wait for the neuron's health to turn NOT_SERVING."""
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 30
+    while (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status != (
+        health_pb2.HealthCheckResponse.NOT_SERVING
+    ):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
 
 
 async def test_activation_continues_past_a_failing_default_model(
@@ -102,17 +114,11 @@ async def test_signal_drains_in_flight_stream_then_unloads_and_exits_zero(
     await neuron.wait_serving()
     async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
         stub = pb_grpc.NeuronStub(channel)
-        health = health_pb2_grpc.HealthStub(channel)
         call = stub.Generate(chat(DEMO_ID, LONG, max_tokens=80, temperature=0), timeout=300)
         text = (await call.read()).text
         neuron.send(signum)
         # Draining: health turns NOT_SERVING and new work is refused while the stream runs.
-        deadline = time.monotonic() + 30
-        while (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status != (
-            health_pb2.HealthCheckResponse.NOT_SERVING
-        ):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        await _until_draining(channel)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await collect(stub, chat(DEMO_ID, "Hi", max_tokens=4))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -126,6 +132,31 @@ async def test_signal_drains_in_flight_stream_then_unloads_and_exits_zero(
     assert f"model unloaded model={DEMO_ID}" in log
     assert log.index("drained") < log.index(f"model unloaded model={DEMO_ID}")
     assert "neuron stopped" in log
+
+
+async def test_signal_lets_generate_many_generations_finish_then_ends_the_call(
+    demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
+) -> None:
+    neuron = start(tmp_path, neurons, default_models=[demo_model()], drain_timeout=60)
+    await neuron.wait_serving()
+    async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+        many = Many(pb_grpc.NeuronStub(channel))
+        await many.start({1: chat(DEMO_ID, LONG, max_tokens=150, temperature=0)})
+        await many.read_until(lambda: any(e.HasField("response") for e in many.events[1]))
+        neuron.send(signal.SIGTERM)
+        await _until_draining(channel)
+        await many.start({2: chat(DEMO_ID, "Hi", max_tokens=4)})
+        await many.read_until(lambda: many.over(1) and many.over(2))
+        # The neuron ends the call itself, OK, once its generation is done.
+        assert await many.call.read() is grpc.aio.EOF
+        assert await many.call.code() == grpc.StatusCode.OK
+    last = many.events[1][-1].response
+    assert (last.finish_reason, last.usage.completion_tokens) == (pb.FINISH_REASON_LENGTH, 150)
+    _, refused = many.events[2]
+    assert refused.error.code == grpc.StatusCode.UNAVAILABLE.value[0], refused
+    assert neuron.wait_exit(within=30) == 0
+    log = neuron.log()
+    assert log.index("drained") < log.index("neuron stopped")
 
 
 async def test_stream_longer_than_drain_timeout_ends_cancelled_and_exit_is_bounded(

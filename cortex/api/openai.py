@@ -6,7 +6,7 @@ task into a buffer: each SSE write carries everything that arrived while the pre
 in flight (the first token goes out at once), keep-alive comments are sent while no token
 comes, and a stream with no token for ``timeouts.stall`` ends with an error event. When the
 client disconnects, aiohttp cancels the handler (``handler_cancellation``), which cancels the
-reader task and with it the gRPC call, so the neuron stops generating.
+reader task and with it the generation on the neuron, which stops generating.
 """
 
 from __future__ import annotations
@@ -289,7 +289,7 @@ class Relay:
         return items
 
     async def close(self) -> None:
-        """Cancel the read (and so the gRPC call) if it is still going."""
+        """Cancel the read (and so the generation) if it is still going."""
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
 

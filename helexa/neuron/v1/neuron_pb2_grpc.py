@@ -59,6 +59,11 @@ class NeuronStub:
                 request_serializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/helexa.neuron.v1.Neuron/GenerateMany',
+                request_serializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateManyRequest.SerializeToString,
+                response_deserializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateManyResponse.FromString,
+                _registered_method=True)
 
 
 class NeuronServicer:
@@ -100,6 +105,21 @@ class NeuronServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateMany(self, request_iterator, context):
+        """Many generations over one long-lived call, for a gateway: each request costs a share of a
+        message instead of a call of its own. The caller tags each request with an id of its
+        choosing, unique among its running generations in the call; the neuron answers with
+        events under that id, many generations' events to a message: first `accepted` (it took
+        the request, as Generate's headers say), then the messages Generate would stream, or an
+        error with the status Generate would end with. Cancelling an id stops its generation at
+        once. When the caller closes its side, the call ends once its generations have. A
+        draining neuron refuses new ids (UNAVAILABLE) and ends the call, OK, once its
+        generations are done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NeuronServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +147,11 @@ def add_NeuronServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateRequest.FromString,
                     response_serializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateManyRequest.FromString,
+                    response_serializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateManyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +289,33 @@ class Neuron:
             '/helexa.neuron.v1.Neuron/Generate',
             helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateRequest.SerializeToString,
             helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/helexa.neuron.v1.Neuron/GenerateMany',
+            helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateManyRequest.SerializeToString,
+            helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

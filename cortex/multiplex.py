@@ -1,0 +1,207 @@
+"""Every generation cortex asks of a neuron goes over one long-lived ``GenerateMany`` call.
+
+A gRPC call per request costs a Python gateway more than the request's own work when answers
+are short (a bare aiohttp -> grpc.aio relay tops out near 3,000 calls/s on one core). So each
+neuron has one ``GenerateMany`` call, opened on first use and again after it ends. A writer task
+sends the starts and cancels queued since its last write as one message; a reader task hands
+each event to its generation. Under load, a message each way carries many requests.
+
+Each ``Generation`` behaves as a ``Generate`` call did: ``accepted`` once the neuron took it (its
+headers, before), ``read`` for its messages, ``Failed`` with the status a call would have ended
+with, ``cancel`` to stop it on the neuron. When the call itself fails or ends, every generation
+on it fails with that status (UNAVAILABLE when the neuron ended it, as a draining one does), so
+the router retries them elsewhere before their first message, exactly as for a failed call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable
+
+import grpc
+
+from helexa.neuron.v1 import neuron_pb2 as pb
+from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class Failed(Exception):
+    """A generation ended with a gRPC status instead of its last message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class Generation:
+    """One request's generation on a neuron: ``accepted``, then ``read`` until ``None``."""
+
+    __slots__ = ("_accepted", "_call", "_id", "_messages", "_over", "_timer", "_waiter")
+
+    def __init__(self, call: _Call, id: int, timeout: float) -> None:
+        self._call = call
+        self._id = id
+        self._messages: deque[pb.GenerateResponse | Failed] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._accepted = False
+        self._over = False  # nothing more will arrive: the last message, a failure, a cancel
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._expire, timeout)
+
+    async def accepted(self) -> None:
+        """Return once the neuron has taken the request; ``Failed`` if it failed first."""
+        while not self._accepted and not self._messages:
+            await self._wait()
+        if not self._accepted and isinstance(self._messages[0], Failed):
+            raise self._messages.popleft()
+
+    async def read(self) -> pb.GenerateResponse | None:
+        """The next message (the one with a finish reason is the last), then ``None``."""
+        while not self._messages:
+            if self._over:
+                return None
+            await self._wait()
+        message = self._messages.popleft()
+        if isinstance(message, Failed):
+            raise message
+        return message
+
+    def cancel(self) -> None:
+        """Stop the generation on the neuron; a no-op once it has ended."""
+        if not self._over:
+            self._end()
+            self._call.cancel(self._id)
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _end(self) -> None:
+        self._over = True
+        self._timer.cancel()
+        self._call.generations.pop(self._id, None)
+
+    def deliver(self, event: pb.GenerateEvent) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "accepted":
+            self._accepted = True
+        elif kind == "response":
+            self._messages.append(event.response)
+            if event.response.finish_reason:
+                self._end()
+        else:
+            code = _CODES.get(event.error.code, grpc.StatusCode.UNKNOWN)
+            self.fail(Failed(code, event.error.message))
+        self._wake()
+
+    def fail(self, failure: Failed) -> None:
+        if not self._over:
+            self._messages.append(failure)
+            self._end()
+            self._wake()
+
+    def _expire(self, timeout: float) -> None:
+        if not self._over:
+            self._call.cancel(self._id)
+            self.fail(Failed(grpc.StatusCode.DEADLINE_EXCEEDED, f"no end within {timeout:g} s"))
+
+
+class _Call:
+    """One GenerateMany call and the generations on it."""
+
+    def __init__(self, stub: pb_grpc.NeuronStub, ended: Callable[[_Call], None]) -> None:
+        self.generations: dict[int, Generation] = {}
+        self._outgoing = pb.GenerateManyRequest()
+        self._wake = asyncio.Event()
+        self._over = False
+        self._rpc = stub.GenerateMany()
+        self._writer = asyncio.create_task(self._write())
+        self._reader = asyncio.create_task(self._read(ended))
+
+    def start(self, id: int, request: pb.GenerateRequest, timeout: float) -> Generation:
+        generation = Generation(self, id, timeout)
+        self.generations[id] = generation
+        self._outgoing.start.add(id=id, request=request)
+        self._wake.set()
+        return generation
+
+    def cancel(self, id: int) -> None:
+        if not self._over:
+            self._outgoing.cancel.append(id)
+            self._wake.set()
+
+    async def close(self) -> None:
+        self._rpc.cancel()
+        await asyncio.gather(self._reader, self._writer, return_exceptions=True)
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                message, self._outgoing = self._outgoing, pb.GenerateManyRequest()
+                await self._rpc.write(message)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the call is over; the reader tells its generations how
+
+    async def _read(self, ended: Callable[[_Call], None]) -> None:
+        failure = Failed(grpc.StatusCode.UNAVAILABLE, "the neuron ended the GenerateMany call")
+        try:
+            while (message := await self._rpc.read()) is not grpc.aio.EOF:
+                for event in message.events:
+                    generation = self.generations.get(event.id)
+                    if generation is not None:  # else cancelled here, or past its deadline
+                        generation.deliver(event)
+        except grpc.aio.AioRpcError as e:
+            failure = Failed(e.code(), e.details() or "")
+        except asyncio.CancelledError:
+            failure = Failed(grpc.StatusCode.CANCELLED, "cortex closed the GenerateMany call")
+            raise
+        finally:
+            self._over = True
+            ended(self)
+            self._writer.cancel()
+            if self.generations:
+                log.info(
+                    "GenerateMany call ended generations=%d error=%s",
+                    len(self.generations),
+                    failure,
+                )
+            for generation in list(self.generations.values()):
+                generation.fail(failure)
+
+
+class Multiplexer:
+    """The generations on one neuron, over its current GenerateMany call."""
+
+    def __init__(self, stub: pb_grpc.NeuronStub) -> None:
+        self._stub = stub
+        self._call: _Call | None = None
+        self._ids = itertools.count(1)
+
+    def start(self, request: pb.GenerateRequest, timeout: float) -> Generation:
+        """Send ``request`` to the neuron; its generation fails after ``timeout`` seconds."""
+        if self._call is None:
+            self._call = _Call(self._stub, self._ended)
+        return self._call.start(next(self._ids), request, timeout)
+
+    async def close(self) -> None:
+        if self._call is not None:
+            await self._call.close()
+
+    def _ended(self, call: _Call) -> None:
+        if self._call is call:
+            self._call = None
