@@ -4,9 +4,12 @@ stand-in to the other, so the figures are what one cortex process does on one co
 
     .venv/bin/python -m bench.gateway [--seconds 10]
 
-Each figure twice: with a stand-in that sends a message per token (the worst case for a
-relay), and with one that coalesces as neuron does (a message carries every token produced
-while the previous one was being written).
+Each figure twice, with two stand-ins. The first produces a stream's tokens back to back
+(``--tokens-per-message 1``: a message each for a ``Generate`` caller); over ``GenerateMany``,
+as cortex asks, its session merges them into one event. The second produces one token per
+event-loop turn for every running stream, as neuron's decode steps do, and sends each time
+it can: then a message carries about one token of every stream, and each token is an event
+and an SSE write of its own, the gateway's worst case.
 
 - added latency: non-streaming chat requests of 16 tokens, one at a time, p50/p99;
 - requests/s: non-streaming requests at concurrency 1 and 64 (wrk), and at 64 through
@@ -243,12 +246,12 @@ def main() -> None:
     args = parser.parse_args()
     if os.cpu_count() is None or os.cpu_count() < 2:  # type: ignore[operator]
         raise SystemExit("needs two cores: one for cortex, one for the load")
-    # The worst case for a relay (a message per token), then messages as neuron sends them.
-    worst = asyncio.run(run(args.seconds, args.samples, 1))
-    coalesced = asyncio.run(run(args.seconds, args.samples, 0))
-    print("| gateway figure | a message per token | coalesced as neuron sends |")
+    # A stream's tokens all at once, then one per loop turn (as neuron's decode steps).
+    at_once = asyncio.run(run(args.seconds, args.samples, 1))
+    per_turn = asyncio.run(run(args.seconds, args.samples, 0))
+    print("| gateway figure | a stream's tokens at once | a token per loop turn, as neuron |")
     print("|---|---|---|")
-    for (name, a), (_, b) in zip(worst, coalesced, strict=True):
+    for (name, a), (_, b) in zip(at_once, per_turn, strict=True):
         print(f"| {name} | {a} | {b} |")
 
 

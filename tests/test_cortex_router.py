@@ -11,7 +11,9 @@ from cortex.router import eviction_order, least_loaded, spec_of
 
 
 def _neuron(name: str, models: list[ModelView], in_flight: int = 0, **kw: Any) -> NeuronState:
-    neuron = NeuronState(name, f"{name}:1", channel=None, stub=None, health=None, status=UP, **kw)  # type: ignore[arg-type]
+    neuron = NeuronState(
+        name, f"{name}:1", channel=None, stub=None, health=None, generations=None, status=UP, **kw
+    )  # type: ignore[arg-type]
     neuron.models = {m.id: m for m in models}
     neuron.in_flight = in_flight
     return neuron

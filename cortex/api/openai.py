@@ -331,6 +331,7 @@ class Answer:
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.parsed = parsed
+        self._around_text: tuple[bytes, bytes] | None = None
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.parsed.model}
@@ -372,6 +373,14 @@ class Answer:
         if self.parsed.include_usage:
             body["usage"] = None
         return _sse(body)
+
+    def text_chunk(self, text: str) -> bytes:
+        """``chunk(text, None)``, the one sent per write: only the text is encoded each time."""
+        if self._around_text is None:
+            head, _, tail = self.chunk("\0", None).partition(json.dumps("\0").encode())
+            self._around_text = head, tail
+        head, tail = self._around_text
+        return head + json.dumps(text).encode() + tail
 
     def usage_chunk(self, outcome: Outcome) -> bytes:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
@@ -527,7 +536,7 @@ async def _stream(
             started = True
         joined = "".join(text)
         if joined:
-            out.append(answer.chunk(joined, None))
+            out.append(answer.text_chunk(joined))
         if failure is not None:
             log.warning(
                 "stream failed request_id=%s model=%s error=%s",
