@@ -1,6 +1,7 @@
-"""The least a Python gateway can do per request, as the gateway bench's ceiling: an aiohttp
-handler that turns an OpenAI chat body into one Generate call over grpc.aio and answers with
-its text as JSON. No validation, routing, keys, metrics or error handling.
+"""The least a Python gateway making a gRPC call per request can do, for the gateway bench to
+compare with: an aiohttp handler that turns an OpenAI chat body into one Generate call over
+grpc.aio and answers with its text as JSON. No validation, routing, keys, metrics or error
+handling. (cortex sends its requests over one GenerateMany call per neuron instead.)
 
     .venv/bin/python -m bench.bare_relay --listen 127.0.0.1:18080 --neuron 127.0.0.1:13131
 
