@@ -79,7 +79,7 @@ class NeuronState:
     channel: grpc.aio.Channel
     stub: pb_grpc.NeuronStub
     health: health_pb2_grpc.HealthStub
-    generations: Multiplexer  # every Generate goes over its one GenerateMany call
+    generations: Multiplexer  # every generation goes over its one GenerateMany call
     status: str = UNKNOWN
     failures: int = 0
     error: str = ""

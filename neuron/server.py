@@ -84,7 +84,7 @@ class NeuronService(pb_grpc.NeuronServicer):
         self._many.drain()
 
     async def wait_drained(self, within: float) -> bool:
-        """Wait until no Generate call is running; False if ``within`` seconds pass first."""
+        """Wait until no generation is running; False if ``within`` seconds pass first."""
         try:
             await asyncio.wait_for(self._drained.wait(), within)
         except TimeoutError:

@@ -433,6 +433,10 @@ class Many:
         events = self.events.get(id, [])
         return bool(events) and _is_last(events[-1])
 
+    def responded(self, id: int) -> bool:
+        """Whether a message of ``id``'s generation has come (it is past its queue)."""
+        return any(e.HasField("response") for e in self.events.get(id, []))
+
     def text(self, id: int) -> str:
         return "".join(e.response.text for e in self.events[id] if e.HasField("response"))
 

@@ -142,7 +142,7 @@ async def test_signal_lets_generate_many_generations_finish_then_ends_the_call(
     async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
         many = Many(pb_grpc.NeuronStub(channel))
         await many.start({1: chat(DEMO_ID, LONG, max_tokens=150, temperature=0)})
-        await many.read_until(lambda: any(e.HasField("response") for e in many.events[1]))
+        await many.read_until(lambda: many.responded(1))
         neuron.send(signal.SIGTERM)
         await _until_draining(channel)
         await many.start({2: chat(DEMO_ID, "Hi", max_tokens=4)})

@@ -38,7 +38,7 @@ async def test_generations_over_one_call_answer_as_their_own_generate_calls_do(
     alone = {i: await collect(shared_stub, r) for i, r in requests.items()}
     many = Many(shared_stub)
     await many.start({i: requests[i] for i in (1, 2, 3)})
-    await many.read_until(lambda: any(e.HasField("response") for e in many.events[1]))
+    await many.read_until(lambda: many.responded(1))
     await many.start({4: requests[4]})  # joins while the others run
     await many.read_until(lambda: all(many.over(i) for i in requests))
     await many.call.done_writing()
@@ -96,7 +96,7 @@ async def test_cancelling_an_id_stops_its_generation_and_frees_its_slot(
     await shared_stub.LoadModel(pb.LoadModelRequest(spec=spec))
     many = Many(shared_stub)
     await many.start({7: endless("many-slot")})
-    await many.read_until(lambda: any(e.HasField("response") for e in many.events[7]))
+    await many.read_until(lambda: many.responded(7))
     await many.cancel(7)
     await many.start({8: chat("many-slot", QUESTION, max_tokens=16, temperature=0)})
     await many.read_until(lambda: many.over(8))
@@ -118,7 +118,7 @@ async def test_an_id_reused_while_running_ends_the_call_and_its_generations(
 ) -> None:
     many = Many(shared_stub)
     await many.start({1: endless()})
-    await many.read_until(lambda: any(e.HasField("response") for e in many.events[1]))
+    await many.read_until(lambda: many.responded(1))
     await many.start({1: chat(DEMO_ID, QUESTION, max_tokens=4)})
     with pytest.raises(grpc.aio.AioRpcError) as ended:
         await many.read_until(lambda: False)
