@@ -7,7 +7,8 @@ sends the starts and cancels queued since its last write as one message; a reade
 each event to its generation. Under load, a message each way carries many requests.
 
 Each ``Generation`` behaves as a ``Generate`` call did: ``accepted`` once the neuron took it (its
-headers, before), ``read`` for its messages, ``Failed`` with the status a call would have ended
+headers, before), ``take`` for its messages (all that came since the last take, so a reader
+that is behind gets them together), ``Failed`` with the status a call would have ended
 with, ``cancel`` to stop it on the neuron. When the call itself fails or ends, every generation
 on it fails with that status (UNAVAILABLE when the neuron ended it, as a draining one does), so
 the router retries them elsewhere before their first message, exactly as for a failed call.
@@ -41,45 +42,78 @@ class Failed(Exception):
 
 
 class Generation:
-    """One request's generation on a neuron: ``accepted``, then ``read`` until ``None``."""
+    """One request's generation on a neuron: ``accepted``, ``started``, then ``take`` what came
+    and ``wait`` for more until the message with a finish reason.
 
-    __slots__ = ("_accepted", "_call", "_id", "_messages", "_over", "_timer", "_waiter")
+    Waiting costs no timer per message: one alarm per generation rings at the earliest
+    deadline a wait asked for, and a wait that asks for a later one only moves it when it
+    rings (a stream's deadline moves with every token; it rarely comes).
+    """
+
+    __slots__ = (
+        "_accepted", "_alarm", "_alarm_at", "_call", "_failure", "_id", "_loop", "_messages",
+        "_over", "_timer", "_until", "_waiter",
+    )  # fmt: skip
 
     def __init__(self, call: _Call, id: int, timeout: float) -> None:
         self._call = call
         self._id = id
-        self._messages: deque[pb.GenerateResponse | Failed] = deque()
+        self._loop = asyncio.get_running_loop()  # asked once: each ask is a getpid() on 3.11
+        self._messages: deque[pb.GenerateResponse] = deque()
+        self._failure: Failed | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._accepted = False
-        self._over = False  # nothing more will arrive: the last message, a failure, a cancel
-        self._timer = asyncio.get_running_loop().call_later(timeout, self._expire, timeout)
+        self._over = False  # nothing more will arrive: the last message, or a failure
+        self._alarm: asyncio.TimerHandle | None = None
+        self._alarm_at = self._until = 0.0
+        self._timer = self._loop.call_later(timeout, self._expire, timeout)
 
     async def accepted(self) -> None:
         """Return once the neuron has taken the request; ``Failed`` if it failed first."""
-        while not self._accepted and not self._messages:
+        while not (self._accepted or self._messages or self._over):
             await self._wait()
-        if not self._accepted and isinstance(self._messages[0], Failed):
-            raise self._messages.popleft()
+        if not (self._accepted or self._messages) and self._failure is not None:
+            raise self._failure
 
-    async def read(self) -> pb.GenerateResponse | None:
-        """The next message (the one with a finish reason is the last), then ``None``."""
-        while not self._messages:
-            if self._over:
-                return None
+    async def started(self) -> None:
+        """Return once the first message is there to take; ``Failed`` if it failed first."""
+        while not (self._messages or self._over):
             await self._wait()
-        message = self._messages.popleft()
-        if isinstance(message, Failed):
-            raise message
-        return message
+        if not self._messages and self._failure is not None:
+            raise self._failure
+
+    def take(self) -> list[pb.GenerateResponse]:
+        """The messages that came since the last take, oldest first; once they are all taken,
+        ``Failed`` if the generation failed."""
+        if self._messages:
+            messages = list(self._messages)
+            self._messages.clear()
+            return messages
+        if self._failure is not None:
+            raise self._failure
+        return []
+
+    async def wait(self, until: float) -> bool:
+        """Wait for something to ``take``: False if the loop's clock reached ``until`` first."""
+        if self._messages or self._over:
+            return True
+        self._until = until
+        if self._alarm is None or self._alarm_at > until:
+            if self._alarm is not None:
+                self._alarm.cancel()
+            self._alarm = self._loop.call_at(until, self._ring)
+            self._alarm_at = until
+        await self._wait()
+        return bool(self._messages) or self._over
 
     def cancel(self) -> None:
         """Stop the generation on the neuron; a no-op once it has ended."""
         if not self._over:
-            self._end()
+            self.fail(Failed(grpc.StatusCode.CANCELLED, "cortex cancelled the generation"))
             self._call.cancel(self._id)
 
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
             await self._waiter
         finally:
@@ -89,9 +123,22 @@ class Generation:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def _ring(self) -> None:
+        self._alarm = None
+        if self._waiter is None:
+            return
+        if self._loop.time() < self._until:  # a later deadline since it was set
+            self._alarm = self._loop.call_at(self._until, self._ring)
+            self._alarm_at = self._until
+        else:
+            self._wake()
+
     def _end(self) -> None:
         self._over = True
         self._timer.cancel()
+        if self._alarm is not None:
+            self._alarm.cancel()
+            self._alarm = None
         self._call.generations.pop(self._id, None)
 
     def deliver(self, event: pb.GenerateEvent) -> None:
@@ -109,7 +156,7 @@ class Generation:
 
     def fail(self, failure: Failed) -> None:
         if not self._over:
-            self._messages.append(failure)
+            self._failure = failure
             self._end()
             self._wake()
 

@@ -6,8 +6,9 @@ never depends on dict or hash order. When no neuron has the model, it is placed:
 allowed up neuron with room, after evicting the least recently used unpinned idle model when
 none has room. Concurrent requests for a model being placed wait for that one placement. A
 generation that fails before its first message is retried on another neuron; after it, the
-failure is the client's to see. Generations go over each neuron's ``GenerateMany`` call
-(``cortex.multiplex``), and fail as ``Generate`` calls would.
+failure is the client's to see: ``open`` returns a ``Stream`` once the first message is there.
+Generations go over each neuron's ``GenerateMany`` call (``cortex.multiplex``), and fail as
+``Generate`` calls would.
 
 A neuron must take a request (its ``accepted`` event) within ``timeouts.accept``, or the next
 is tried. A request waits in neurons' queues at most ``timeouts.queue`` in all: each try
@@ -22,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
 
 import grpc
 
@@ -31,7 +31,7 @@ from cortex.config import Catalogue, CatalogueModel, CortexConfig
 from cortex.drain import DrainRate
 from cortex.errors import BadRequest, ModelNotFound, NeuronFailed, NoCapacity
 from cortex.fleet import Fleet, ModelView, NeuronState
-from cortex.multiplex import Failed
+from cortex.multiplex import Failed, Generation
 from helexa.neuron.v1 import neuron_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -278,10 +278,9 @@ class Router:
 
     # ---- generation ----
 
-    async def generate(
-        self, model_id: str, request: pb.GenerateRequest
-    ) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """Stream ``request`` from a neuron, retrying others until the first message arrives."""
+    async def open(self, model_id: str, request: pb.GenerateRequest) -> Stream:
+        """Send ``request`` to a neuron and return once its first message is there to take,
+        trying others until one gets that far."""
         timeouts = self.config.timeouts
         tried: set[str] = set()
         failures: list[tuple[grpc.StatusCode, str]] = []
@@ -314,46 +313,76 @@ class Router:
             neuron.begin(model_id)
             generation = neuron.generations.start(request, timeouts.request)
             try:
-                try:
-                    async with asyncio.timeout(timeouts.accept):  # no task, unlike wait_for
-                        await generation.accepted()
-                    first = await generation.read()
-                except (Failed, TimeoutError) as e:
-                    if isinstance(e, TimeoutError):
-                        code = grpc.StatusCode.DEADLINE_EXCEEDED
-                        details = f"did not take the request within {timeouts.accept:g} s"
-                    else:
-                        code, details = e.code, e.details
-                    if code == grpc.StatusCode.INVALID_ARGUMENT:
-                        raise _bad_request(details) from None
-                    if code not in _RETRYABLE:
-                        raise NeuronFailed(
-                            f"neuron {neuron.name} failed the request: {code.name}: {details}"
-                        ) from None
-                    failures.append((code, details))
-                    metrics.RETRIES.labels(model=model_id, code=code.name).inc()
-                    log.warning(
-                        "retrying on another neuron model=%s neuron=%s code=%s error=%s",
-                        model_id, neuron.name, code.name, details,
-                    )  # fmt: skip
-                    self.fleet.poke(neuron)
-                    continue
-                if first is None:
-                    raise NeuronFailed(f"neuron {neuron.name} ended the generation with nothing")
-                yield first
-                try:
-                    while (later := await generation.read()) is not None:
-                        yield later
-                    self.drain.finished(model_id)
-                    return
-                except Failed as e:
-                    self.fleet.poke(neuron)
-                    raise NeuronFailed(
-                        f"neuron {neuron.name} failed mid-stream: {e.code.name}: {e.details}"
-                    ) from None
-            finally:
-                generation.cancel()  # a no-op once finished; stops the neuron when the client left
+                async with asyncio.timeout(timeouts.accept):  # no task, unlike wait_for
+                    await generation.accepted()
+                await generation.started()
+                return Stream(self, neuron, model_id, generation)
+            except BaseException as e:
+                generation.cancel()  # stops the neuron when the client left
                 neuron.end(model_id)
+                if not isinstance(e, (Failed, TimeoutError)):
+                    raise
+                if isinstance(e, TimeoutError):
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    details = f"did not take the request within {timeouts.accept:g} s"
+                else:
+                    code, details = e.code, e.details
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise _bad_request(details)
+            if code not in _RETRYABLE:
+                raise NeuronFailed(
+                    f"neuron {neuron.name} failed the request: {code.name}: {details}"
+                )
+            failures.append((code, details))
+            metrics.RETRIES.labels(model=model_id, code=code.name).inc()
+            log.warning(
+                "retrying on another neuron model=%s neuron=%s code=%s error=%s",
+                model_id, neuron.name, code.name, details,
+            )  # fmt: skip
+            self.fleet.poke(neuron)
+
+
+class Stream:
+    """A generation that has begun on a neuron: ``take`` its messages as they come (the one
+    with a finish reason is the last), ``wait`` for more, and ``close`` it when done with it."""
+
+    __slots__ = ("_closed", "_finished", "_router", "generation", "model_id", "neuron")
+
+    def __init__(
+        self, router: Router, neuron: NeuronState, model_id: str, generation: Generation
+    ) -> None:
+        self._router = router
+        self.neuron = neuron
+        self.model_id = model_id
+        self.generation = generation
+        self._finished = self._closed = False
+
+    def take(self) -> list[pb.GenerateResponse]:
+        """What came since the last take; ``NeuronFailed`` once the generation failed."""
+        try:
+            messages = self.generation.take()
+        except Failed as e:
+            self._router.fleet.poke(self.neuron)
+            raise NeuronFailed(
+                f"neuron {self.neuron.name} failed mid-stream: {e.code.name}: {e.details}"
+            ) from None
+        if messages and messages[-1].finish_reason:
+            self._finished = True
+        return messages
+
+    async def wait(self, until: float) -> bool:
+        """Wait for something to take: False if the loop's clock reached ``until`` first."""
+        return await self.generation.wait(until)
+
+    def close(self) -> None:
+        """Let go of the neuron, stopping the generation there if it is still going."""
+        if self._closed:
+            return
+        self._closed = True
+        self.generation.cancel()  # a no-op once finished
+        self.neuron.end(self.model_id)
+        if self._finished:
+            self._router.drain.finished(self.model_id)
 
 
 def _bad_request(details: str) -> BadRequest:

@@ -171,12 +171,30 @@ async def test_stalled_stream_ends_with_an_error_event_and_cancels_the_call(
     raw = await _stream(cortex, "stall")
     events = [e for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
     assert _text(raw) == "Hello"
+    # Keep-alives every 0.2 s while no token comes after the first, until the 1.5 s stall.
+    assert raw.split(b"Hello", 1)[1].count(b": keep-alive\n\n") >= 3
     assert b'"code":"stream_stalled"' in events[-2]
     assert events[-1] == b"data: [DONE]"
     deadline = asyncio.get_running_loop().time() + 10
     while "stall" not in good.cancelled:
         assert asyncio.get_running_loop().time() < deadline, "the neuron's call was not cancelled"
         await asyncio.sleep(0.05)
+
+
+async def test_client_leaving_before_the_first_token_cancels_the_generation(
+    scripted: tuple[CortexProcess, list[ScriptedNeuron]],
+) -> None:
+    cortex, (_, good) = scripted
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "delay"}], "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+            assert await r.content.readline() == b": keep-alive\n"
+    # Gone while the neuron was still before its first token (it waits 1 s).
+    deadline = asyncio.get_running_loop().time() + 10
+    while "delay" not in good.cancelled:
+        assert asyncio.get_running_loop().time() < deadline, "the generation was not cancelled"
+        await asyncio.sleep(0.05)
+    assert good.calls == ["delay"]
 
 
 async def test_failure_before_first_token_is_retried_on_another_neuron(

@@ -1,12 +1,14 @@
 """The OpenAI-compatible surface: chat completions, completions and models.
 
-Handlers parse and validate the body (a wrong field is a 400 naming it), ask the router for a
-stream of ``GenerateResponse`` messages, and write JSON or SSE. The stream is read on its own
-task into a buffer: each SSE write carries everything that arrived while the previous write was
-in flight (the first token goes out at once), keep-alive comments are sent while no token
-comes, and a stream with no token for ``timeouts.stall`` ends with an error event. When the
-client disconnects, aiohttp cancels the handler (``handler_cancellation``), which cancels the
-reader task and with it the generation on the neuron, which stops generating.
+Handlers parse and validate the body (a wrong field is a 400 naming it), ask the router to open
+a stream of ``GenerateResponse`` messages, and write JSON or SSE. The opening (placement,
+retries, the first message) runs on its own task while keep-alive comments go out; then the
+handler takes the messages straight from the generation's buffer: each SSE write carries
+everything that arrived while the previous write was in flight (the first token goes out at
+once), keep-alive comments are sent while no token comes, and a stream with no token for
+``timeouts.stall`` ends with an error event. When the client disconnects, aiohttp cancels the
+handler (``handler_cancellation``), which closes the stream and so cancels the generation on
+the neuron, which stops generating.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ import logging
 import math
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from cortex import metrics
 from cortex.api import Gateway, gateway_of
 from cortex.api.errors import error_body
 from cortex.errors import BadRequest, BodyTooLarge, CortexError, NeuronFailed, StreamStalled
+from cortex.router import Stream
 from helexa.neuron.v1 import neuron_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -248,50 +250,7 @@ def parse_completion(gateway: Gateway, body: dict[str, Any]) -> Parsed:
     return _common(gateway, body, pb.GenerateRequest(prompt=prompt))
 
 
-# ---- relaying the stream ----
-
-_END = object()
-
-
-class Relay:
-    """Reads a router stream on its own task into a buffer the writer drains in batches."""
-
-    def __init__(self, source: AsyncIterator[pb.GenerateResponse]) -> None:
-        self._buffer: deque[Any] = deque()
-        self._arrived = asyncio.Event()
-        self._task = asyncio.create_task(self._read(source))
-
-    async def _read(self, source: AsyncIterator[pb.GenerateResponse]) -> None:
-        try:
-            async for message in source:
-                self._buffer.append(message)
-                self._arrived.set()
-            self._buffer.append(_END)
-        except CortexError as e:
-            self._buffer.append(e)
-        except Exception as e:
-            log.exception("relay failed")
-            self._buffer.append(NeuronFailed(f"relay failed: {type(e).__name__}: {e}"))
-        finally:
-            self._arrived.set()
-
-    async def next(self, within: float) -> list[Any] | None:
-        """Everything that arrived since the last call; None if nothing did within ``within``."""
-        if not self._buffer:
-            self._arrived.clear()
-            try:
-                async with asyncio.timeout(max(within, 0.0)):  # no task, unlike wait_for
-                    await self._arrived.wait()
-            except TimeoutError:
-                return None
-        items = list(self._buffer)
-        self._buffer.clear()
-        return items
-
-    async def close(self) -> None:
-        """Cancel the read (and so the generation) if it is still going."""
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+# ---- answering ----
 
 
 @dataclass
@@ -420,136 +379,142 @@ async def _answer(request: web.Request, gateway: Gateway, answer: Answer) -> web
     request["model_label"] = parsed.model
     parsed.generate.request_id = answer.id
     arrived = time.monotonic()
-    messages = gateway.router.generate(parsed.model, parsed.generate)
+    opening = gateway.router.open(parsed.model, parsed.generate)
     if not parsed.stream:
-        return await _whole(gateway, answer, messages)
-    relay = Relay(messages)
-    try:
-        return await _stream(request, gateway, answer, relay, arrived)
-    finally:
-        await relay.close()
-
-
-def _first_token_seen(answer: Answer, arrived: float) -> Callable[[], None]:
-    seen = False
-
-    def mark() -> None:
-        nonlocal seen
-        if not seen:
-            seen = True
-            metrics.TIME_TO_FIRST_TOKEN.labels(model=answer.parsed.model).observe(
-                time.monotonic() - arrived
-            )
-
-    return mark
+        return await _whole(gateway, answer, opening)
+    return await _stream(request, gateway, answer, asyncio.create_task(opening), arrived)
 
 
 async def _whole(
-    gateway: Gateway, answer: Answer, messages: AsyncGenerator[pb.GenerateResponse, None]
+    gateway: Gateway, answer: Answer, opening: Coroutine[Any, Any, Stream]
 ) -> web.Response:
     """The answer as one JSON body. Its tokens come held together (``message_interval``), so
-    there is no first-token time, and no relay task: the messages are read here."""
+    there is no first-token time."""
     timeouts = gateway.config.timeouts
-    outcome = Outcome()
-    parts: list[str] = []
     # Before the first message a placement may run (bounded by timeouts.load).
     within = timeouts.load + timeouts.stall
     try:
+        async with asyncio.timeout(within):  # cancels the opening, and so the generation
+            stream = await opening
+    except TimeoutError:
+        raise StreamStalled(f"no token from the neuron within {within:g} seconds") from None
+    loop = asyncio.get_running_loop()
+    outcome = Outcome()
+    parts: list[str] = []
+    try:
         while True:
-            try:
-                async with asyncio.timeout(within):  # cancels the read, and so the call
-                    message = await anext(messages)
-            except StopAsyncIteration:
+            parts.extend(_absorb(outcome, message) for message in stream.take())
+            if outcome.finish_reason:
                 outcome.text = "".join(parts)
                 return web.json_response(answer.whole(outcome))
-            except TimeoutError:
-                raise StreamStalled(f"no token from the neuron within {within:g} seconds") from None
-            within = timeouts.stall
-            parts.append(_absorb(outcome, message))
+            if not await stream.wait(loop.time() + timeouts.stall):
+                raise StreamStalled(f"no token from the neuron within {timeouts.stall:g} seconds")
     finally:
-        await messages.aclose()
+        stream.close()
 
 
 async def _stream(
-    request: web.Request, gateway: Gateway, answer: Answer, relay: Relay, arrived: float
+    request: web.Request,
+    gateway: Gateway,
+    answer: Answer,
+    opening: asyncio.Task[Stream],
+    arrived: float,
 ) -> web.StreamResponse:
+    """The answer as SSE. Each write carries every message that came while the last one was
+    in flight; the response opens with the first message, or with the first keep-alive."""
     timeouts = gateway.config.timeouts
-    outcome = Outcome()
-    mark_first = _first_token_seen(answer, arrived)
+    loop = asyncio.get_running_loop()
     response: web.StreamResponse | None = None
-    started = False  # the role chunk went out
-    first_deadline = time.monotonic() + timeouts.load + timeouts.stall
-    last_token = 0.0
-
-    async def open_response() -> web.StreamResponse:
-        resp = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        await resp.prepare(request)
-        return resp
-
-    while True:
-        now = time.monotonic()
-        deadline = first_deadline if not last_token else last_token + timeouts.stall
-        if now >= deadline:
-            error = StreamStalled(f"no token from the neuron for {timeouts.stall:g} seconds")
-            if response is None:
-                raise error
-            log.warning("stream stalled request_id=%s model=%s", answer.id, answer.parsed.model)
-            await response.write(_sse(error_body(error)) + DONE)
-            await response.write_eof()
-            return response
-        items = await relay.next(min(timeouts.keepalive, deadline - now))
-        if items is None:
-            # Nothing yet: commit to the stream so the keep-alive reaches the client.
-            if response is None:
-                response = await open_response()
+    stalled = StreamStalled(f"no token from the neuron for {timeouts.stall:g} seconds")
+    try:
+        # Until the first message a placement may run (bounded by timeouts.load).
+        deadline = loop.time() + timeouts.load + timeouts.stall
+        while True:
+            await asyncio.wait((opening,), timeout=min(timeouts.keepalive, deadline - loop.time()))
+            if opening.done():
+                break
+            if loop.time() >= deadline:
+                return await _fail(answer, response, stalled)
+            response = response or await _begin(request)
             await response.write(KEEPALIVE)
-            continue
-        out: list[bytes] = []
-        text: list[str] = []
-        ended = failure = None
-        for item in items:
-            if item is _END:
-                ended = True
-                break
-            if isinstance(item, CortexError):
-                failure = item
-                break
+        try:
+            stream = opening.result()
+        except CortexError as e:
+            return await _fail(answer, response, e)
+        metrics.TIME_TO_FIRST_TOKEN.labels(model=answer.parsed.model).observe(
+            time.monotonic() - arrived
+        )
+        outcome = Outcome()
+        head = answer.chunk("", None, role=True) if answer.chat else b""
+        last_token = last_write = loop.time()
+        while True:
             try:
-                text.append(_absorb(outcome, item))
+                messages = stream.take()
+                text = "".join([_absorb(outcome, message) for message in messages])
             except CortexError as e:
-                failure = e
-                break
-            mark_first()
-            last_token = time.monotonic()
-        if failure is not None and response is None and not started:
-            raise failure  # nothing sent yet: a proper HTTP status
-        if response is None:
-            response = await open_response()
-        if answer.chat and not started and (text or ended):
-            out.append(answer.chunk("", None, role=True))
-            started = True
-        joined = "".join(text)
-        if joined:
-            out.append(answer.text_chunk(joined))
-        if failure is not None:
-            log.warning(
-                "stream failed request_id=%s model=%s error=%s",
-                answer.id, answer.parsed.model, failure.message,
-            )  # fmt: skip
-            out.append(_sse(error_body(failure)) + DONE)
-        elif ended:
-            out.append(answer.chunk(None if answer.chat else "", outcome.finish_reason or "stop"))
-            if answer.parsed.include_usage:
-                out.append(answer.usage_chunk(outcome))
-            out.append(DONE)
-        if out:
-            await response.write(b"".join(out))
-        if failure is not None or ended:
-            await response.write_eof()
-            return response
+                return await _fail(answer, response, e)
+            if messages:
+                last_token = loop.time()
+                out = [head] if head else []
+                head = b""
+                if text:
+                    out.append(answer.text_chunk(text))
+                if outcome.finish_reason:
+                    out.append(answer.chunk(None if answer.chat else "", outcome.finish_reason))
+                    if answer.parsed.include_usage:
+                        out.append(answer.usage_chunk(outcome))
+                    out.append(DONE)
+                response = response or await _begin(request)
+                if out:
+                    await response.write(b"".join(out))
+                    last_write = loop.time()
+                if outcome.finish_reason:
+                    await response.write_eof()
+                    return response
+            until = min(last_write + timeouts.keepalive, last_token + timeouts.stall)
+            if await stream.wait(until):
+                continue
+            if loop.time() >= last_token + timeouts.stall:
+                return await _fail(answer, response, stalled)
+            response = response or await _begin(request)
+            await response.write(KEEPALIVE)
+            last_write = loop.time()
+    finally:
+        if opening.done():
+            _close_opened(opening)
+        else:  # the client left first: the opening stops, or closes what it opened
+            opening.cancel()
+            opening.add_done_callback(_close_opened)
+
+
+def _close_opened(opening: asyncio.Task[Stream]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
+
+
+async def _begin(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    return response
+
+
+async def _fail(
+    answer: Answer, response: web.StreamResponse | None, error: CortexError
+) -> web.StreamResponse:
+    """End the answer with ``error``: its HTTP status if nothing was sent yet, else an error
+    event."""
+    if response is None:
+        raise error
+    log.warning(
+        "stream failed request_id=%s model=%s error=%s",
+        answer.id, answer.parsed.model, error.message,
+    )  # fmt: skip
+    await response.write(_sse(error_body(error)) + DONE)
+    await response.write_eof()
+    return response
