@@ -59,8 +59,14 @@ class EngineConfig:
     # Keys and values of prompt beginnings kept per model, so a prompt that starts like an
     # earlier one runs only its new tokens; 0: off. Outside the models' memory budget.
     prefix_cache: int = field(default=256 << 20, metadata={"unit": "bytes"})
+    # Seconds a model with no batch running waits for another request before it runs the
+    # prompts it has (at most 5 such windows), so requests that arrive together are
+    # prefilled together; 0: at once.
+    batch_window: float = 0.002
 
     def check_config(self, key: str) -> None:
+        if not 0 <= self.batch_window <= 1:
+            raise ConfigError(f"{key}.batch_window: must be between 0 and 1 second")
         if self.prefix_cache < 0:
             raise ConfigError(f"{key}.prefix_cache: must not be negative")
         if self.max_batch_size < 1:

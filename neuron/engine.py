@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 # Columns a new batch's KV cache has beyond its prompts before it first grows.
 _DECODE_ROOM = 64
+# How many batch windows at most an idle model waits for a burst to finish arriving.
+_WINDOW_CAP = 5
 # Dropped while still waiting for a batch slot (never sent to a client: the call fails).
 EXPIRED = "queue_timeout"
 
@@ -110,6 +113,7 @@ class ModelEngine:
         max_context: int,
         max_waiting: int,
         prefix_cache: int = 0,
+        batch_window: float = 0.0,
     ) -> None:
         self.model_id = model_id
         self.forward: Forward | None = forward
@@ -118,6 +122,9 @@ class ModelEngine:
         self.max_batch_size = max_batch_size
         self.max_context = max_context
         self.max_waiting = max_waiting
+        # Seconds an idle model waits for another request before it runs the prompts it has,
+        # so that requests arriving together are prefilled together (see ``due``).
+        self.batch_window = batch_window
         self.eos_ids = _eos_ids(model, tokenizer)
         # Keys and values of prompt beginnings, at most ``prefix_cache`` bytes (worker thread).
         self.prefixes = PrefixCache(prefix_cache)
@@ -264,8 +271,23 @@ class ModelEngine:
 
     # ---- worker thread ----
 
-    def has_work(self) -> bool:
-        return bool(self.waiting) or bool(self.running)
+    def due(self) -> float:
+        """When ``step`` next has work (``time.monotonic``): now while a batch runs, never
+        when nothing waits. With no batch running, requests that arrive together are
+        prefilled together: the prompts run once none has arrived for ``batch_window``, or
+        ``_WINDOW_CAP`` windows after the first (at once when they fill the batch). Without
+        it a burst runs as the first prompt alone and then the rest, which wait for it.
+        Call with the worker's lock held."""
+        if self.running:
+            return 0.0
+        if not self.waiting:
+            return math.inf
+        if len(self.waiting) >= self.max_batch_size:
+            return 0.0
+        window = self.batch_window
+        return min(
+            self.waiting[-1].arrived_at + window, self.waiting[0].arrived_at + _WINDOW_CAP * window
+        )
 
     def step(self) -> None:
         """One iteration: drop cancelled sequences, admit waiting ones, decode one token."""
@@ -370,6 +392,7 @@ class ModelEngine:
         lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)
         self._remember_prompts(seqs, cache, mask)
         labels = self._metric_labels
+        metrics.PREFILL_BATCH.labels(**labels).observe(len(seqs))
         metrics.PROMPT_TOKENS.labels(**labels).inc(int(lengths.sum()))
         metrics.PREFIX_CACHE_HITS.labels(**labels).inc(sum(m for m, _ in matches))
         metrics.PREFIX_CACHE_BYTES.labels(**labels).set(self.prefixes.bytes)
@@ -644,17 +667,17 @@ class DeviceWorker:
             torch.set_num_threads(1)
         while True:
             with self.cond:
-                while (
-                    not self._stopped
-                    and not self._calls
-                    and not any(e.has_work() for e in self._engines)
-                ):
-                    self.cond.wait()
-                if self._stopped:
-                    return
+                while True:
+                    if self._stopped:
+                        return
+                    now = time.monotonic()
+                    due = min((e.due() for e in self._engines), default=math.inf)
+                    if self._calls or due <= now:
+                        break
+                    self.cond.wait(None if due == math.inf else due - now)
                 calls = list(self._calls)
                 self._calls.clear()
-                engines = [e for e in self._engines if e.has_work()]
+                engines = [e for e in self._engines if e.due() <= now]
             for fn, future in calls:
                 if future.set_running_or_notify_cancel():
                     try:

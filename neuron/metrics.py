@@ -50,6 +50,13 @@ QUEUE_TIME = Histogram(
     buckets=_QUEUE_BUCKETS,
     registry=REGISTRY,
 )
+PREFILL_BATCH = Histogram(
+    "helexa_neuron_prefill_batch_size",
+    "Prompts run together in one prefill",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+    registry=REGISTRY,
+)
 PROMPT_TOKENS = Counter(
     "helexa_neuron_prompt_tokens", "Prompt tokens processed", ["model"], registry=REGISTRY
 )

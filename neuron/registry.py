@@ -151,6 +151,7 @@ class Registry:
                 ),
                 max_context=max_context,
                 prefix_cache=self.config.engine.prefix_cache,
+                batch_window=self.config.engine.batch_window,
                 max_waiting=min(
                     spec.max_waiting or self.config.engine.max_waiting,
                     self.config.engine.max_waiting,

@@ -28,6 +28,7 @@ def test_example_config_documents_every_key() -> None:
         "cuda_memory_reserve", "cpu_threads", "max_batch_size", "max_waiting", "drain_timeout",
         "default_models", "hf_repo", "revision", "gguf_file", "path", "dtype", "device",
         "max_context", "token", "token_file", "cert_file", "key_file", "client_ca_file",
+        "prefix_cache", "batch_window",
     ]:  # fmt: skip
         assert f"{key} =" in text or f"[[{key}]]" in text, key
     assert text.count("max_waiting =") == 2, "engine.max_waiting and a default model's"
@@ -47,6 +48,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("[engine]\nmax_batch_size = 'four'", "engine.max_batch_size: expected an integer"),
         ("[engine]\nmax_batch_size = 0", "engine.max_batch_size: must be at least 1"),
         ("[engine]\nmax_waiting = 0", "engine.max_waiting: must be at least 1"),
+        ("[engine]\nbatch_window = 2.5", "engine.batch_window: must be between 0 and 1 second"),
         ("[[default_models]]\nid='m'\npath='/x'\nmax_waiting=-1", "default_models[0].max_waiting"),
         ("[shutdown]\ndrain_timeout = -1", "shutdown.drain_timeout"),
         ("listen = 'nowhere'", "listen: expected HOST:PORT"),

@@ -148,6 +148,36 @@ async def test_eight_concurrent_streams_are_batched_not_serialised(
     await shared_stub.UnloadModel(pb.UnloadModelRequest(id=model))
 
 
+async def test_requests_arriving_together_are_prefilled_as_one_batch(tmp_path: Path) -> None:
+    """An idle model waits ``batch_window`` for another request before it runs the prompts:
+    four arriving 50 ms apart under a 0.3 s window are one prefill, a lone one is its own."""
+    config = neuron_config([demo_model()])
+    config["engine"]["batch_window"] = 0.3
+    neuron = NeuronProcess(tmp_path, config).start()
+    try:
+        await neuron.wait_serving()
+        async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+            stub = pb_grpc.NeuronStub(channel)
+            request = chat(DEMO_ID, QUESTION, max_tokens=8, temperature=0)
+
+            async def after(seconds: float) -> str:
+                await asyncio.sleep(seconds)
+                return (await collect(stub, request))[0]
+
+            answers = await asyncio.gather(*(after(0.05 * i) for i in range(4)))
+            assert all(answer.startswith("The capital of France") for answer in answers)
+            text = neuron.metrics()
+            labels = {"model": DEMO_ID}
+            assert metric_value(text, "helexa_neuron_prefill_batch_size_count", **labels) == 1
+            assert metric_value(text, "helexa_neuron_prefill_batch_size_sum", **labels) == 4
+            assert (await collect(stub, request))[0] == answers[0]
+            text = neuron.metrics()
+            assert metric_value(text, "helexa_neuron_prefill_batch_size_count", **labels) == 2
+            assert metric_value(text, "helexa_neuron_prefill_batch_size_sum", **labels) == 5
+    finally:
+        neuron.stop()
+
+
 async def test_prompts_reuse_cached_beginnings_and_answer_as_if_run_whole(
     shared_neuron: NeuronProcess, shared_stub: pb_grpc.NeuronStub, tmp_path: Path
 ) -> None:
