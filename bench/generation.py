@@ -100,7 +100,9 @@ def _transformers_step(model: Any, cache: Any, token: Any) -> Any:
 
 async def measure(send_factory, concurrency: list[int], per_stream: int) -> list[Summary]:  # type: ignore[no-untyped-def]
     send = send_factory()
-    await closed_loop(send, 2, 1)  # warm up: first requests pay for lazy initialisation
+    # Warm up: first requests pay for lazy initialisation, and each stream's connection is
+    # opened here, not in its first measured request (clients keep theirs open).
+    await closed_loop(send, max(concurrency), 1)
     return [await closed_loop(send, c, per_stream) for c in concurrency]
 
 

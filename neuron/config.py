@@ -62,7 +62,7 @@ class EngineConfig:
     # Seconds a model with no batch running waits for another request before it runs the
     # prompts it has (at most 5 such windows), so requests that arrive together are
     # prefilled together; 0: at once.
-    batch_window: float = 0.002
+    batch_window: float = 0.005
 
     def check_config(self, key: str) -> None:
         if not 0 <= self.batch_window <= 1:
