@@ -247,6 +247,7 @@ async def test_metrics_are_real_histograms_and_counters(
         "helexa_neuron_request_duration_seconds",
         "helexa_neuron_queue_seconds",
         "helexa_neuron_model_load_seconds",
+        "helexa_neuron_prefill_batch_size",
     ]:
         assert f"# TYPE {histogram} histogram" in text
         assert f'{histogram}_bucket{{le="+Inf",model="{DEMO_ID}"}}' in text
