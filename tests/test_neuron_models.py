@@ -251,9 +251,11 @@ async def test_metrics_are_real_histograms_and_counters(
     ]:
         assert f"# TYPE {histogram} histogram" in text
         assert f'{histogram}_bucket{{le="+Inf",model="{DEMO_ID}"}}' in text
-    assert (
-        metric_value(text, "helexa_neuron_requests_total", model=DEMO_ID, finish_reason="stop") >= 1
+    finished = sum(
+        metric_value(text, "helexa_neuron_requests_total", model=DEMO_ID, finish_reason=reason)
+        for reason in ("stop", "length")
     )
+    assert finished >= 1  # this request's, whatever ran on the shared neuron before it
     assert metric_value(text, "helexa_neuron_prompt_tokens_total", model=DEMO_ID) > 0
     assert (
         metric_value(text, "helexa_neuron_model_resident_bytes", model=DEMO_ID, device="cpu") > 1e8
