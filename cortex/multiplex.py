@@ -51,8 +51,8 @@ class Generation:
     """
 
     __slots__ = (
-        "_accepted", "_alarm", "_alarm_at", "_call", "_failure", "_id", "_loop", "_messages",
-        "_over", "_timer", "_until", "_waiter",
+        "_accepted", "_alarm", "_call", "_failure", "_id", "_loop", "_messages", "_over",
+        "_timer", "_until", "_waiter",
     )  # fmt: skip
 
     def __init__(self, call: _Call, id: int, timeout: float) -> None:
@@ -65,22 +65,16 @@ class Generation:
         self._accepted = False
         self._over = False  # nothing more will arrive: the last message, or a failure
         self._alarm: asyncio.TimerHandle | None = None
-        self._alarm_at = self._until = 0.0
+        self._until = 0.0
         self._timer = self._loop.call_later(timeout, self._expire, timeout)
 
     async def accepted(self) -> None:
         """Return once the neuron has taken the request; ``Failed`` if it failed first."""
-        while not (self._accepted or self._messages or self._over):
-            await self._wait()
-        if not (self._accepted or self._messages) and self._failure is not None:
-            raise self._failure
+        await self._reach(lambda: self._accepted or bool(self._messages))
 
     async def started(self) -> None:
         """Return once the first message is there to take; ``Failed`` if it failed first."""
-        while not (self._messages or self._over):
-            await self._wait()
-        if not self._messages and self._failure is not None:
-            raise self._failure
+        await self._reach(lambda: bool(self._messages))
 
     def take(self) -> list[pb.GenerateResponse]:
         """The messages that came since the last take, oldest first; once they are all taken,
@@ -98,19 +92,29 @@ class Generation:
         if self._messages or self._over:
             return True
         self._until = until
-        if self._alarm is None or self._alarm_at > until:
+        if self._alarm is None or self._alarm.when() > until:
             if self._alarm is not None:
                 self._alarm.cancel()
             self._alarm = self._loop.call_at(until, self._ring)
-            self._alarm_at = until
         await self._wait()
         return bool(self._messages) or self._over
 
     def cancel(self) -> None:
         """Stop the generation on the neuron; a no-op once it has ended."""
+        self._stop(Failed(grpc.StatusCode.CANCELLED, "cortex cancelled the generation"))
+
+    def _stop(self, failure: Failed) -> None:
+        """End the generation here with ``failure`` and send the neuron its cancel."""
         if not self._over:
-            self.fail(Failed(grpc.StatusCode.CANCELLED, "cortex cancelled the generation"))
+            self.fail(failure)
             self._call.cancel(self._id)
+
+    async def _reach(self, ready: Callable[[], bool]) -> None:
+        """Wait until ``ready()``; ``Failed`` if the generation failed before."""
+        while not (ready() or self._over):
+            await self._wait()
+        if not ready() and self._failure is not None:
+            raise self._failure
 
     async def _wait(self) -> None:
         self._waiter = self._loop.create_future()
@@ -129,7 +133,6 @@ class Generation:
             return
         if self._loop.time() < self._until:  # a later deadline since it was set
             self._alarm = self._loop.call_at(self._until, self._ring)
-            self._alarm_at = self._until
         else:
             self._wake()
 
@@ -161,9 +164,7 @@ class Generation:
             self._wake()
 
     def _expire(self, timeout: float) -> None:
-        if not self._over:
-            self._call.cancel(self._id)
-            self.fail(Failed(grpc.StatusCode.DEADLINE_EXCEEDED, f"no end within {timeout:g} s"))
+        self._stop(Failed(grpc.StatusCode.DEADLINE_EXCEEDED, f"no end within {timeout:g} s"))
 
 
 class _Call:

@@ -312,14 +312,14 @@ class Router:
             tried.add(neuron.name)
             neuron.begin(model_id)
             generation = neuron.generations.start(request, timeouts.request)
+            stream = Stream(self, neuron, model_id, generation)
             try:
                 async with asyncio.timeout(timeouts.accept):  # no task, unlike wait_for
                     await generation.accepted()
                 await generation.started()
-                return Stream(self, neuron, model_id, generation)
+                return stream
             except BaseException as e:
-                generation.cancel()  # stops the neuron when the client left
-                neuron.end(model_id)
+                stream.close()  # stops the neuron when the client left
                 if not isinstance(e, (Failed, TimeoutError)):
                     raise
                 if isinstance(e, TimeoutError):

@@ -671,13 +671,14 @@ class DeviceWorker:
                     if self._stopped:
                         return
                     now = time.monotonic()
-                    due = min((e.due() for e in self._engines), default=math.inf)
+                    dues = [(e, e.due()) for e in self._engines]
+                    due = min((d for _, d in dues), default=math.inf)
                     if self._calls or due <= now:
                         break
                     self.cond.wait(None if due == math.inf else due - now)
                 calls = list(self._calls)
                 self._calls.clear()
-                engines = [e for e in self._engines if e.due() <= now]
+                engines = [e for e, d in dues if d <= now]
             for fn, future in calls:
                 if future.set_running_or_notify_cancel():
                     try:
