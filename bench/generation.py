@@ -54,8 +54,8 @@ def bare_step_ceiling(
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from neuron.forward import Forward, KVCache
-    from neuron.quant import int4_kernel_usable, load_int4
+    from neuron.model.forward import Forward, KVCache
+    from neuron.model.quant import int4_kernel_usable, load_int4
 
     dtype = getattr(torch, dtype_name)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()

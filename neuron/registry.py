@@ -24,8 +24,8 @@ from neuron.config import NeuronConfig
 from neuron.devices import Device, cpu_has_fast_bf16, cuda_free_bytes, discover
 from neuron.engine import DeviceWorker, ModelEngine
 from neuron.errors import LoadFailed, ModelNotFound, NeuronError, NoRoom, ShuttingDown, SpecConflict
-from neuron.forward import ARCHITECTURES, Forward
-from neuron.quant import int4_kernel_usable, load_int4
+from neuron.model.forward import ARCHITECTURES, Forward
+from neuron.model.quant import int4_kernel_usable, load_int4
 from neuron.sources import ModelSpec, parameter_bytes, resolve
 
 log = logging.getLogger(__name__)

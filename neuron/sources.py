@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from neuron.errors import InvalidArgument, LoadFailed
-from neuron.quant import INT4_FILE, find_int4, save_int4
+from neuron.model.quant import INT4_FILE, find_int4, save_int4
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ import tomllib
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +35,14 @@ DEMO_GGUF = ROOT / "models/demo/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Shared by every test process so the GGUF is materialised once per machine, not per test.
 SHARED_CACHE = ROOT / ".cache/test-neuron"
 DEMO_ID = "smollm2"
+
+
+async def until(condition: Callable[[], object], within: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.001)
 
 
 def free_port() -> int:

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neuron import quant
-from neuron.forward import Forward, KVCache
+from neuron.model import quant
+from neuron.model.forward import Forward, KVCache
 
 SIZES = dict(
     vocab_size=97,

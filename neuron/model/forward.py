@@ -6,7 +6,7 @@ much as the matmuls. This one takes the weights of a loaded transformers model a
 same arithmetic with fused projections (one matmul for q, k and v, one for gate and up), a
 preallocated KV cache written in place, attention with grouped heads (computed directly for a
 decode step), and the vocabulary projection for the last position only. Projections
-whose weights are exactly 4-bit run as 4-bit on the CPU (``neuron.quant``).
+whose weights are exactly 4-bit run as 4-bit on the CPU (``neuron.model.quant``).
 
 The batch layout is the engine's: every row of the cache is left-padded to a common length
 (``KVCache.length``), so a decode step writes one column for all rows; each row has its own
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from neuron.quant import Codes, Linear
+from neuron.model.quant import Codes, Linear
 
 # transformers architectures this forward runs (same decoder block; qwen2 adds q/k/v biases).
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")

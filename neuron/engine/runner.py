@@ -1,0 +1,165 @@
+"""The running batch as tensors, and the model run over it: prefill and decode.
+
+The batch's KV cache has a row per running sequence, left-padded to a common length, with
+each row's own positions and a mask of its real columns. A prefill runs new prompts together
+(what the prefix cache holds of their beginnings is copied in, not run) and merges them into
+the batch; a decode step runs every row's last token; rows that leave are cut out, with the
+padding columns no row needs any more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+import torch.nn.functional as F
+
+from neuron import metrics
+from neuron.engine.sequence import Sequence
+from neuron.model.forward import Forward, KVCache
+from neuron.prefix import PrefixCache
+
+# Columns a new batch's KV cache has beyond its prompts before it first grows.
+DECODE_ROOM = 64
+
+
+class Runner:
+    """One model's forward pass over its running batch (device thread only)."""
+
+    def __init__(
+        self, model_id: str, forward: Forward, device: torch.device, pad_id: int, prefix_cache: int
+    ) -> None:
+        self.forward: Forward | None = forward
+        self.device = device
+        self.pad_id = pad_id
+        # Keys and values of prompt beginnings, at most ``prefix_cache`` bytes.
+        self.prefixes = PrefixCache(prefix_cache)
+        # torch's threads for one forward pass (set by the device worker that runs this).
+        self.threads: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+        self._labels = {"model": model_id}
+        self.rows = 0
+        self._cache: KVCache | None = None
+        self._mask: torch.Tensor | None = None  # [B, T] 1 for real tokens, 0 for padding
+        self._positions: torch.Tensor | None = None  # [B] position of each row's next token
+        self._next_tokens: torch.Tensor | None = None  # [B] last sampled token per row
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Run the prompts of ``seqs`` together, add them as the batch's last rows, and
+        return their logits (one row each). ``accept`` then takes their sampled tokens.
+
+        Columns ``[0, past)`` hold the cached beginnings and ``[past, past + longest)`` the
+        tokens run now, each part right-aligned per row.
+        """
+        assert self.forward is not None
+        matches = [self.prefixes.match(s.prompt_ids[:-1]) for s in seqs]
+        suffixes = [s.prompt_ids[m:] for s, (m, _) in zip(seqs, matches, strict=True)]
+        past = max(m for m, _ in matches)
+        longest = max(len(x) for x in suffixes)
+        columns = past + longest
+        pad = self.pad_id
+        ids = torch.tensor([[pad] * (longest - len(x)) + x for x in suffixes], device=self.device)
+        cache = KVCache.empty(self.forward, len(seqs), columns + DECODE_ROOM)
+        mask = torch.zeros(len(seqs), columns, dtype=torch.long, device=self.device)
+        if past:
+            cache.data[..., :past, :] = 0  # padding there must not be garbage (NaN * 0)
+        for row, (m, pieces) in enumerate(matches):
+            at = past - m
+            for piece in pieces:
+                cache.data[:, :, row, :, at : at + piece.shape[3]] = piece
+                at += piece.shape[3]
+            mask[row, past - m : past] = 1
+            mask[row, columns - len(suffixes[row]) :] = 1
+        cache.length = past
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+        with self.threads():
+            logits = self.forward(ids, position_ids, mask, cache)
+        lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)
+        self._remember_prompts(seqs, cache, mask)
+        metrics.PREFILL_BATCH.labels(**self._labels).observe(len(seqs))
+        metrics.PROMPT_TOKENS.labels(**self._labels).inc(int(lengths.sum()))
+        metrics.PREFIX_CACHE_HITS.labels(**self._labels).inc(sum(m for m, _ in matches))
+        metrics.PREFIX_CACHE_BYTES.labels(**self._labels).set(self.prefixes.bytes)
+        self._merge(cache, mask, lengths)
+        return logits
+
+    @torch.inference_mode()
+    def decode(self) -> torch.Tensor:
+        """Run every row's last token; returns the next logits, one row each."""
+        assert self._mask is not None and self._positions is not None
+        assert self._next_tokens is not None and self._cache is not None
+        assert self.forward is not None
+        self._mask = torch.cat(
+            [self._mask, torch.ones(self.rows, 1, dtype=self._mask.dtype, device=self.device)],
+            dim=1,
+        )
+        with self.threads():
+            logits = self.forward(
+                self._next_tokens[:, None], self._positions[:, None], self._mask, self._cache
+            )
+        self._positions = self._positions + 1
+        return logits
+
+    def accept(self, first_row: int, tokens: torch.Tensor) -> None:
+        """The tokens sampled for rows ``first_row``..., to run in the next decode step."""
+        assert self._next_tokens is not None
+        self._next_tokens[first_row : first_row + len(tokens)] = tokens
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only the rows ``keep`` and cut the padding columns no row needs any more."""
+        if not keep:
+            self.reset()
+            return
+        assert self._mask is not None and self._positions is not None
+        assert self._next_tokens is not None and self._cache is not None
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, index)
+        # Leading columns that are padding in every remaining row can go.
+        real = mask.any(dim=0).nonzero()
+        cut = int(real[0]) if real.numel() else 0
+        self._cache.keep(index, cut)
+        self._mask = mask[:, cut:]
+        self._positions = self._positions.index_select(0, index)
+        self._next_tokens = self._next_tokens.index_select(0, index)
+        self.rows = len(keep)
+
+    def reset(self) -> None:
+        """Drop the batch."""
+        self.rows = 0
+        self._cache = self._mask = self._positions = self._next_tokens = None
+
+    def release(self) -> None:
+        """Drop every reference to the model's tensors."""
+        self.forward = None
+        self.prefixes.clear()
+        metrics.PREFIX_CACHE_BYTES.labels(**self._labels).set(0)
+        self.reset()
+
+    def _remember_prompts(self, seqs: list[Sequence], cache: KVCache, mask: torch.Tensor) -> None:
+        """Keep each prompt's keys and values (its row's real columns) in the prefix cache."""
+        if self.prefixes.budget <= 0:
+            return
+        used = cache.data[..., : mask.shape[1], :]
+        for row, seq in enumerate(seqs):
+            self.prefixes.insert(seq.prompt_ids, used[:, :, row, :, mask[row].bool()])
+
+    def _merge(self, cache: KVCache, mask: torch.Tensor, lengths: torch.Tensor) -> None:
+        tokens = torch.zeros(len(lengths), dtype=torch.long, device=self.device)
+        if self.rows == 0:
+            self._cache, self._mask, self._positions = cache, mask, lengths
+            self._next_tokens = tokens
+            self.rows = len(lengths)
+            return
+        assert self._mask is not None and self._positions is not None
+        assert self._next_tokens is not None and self._cache is not None
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        total = max(old_len, new_len)
+        self._cache.merge(cache)
+        self._mask = torch.cat(
+            [F.pad(self._mask, (total - old_len, 0)), F.pad(mask, (total - new_len, 0))]
+        )
+        self._positions = torch.cat([self._positions, lengths])
+        self._next_tokens = torch.cat([self._next_tokens, tokens])
+        self.rows += len(lengths)

@@ -1,0 +1,192 @@
+"""The engine in process, on a tiny random Llama with the demo model's tokenizer.
+
+A device thread of its own runs the engine as the neuron does; requests go in through
+``ModelEngine.stream`` on the test's event loop. What is checked: scheduling within the batch
+bound, requests joining and leaving a running batch without changing anyone's answer,
+cancellation and the queue bounds, and stop strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from neuron.engine import STOP, Chunk, DeviceWorker, ModelEngine, SamplingParams
+from neuron.errors import QueueFull, QueueTimeout
+from neuron.model.forward import Forward
+from neuron.sources import materialise_gguf
+from tests.harness import DEMO_GGUF, SHARED_CACHE, until
+from tests.test_forward import SIZES
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived",
+    "def fib(n):",
+    "Water boils at",
+    "A list of fruits: apple, banana,",
+    "SELECT * FROM",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Any, Any]:
+    """A random-weight Llama as wide as the demo tokenizer's vocabulary, and that tokenizer."""
+    import transformers
+
+    folder = materialise_gguf(DEMO_GGUF, SHARED_CACHE)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        **{**SIZES, "vocab_size": len(tokenizer), "max_position_embeddings": 512},
+        # Wide weights: peaked logits, so float32 rounding never flips a greedy choice.
+        initializer_range=0.5,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    model = transformers.LlamaForCausalLM(config).eval()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[DeviceWorker]:
+    device_worker = DeviceWorker(torch.device("cpu"), cpu_threads=1)
+    yield device_worker
+    device_worker.stop()
+
+
+@pytest.fixture
+def make_engine(tiny: tuple[Any, Any], worker: DeviceWorker) -> Iterator[Any]:
+    engines: list[ModelEngine] = []
+
+    def make(max_batch_size: int = 8, max_waiting: int = 16, **extra: Any) -> ModelEngine:
+        model, tokenizer = tiny
+        engine = ModelEngine(
+            "tiny",
+            model,
+            Forward(model, {}, False),
+            tokenizer,
+            torch.device("cpu"),
+            max_batch_size=max_batch_size,
+            max_context=256,
+            max_waiting=max_waiting,
+            **extra,
+        )
+        worker.attach(engine)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.abort_all()
+        assert engine.wait_idle(30)
+        worker.detach(engine)
+
+
+def ids(engine: ModelEngine, prompt: str) -> list[int]:
+    return engine.encode_prompt(prompt)
+
+
+async def answer(engine: ModelEngine, prompt: str, **params: Any) -> tuple[str, Chunk]:
+    """The whole text of one request and its last chunk."""
+    params.setdefault("max_tokens", 24)
+    params.setdefault("temperature", 0.0)
+    texts = []
+    async for chunk in engine.stream(ids(engine, prompt), SamplingParams(**params)):
+        texts.append(chunk.text)
+    return "".join(texts), chunk
+
+
+async def first_chunk(stream: AsyncIterator[Chunk]) -> Chunk:
+    return await anext(stream)
+
+
+async def test_answers_in_a_changing_batch_equal_answers_alone(make_engine: Any) -> None:
+    engine = make_engine()
+    lengths = [24, 5, 17, 30, 9, 12]  # rows leave at different steps
+    alone = [await answer(engine, p, max_tokens=n) for p, n in zip(PROMPTS, lengths, strict=True)]
+    # Three start together; three more join the running batch once it has decoded a while.
+    early = [
+        asyncio.create_task(answer(engine, p, max_tokens=n))
+        for p, n in zip(PROMPTS[:3], lengths[:3], strict=True)
+    ]
+    await until(lambda: engine.running, 30, "the first requests never ran")
+    await asyncio.sleep(0.02)
+    late = [
+        asyncio.create_task(answer(engine, p, max_tokens=n))
+        for p, n in zip(PROMPTS[3:], lengths[3:], strict=True)
+    ]
+    together = await asyncio.gather(*early, *late)
+    for (text, last), (text_alone, last_alone) in zip(together, alone, strict=True):
+        assert text == text_alone
+        assert last.completion_tokens == last_alone.completion_tokens
+        assert last.finish_reason == last_alone.finish_reason
+
+
+async def test_batch_never_holds_more_than_max_batch_size(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=2)
+    tasks = [asyncio.create_task(answer(engine, p, max_tokens=12)) for p in PROMPTS[:5]]
+    most = 0
+    while not all(t.done() for t in tasks):
+        most = max(most, len(engine.running))
+        await asyncio.sleep(0.0005)
+    results = await asyncio.gather(*tasks)
+    assert most == 2
+    assert all(last.completion_tokens >= 1 for _, last in results)
+
+
+async def test_cancelled_stream_leaves_the_batch_and_frees_its_slot(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=1)
+    stream = engine.stream(ids(engine, PROMPTS[1]), SamplingParams(max_tokens=200, temperature=0))
+    await first_chunk(stream)
+    assert len(engine.running) == 1
+    await stream.aclose()
+    assert await asyncio.to_thread(engine.wait_idle, 10)
+    assert not engine.running
+    # The slot is free: the next request runs at once.
+    _, last = await answer(engine, PROMPTS[0], max_tokens=4)
+    assert last.completion_tokens >= 1
+
+
+async def test_full_queue_refuses_and_a_queue_timeout_withdraws(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=1, max_waiting=1)
+    holder = engine.stream(ids(engine, PROMPTS[1]), SamplingParams(max_tokens=200, temperature=0))
+    await first_chunk(holder)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    waiter = engine.stream(ids(engine, PROMPTS[0]), params, queue_timeout=0.3)
+    started = time.monotonic()
+    waiting = asyncio.create_task(first_chunk(waiter))
+    await until(lambda: engine.waiting, 30, "the second request never waited")
+    with pytest.raises(QueueFull, match="max_waiting = 1"):
+        await first_chunk(engine.stream(ids(engine, PROMPTS[2]), params))
+    with pytest.raises(QueueTimeout, match="queue_timeout"):
+        await waiting
+    assert time.monotonic() - started >= 0.3
+    assert not engine.waiting
+    await holder.aclose()
+    assert await asyncio.to_thread(engine.wait_idle, 10)
+
+
+async def test_stop_string_ends_the_answer_before_it(make_engine: Any) -> None:
+    engine = make_engine()
+    text, _ = await answer(engine, PROMPTS[1], max_tokens=30)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), f"pick another prompt: {text!r}"
+    cut, last = await answer(engine, PROMPTS[1], max_tokens=30, stop=(stop,))
+    assert cut == text[: text.index(stop)]
+    assert last.finish_reason == STOP
+
+
+async def test_seeded_sampling_repeats_whatever_the_batch(make_engine: Any) -> None:
+    engine = make_engine()
+    params = dict(max_tokens=16, temperature=1.0, seed=7)
+    alone, _ = await answer(engine, PROMPTS[0], **params)
+    crowd = [
+        answer(engine, p, max_tokens=16, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS)
+    ]
+    together = await asyncio.gather(answer(engine, PROMPTS[0], **params), *crowd)
+    assert together[0][0] == alone
