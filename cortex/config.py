@@ -19,10 +19,10 @@ from helexa.configfile import (
     check_log_level,
     load_file,
 )
+from helexa.modelspec import ModelSpec
 from helexa.secretfiles import check_secret, check_token
 
 DEFAULT_PATH = Path("/etc/cortex/cortex.toml")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -206,20 +206,13 @@ class CortexConfig:
 
 
 @dataclass(frozen=True)
-class CatalogueModel:
-    """One model clients may ask for, and how to place it on a neuron."""
+class CatalogueModel(ModelSpec):
+    """One model clients may ask for, and how to place it on a neuron.
 
-    id: str
-    # The source, as in a neuron's [[default_models]]: exactly one of hf_repo or path.
-    hf_repo: str = ""
-    revision: str = ""
-    path: str = ""
-    gguf_file: str = ""
-    dtype: str = "auto"
-    device: str = "auto"
-    max_batch_size: int = 0
-    max_context: int = 0
-    max_waiting: int = 0
+    Its source and limits are a ``ModelSpec``'s fields (the keys of a neuron's
+    ``[[default_models]]``, sent to a neuron on load with ``to_proto``); the rest is cortex's.
+    """
+
     # Memory the model takes on a device, for placement.
     memory: int = field(default=0, metadata={"unit": "bytes"})
     aliases: list[str] = field(default_factory=list)
@@ -229,25 +222,7 @@ class CatalogueModel:
     pinned: bool = False
 
     def check_config(self, key: str) -> None:
-        if not self.id.strip():
-            raise ConfigError(f"{key}.id: must not be empty")
-        if bool(self.hf_repo) == bool(self.path):
-            raise ConfigError(
-                f"{key}.source: give exactly one of hf_repo (Hugging Face) or path (local)"
-            )
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"{key}.dtype: must be one of {', '.join(DTYPES)}")
-        if not (
-            self.device in ("auto", "cpu", "cuda")
-            or (self.device.startswith("cuda:") and self.device[5:].isdigit())
-        ):
-            raise ConfigError(f"{key}.device: must be auto, cpu, cuda or cuda:N")
-        if self.max_batch_size < 0:
-            raise ConfigError(f"{key}.max_batch_size: must not be negative")
-        if self.max_context < 0:
-            raise ConfigError(f"{key}.max_context: must not be negative")
-        if self.max_waiting < 0:
-            raise ConfigError(f"{key}.max_waiting: must not be negative")
+        super().check_config(key)
         if self.memory <= 0:
             raise ConfigError(f"{key}.memory: required, the bytes the model takes (e.g. '2GiB')")
 

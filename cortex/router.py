@@ -78,27 +78,6 @@ def eviction_order(neuron: NeuronState, catalogue: Catalogue, placing: str) -> l
     return sorted(victims, key=lambda m: (m.recency, m.id))
 
 
-def spec_of(entry: CatalogueModel) -> pb.ModelSpec:
-    """The proto ``ModelSpec`` sent to a neuron to load a catalogue model."""
-    spec = pb.ModelSpec(
-        id=entry.id,
-        dtype=entry.dtype,
-        device=entry.device,
-        max_batch_size=entry.max_batch_size,
-        max_context=entry.max_context,
-        max_waiting=entry.max_waiting,
-    )
-    if entry.hf_repo:
-        spec.huggingface.CopyFrom(
-            pb.HuggingFaceSource(
-                repo=entry.hf_repo, revision=entry.revision, gguf_file=entry.gguf_file
-            )
-        )
-    else:
-        spec.local.CopyFrom(pb.LocalSource(path=entry.path, gguf_file=entry.gguf_file))
-    return spec
-
-
 class Router:
     """Routing, placement with eviction, and generation with retry before the first token."""
 
@@ -237,7 +216,7 @@ class Router:
         started = time.monotonic()
         try:
             reply = await neuron.stub.LoadModel(
-                pb.LoadModelRequest(spec=spec_of(entry)), timeout=self.config.timeouts.load
+                pb.LoadModelRequest(spec=entry.to_proto()), timeout=self.config.timeouts.load
             )
         except grpc.aio.AioRpcError as e:
             metrics.PLACEMENTS.labels(model=entry.id, neuron=neuron.name, result="failed").inc()

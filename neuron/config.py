@@ -16,9 +16,8 @@ from helexa.configfile import (
     check_log_level,
     load_file,
 )
+from helexa.modelspec import ModelSpec
 from helexa.secretfiles import check_token
-from neuron.errors import InvalidArgument
-from neuron.sources import ModelSpec
 
 DEFAULT_PATH = Path("/etc/neuron/neuron.toml")
 
@@ -127,11 +126,8 @@ class NeuronConfig:
         check_address(self.metrics_listen, "metrics_listen")
         check_log_level(self.log_level)
         seen: set[str] = set()
+        # Each spec was checked as the loader built it (ModelSpec.check_config).
         for i, spec in enumerate(self.default_models):
-            try:
-                spec.validate(f"default_models[{i}]")
-            except InvalidArgument as e:
-                raise ConfigError(str(e)) from None
             if spec.id in seen:
                 raise ConfigError(f"default_models[{i}].id: {spec.id!r} is listed twice")
             seen.add(spec.id)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from helexa.modelspec import ModelSpec
 from neuron import metrics
 from neuron.config import NeuronConfig
 from neuron.devices import Device, cpu_has_fast_bf16, cuda_free_bytes, discover
@@ -26,7 +27,7 @@ from neuron.engine import DeviceWorker, ModelEngine
 from neuron.errors import LoadFailed, ModelNotFound, NeuronError, NoRoom, ShuttingDown, SpecConflict
 from neuron.model.forward import ARCHITECTURES, Forward
 from neuron.model.quant import int4_kernel_usable, load_int4
-from neuron.sources import ModelSpec, parameter_bytes, resolve
+from neuron.sources import parameter_bytes, resolve
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,10 @@ class Registry:
     # ---- load ----
 
     async def load(self, spec: ModelSpec) -> tuple[HeldModel, bool]:
-        """Load ``spec`` (single flight); returns the model and whether it was already READY."""
-        spec.validate()
+        """Load ``spec`` (single flight); returns the model and whether it was already READY.
+
+        ``spec`` comes checked: by ``ModelSpec.from_proto`` or by the config loader.
+        """
         while True:
             held = self.models.get(spec.id)
             if held is None or held.state == FAILED:

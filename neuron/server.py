@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from helexa.modelspec import ModelSpec, SpecError
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from neuron import __version__
@@ -35,7 +36,6 @@ from neuron.errors import (
 )
 from neuron.multiplex import Multiplexer
 from neuron.registry import Registry
-from neuron.sources import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,10 @@ class NeuronService(pb_grpc.NeuronServicer):
         try:
             if self.draining:
                 raise ShuttingDown("the neuron is shutting down and loads nothing new")
-            spec = spec_from_proto(request.spec)
+            try:
+                spec = ModelSpec.from_proto(request.spec)
+            except SpecError as e:
+                raise InvalidArgument(e.field, e.message) from None
             held, already = await self.registry.load(spec)
         except NeuronError as e:
             await _abort(context, e)
@@ -200,7 +203,7 @@ class NeuronService(pb_grpc.NeuronServicer):
             in_flight=len(engine.running) if engine else 0,
             waiting=len(engine.waiting) if engine else 0,
             max_context=engine.max_context if engine else 0,
-            spec=spec_to_proto(held.spec),
+            spec=held.spec.to_proto(),
             max_batch_size=engine.max_batch_size if engine else 0,
             max_waiting=engine.max_waiting if engine else 0,
         )
@@ -318,48 +321,3 @@ def _stops(request: pb.GenerateRequest) -> tuple[str, ...]:
         if not stop:
             raise InvalidArgument(f"stop[{i}]", "must not be empty")
     return tuple(request.stop)
-
-
-def spec_from_proto(spec: pb.ModelSpec) -> ModelSpec:
-    """The in-process spec of a proto ``ModelSpec``, validated (fields named ``spec.*``)."""
-    kind = spec.WhichOneof("source")
-    if kind is None:
-        raise InvalidArgument("spec.source", "give a huggingface or a local source")
-    result = ModelSpec(
-        id=spec.id,
-        hf_repo=spec.huggingface.repo if kind == "huggingface" else "",
-        revision=spec.huggingface.revision if kind == "huggingface" else "",
-        path=spec.local.path if kind == "local" else "",
-        gguf_file=spec.huggingface.gguf_file if kind == "huggingface" else spec.local.gguf_file,
-        dtype=spec.dtype or "auto",
-        device=spec.device or "auto",
-        max_batch_size=spec.max_batch_size,
-        max_context=spec.max_context,
-        max_waiting=spec.max_waiting,
-    )
-    if kind == "huggingface" and not result.hf_repo:
-        raise InvalidArgument("spec.huggingface.repo", "must not be empty")
-    if kind == "local" and not result.path:
-        raise InvalidArgument("spec.local.path", "must not be empty")
-    result.validate("spec")
-    return result
-
-
-def spec_to_proto(spec: ModelSpec) -> pb.ModelSpec:
-    message = pb.ModelSpec(
-        id=spec.id,
-        dtype=spec.dtype,
-        device=spec.device,
-        max_batch_size=spec.max_batch_size,
-        max_context=spec.max_context,
-        max_waiting=spec.max_waiting,
-    )
-    if spec.hf_repo:
-        message.huggingface.CopyFrom(
-            pb.HuggingFaceSource(
-                repo=spec.hf_repo, revision=spec.revision, gguf_file=spec.gguf_file
-            )
-        )
-    else:
-        message.local.CopyFrom(pb.LocalSource(path=spec.path, gguf_file=spec.gguf_file))
-    return message

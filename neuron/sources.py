@@ -16,74 +16,19 @@ import os
 import shutil
 import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neuron.errors import InvalidArgument, LoadFailed
+from helexa.modelspec import ModelSpec
+from neuron.errors import LoadFailed
 from neuron.model.quant import INT4_FILE, find_int4, save_int4
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Bumped when what a materialised GGUF folder holds changes; older folders are redone.
 # 2: the 4-bit projections' codes (int4.safetensors).
 MATERIALISED_FORMAT = 2
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to load and how: the in-process twin of the proto's ``ModelSpec``.
-
-    Exactly one of ``hf_repo`` and ``path`` names the source. ``gguf_file`` picks a GGUF file
-    inside the repo or directory (or ``path`` is the GGUF file itself).
-    """
-
-    id: str
-    hf_repo: str = ""
-    revision: str = ""
-    path: str = ""
-    gguf_file: str = ""
-    dtype: str = "auto"
-    device: str = "auto"
-    max_batch_size: int = 0
-    max_context: int = 0
-    # Requests that may wait for a batch slot; 0: the neuron's engine.max_waiting (a spec may
-    # lower it, never raise it).
-    max_waiting: int = 0
-
-    def validate(self, key: str = "spec") -> None:
-        """Raise ``InvalidArgument`` naming the first wrong field."""
-        prefix = f"{key}." if key else ""
-        if not self.id or not self.id.strip():
-            raise InvalidArgument(f"{prefix}id", "must not be empty")
-        if bool(self.hf_repo) == bool(self.path):
-            raise InvalidArgument(
-                f"{prefix}source", "give exactly one of hf_repo (Hugging Face) or path (local)"
-            )
-        if self.dtype not in DTYPES:
-            raise InvalidArgument(f"{prefix}dtype", f"must be one of {', '.join(DTYPES)}")
-        if not (
-            self.device in ("auto", "cpu", "cuda")
-            or (self.device.startswith("cuda:") and self.device[5:].isdigit())
-        ):
-            raise InvalidArgument(f"{prefix}device", "must be auto, cpu, cuda or cuda:N")
-        if self.max_batch_size < 0:
-            raise InvalidArgument(f"{prefix}max_batch_size", "must not be negative")
-        if self.max_context < 0:
-            raise InvalidArgument(f"{prefix}max_context", "must not be negative")
-        if self.max_waiting < 0:
-            raise InvalidArgument(f"{prefix}max_waiting", "must not be negative")
-
-    def same_source(self, other: ModelSpec) -> bool:
-        """Whether two specs load the same weights in the same dtype."""
-        keys = ("hf_repo", "revision", "path", "gguf_file", "dtype")
-        return all(getattr(self, k) == getattr(other, k) for k in keys)
-
-    def describe(self) -> str:
-        where = f"hf:{self.hf_repo}@{self.revision or 'main'}" if self.hf_repo else self.path
-        return f"{where}/{self.gguf_file}" if self.gguf_file else where
 
 
 def resolve(spec: ModelSpec, cache_dir: Path) -> Path:

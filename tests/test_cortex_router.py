@@ -7,7 +7,7 @@ from typing import Any
 from cortex.config import Catalogue, CatalogueModel, FleetConfig
 from cortex.drain import DrainRate
 from cortex.fleet import UP, ModelView, NeuronState, channel_options
-from cortex.router import eviction_order, least_loaded, spec_of
+from cortex.router import eviction_order, least_loaded
 
 
 def _neuron(name: str, models: list[ModelView], in_flight: int = 0, **kw: Any) -> NeuronState:
@@ -76,10 +76,10 @@ def test_eviction_order_skips_pinned_busy_and_the_model_being_placed() -> None:
 
 
 def test_spec_sent_on_load_carries_the_catalogue_source() -> None:
-    local = spec_of(CatalogueModel("m", path="/srv/m.gguf", memory=1, dtype="bfloat16"))
+    local = CatalogueModel("m", path="/srv/m.gguf", memory=1, dtype="bfloat16").to_proto()
     assert local.WhichOneof("source") == "local" and local.local.path == "/srv/m.gguf"
     assert local.dtype == "bfloat16"
-    hub = spec_of(CatalogueModel("h", hf_repo="org/repo", revision="v1", memory=1))
+    hub = CatalogueModel("h", hf_repo="org/repo", revision="v1", memory=1).to_proto()
     assert hub.WhichOneof("source") == "huggingface"
     assert (hub.huggingface.repo, hub.huggingface.revision) == ("org/repo", "v1")
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from helexa.modelspec import ModelSpec
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from neuron.errors import LoadFailed
-from neuron.sources import ModelSpec, materialise_gguf, resolve
+from neuron.sources import materialise_gguf, resolve
 from tests.harness import (
     DEMO_GGUF,
     DEMO_ID,
