@@ -4,7 +4,8 @@ Each bf16 copy of the demo model takes 335,385,216 bytes on the neuron (its dens
 the int4 codes of its 4-bit projections; the neuron reserves 348,656,256 to load one); an
 1100MiB budget holds three copies (under different ids), not four. Requests for catalogue models that are not
 loaded place them; with no room the least recently used unpinned idle model is unloaded first;
-the pinned one never is, even when it is the least recently used.
+the pinned one never is, even when it is the least recently used. The copies ask for bf16:
+"auto" is float32 on a CPU without native bf16, and three of those do not fit.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ async def small_fleet(
         tmp_path / "cortex",
         cortex_config([neuron]),
         models=[
-            catalogue_model("pinned", pinned=True),
-            catalogue_model("x"),
-            catalogue_model("y"),
-            catalogue_model("z"),
+            catalogue_model("pinned", pinned=True, dtype="bfloat16"),
+            catalogue_model("x", dtype="bfloat16"),
+            catalogue_model("y", dtype="bfloat16"),
+            catalogue_model("z", dtype="bfloat16"),
             catalogue_model("huge", memory="100GiB"),
             {"id": "broken", "path": "/nonexistent/model.gguf", "memory": "1MiB"},
         ],

@@ -196,7 +196,7 @@ async def test_no_room_and_a_full_queue_are_resource_exhausted(
     demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
 ) -> None:
     # Room for one bf16 SmolLM2 (349 MB reserved to load), not two; one request may wait
-    # beside the running one.
+    # beside the running one. bf16 asked for: "auto" is float32 on a CPU without native bf16.
     neuron = NeuronProcess(
         tmp_path, neuron_config(cpu_memory_budget="400MiB", max_waiting=1)
     ).start()
@@ -204,9 +204,9 @@ async def test_no_room_and_a_full_queue_are_resource_exhausted(
     await neuron.wait_serving()
     async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
         stub = pb_grpc.NeuronStub(channel)
-        await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("a", max_batch_size=1)))
+        await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("a", max_batch_size=1, dtype="bfloat16")))
         with pytest.raises(grpc.aio.AioRpcError) as error:
-            await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("b")))
+            await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("b", dtype="bfloat16")))
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "does not fit" in (error.value.details() or "")
 
@@ -233,7 +233,7 @@ async def test_no_room_and_a_full_queue_are_resource_exhausted(
         assert "Paris" in text
 
         await stub.UnloadModel(pb.UnloadModelRequest(id="a"))
-        reply = await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("b")))
+        reply = await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("b", dtype="bfloat16")))
         assert reply.model.state == pb.MODEL_STATE_READY
 
 
