@@ -69,9 +69,13 @@ run: $(VENV)/.installed $(DEMO_GGUF)
 bench: SYSTEM_TOOLS += wrk:wrk
 bench: $(VENV)/.installed $(DEMO_GGUF) system-deps
 	$(BIN)/pip install -q "transformers[serving]"
+	# xgrammar without its deps: they would add triton (286 MB, GPU only) beside CPU torch.
+	$(BIN)/pip install -q llguidance outlines-core apache-tvm-ffi
+	$(BIN)/pip install -q --no-deps xgrammar
 	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.lifecycle
 	$(BIN)/python -m bench.generation
+	$(BIN)/python -m bench.grammar
 
 clean:
 	rm -rf $(VENV) .cache build dist *.egg-info
