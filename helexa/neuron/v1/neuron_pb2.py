@@ -24,19 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dhelexa/neuron/v1/neuron.proto\x12\x10helexa.neuron.v1\"\x8f\x01\n\x06\x44\x65vice\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.helexa.neuron.v1.DeviceKind\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\"\r\n\x0bInfoRequest\"j\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12)\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x18.helexa.neuron.v1.Device\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"F\n\x11HuggingFaceSource\x12\x0c\n\x04repo\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x11\n\tgguf_file\x18\x03 \x01(\t\".\n\x0bLocalSource\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\tgguf_file\x18\x02 \x01(\t\"\xee\x01\n\tModelSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12:\n\x0bhuggingface\x18\x02 \x01(\x0b\x32#.helexa.neuron.v1.HuggingFaceSourceH\x00\x12.\n\x05local\x18\x03 \x01(\x0b\x32\x1d.helexa.neuron.v1.LocalSourceH\x00\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\x13\n\x0bmax_waiting\x18\x08 \x01(\rB\x08\n\x06source\"\xb4\x02\n\x0bModelStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.helexa.neuron.v1.ModelState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0eresident_bytes\x18\x05 \x01(\x04\x12\x11\n\tloaded_at\x18\x06 \x01(\x01\x12\x11\n\tlast_used\x18\x07 \x01(\x01\x12\x11\n\tin_flight\x18\x08 \x01(\r\x12\x0f\n\x07waiting\x18\t \x01(\r\x12\x13\n\x0bmax_context\x18\n \x01(\r\x12)\n\x04spec\x18\x0b \x01(\x0b\x32\x1b.helexa.neuron.v1.ModelSpec\x12\x16\n\x0emax_batch_size\x18\x0c \x01(\r\x12\x13\n\x0bmax_waiting\x18\r \x01(\r\"\x13\n\x11ListModelsRequest\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.helexa.neuron.v1.ModelStatus\"=\n\x10LoadModelRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.helexa.neuron.v1.ModelSpec\"Y\n\x11LoadModelResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.helexa.neuron.v1.ModelStatus\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\" \n\x12UnloadModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\">\n\x13UnloadModelResponse\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x04\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"?\n\x0c\x43hatMessages\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.helexa.neuron.v1.ChatMessage\"\xa0\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1e.helexa.neuron.v1.ChatMessagesH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\rH\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x15\n\rqueue_timeout\x18\x0c \x01(\x01\x12\x18\n\x10message_interval\x18\r \x01(\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x8f\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x35\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1e.helexa.neuron.v1.FinishReason\x12&\n\x05usage\x18\x04 \x01(\x0b\x32\x17.helexa.neuron.v1.Usage\"\xaa\x01\n\x13GenerateManyRequest\x12:\n\x05start\x18\x01 \x03(\x0b\x32+.helexa.neuron.v1.GenerateManyRequest.Start\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x03(\x04\x1aG\n\x05Start\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x32\n\x07request\x18\x02 \x01(\x0b\x32!.helexa.neuron.v1.GenerateRequest\".\n\rGenerateError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa2\x01\n\rGenerateEvent\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08H\x00\x12\x36\n\x08response\x18\x03 \x01(\x0b\x32\".helexa.neuron.v1.GenerateResponseH\x00\x12\x30\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1f.helexa.neuron.v1.GenerateErrorH\x00\x42\x07\n\x05\x65vent\"G\n\x14GenerateManyResponse\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.helexa.neuron.v1.GenerateEvent*T\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_KIND_CPU\x10\x01\x12\x14\n\x10\x44\x45VICE_KIND_CUDA\x10\x02*\x8c\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x92\x04\n\x06Neuron\x12\x45\n\x04Info\x12\x1d.helexa.neuron.v1.InfoRequest\x1a\x1e.helexa.neuron.v1.InfoResponse\x12W\n\nListModels\x12#.helexa.neuron.v1.ListModelsRequest\x1a$.helexa.neuron.v1.ListModelsResponse\x12T\n\tLoadModel\x12\".helexa.neuron.v1.LoadModelRequest\x1a#.helexa.neuron.v1.LoadModelResponse\x12Z\n\x0bUnloadModel\x12$.helexa.neuron.v1.UnloadModelRequest\x1a%.helexa.neuron.v1.UnloadModelResponse\x12S\n\x08Generate\x12!.helexa.neuron.v1.GenerateRequest\x1a\".helexa.neuron.v1.GenerateResponse0\x01\x12\x61\n\x0cGenerateMany\x12%.helexa.neuron.v1.GenerateManyRequest\x1a&.helexa.neuron.v1.GenerateManyResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dhelexa/neuron/v1/neuron.proto\x12\x10helexa.neuron.v1\"\x8f\x01\n\x06\x44\x65vice\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.helexa.neuron.v1.DeviceKind\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\"\r\n\x0bInfoRequest\"j\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12)\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x18.helexa.neuron.v1.Device\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"F\n\x11HuggingFaceSource\x12\x0c\n\x04repo\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x11\n\tgguf_file\x18\x03 \x01(\t\".\n\x0bLocalSource\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\tgguf_file\x18\x02 \x01(\t\"\xee\x01\n\tModelSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12:\n\x0bhuggingface\x18\x02 \x01(\x0b\x32#.helexa.neuron.v1.HuggingFaceSourceH\x00\x12.\n\x05local\x18\x03 \x01(\x0b\x32\x1d.helexa.neuron.v1.LocalSourceH\x00\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\x13\n\x0bmax_waiting\x18\x08 \x01(\rB\x08\n\x06source\"\xb4\x02\n\x0bModelStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.helexa.neuron.v1.ModelState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0eresident_bytes\x18\x05 \x01(\x04\x12\x11\n\tloaded_at\x18\x06 \x01(\x01\x12\x11\n\tlast_used\x18\x07 \x01(\x01\x12\x11\n\tin_flight\x18\x08 \x01(\r\x12\x0f\n\x07waiting\x18\t \x01(\r\x12\x13\n\x0bmax_context\x18\n \x01(\r\x12)\n\x04spec\x18\x0b \x01(\x0b\x32\x1b.helexa.neuron.v1.ModelSpec\x12\x16\n\x0emax_batch_size\x18\x0c \x01(\r\x12\x13\n\x0bmax_waiting\x18\r \x01(\r\"\x13\n\x11ListModelsRequest\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.helexa.neuron.v1.ModelStatus\"=\n\x10LoadModelRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.helexa.neuron.v1.ModelSpec\"Y\n\x11LoadModelResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.helexa.neuron.v1.ModelStatus\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\" \n\x12UnloadModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\">\n\x13UnloadModelResponse\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x04\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"r\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12.\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1a.helexa.neuron.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"N\n\nToolChoice\x12.\n\x04mode\x18\x01 \x01(\x0e\x32 .helexa.neuron.v1.ToolChoiceMode\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\"H\n\x10OutputConstraint\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"?\n\x0c\x43hatMessages\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.helexa.neuron.v1.ChatMessage\"\xf2\x06\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1e.helexa.neuron.v1.ChatMessagesH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\rH\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x15\n\rqueue_timeout\x18\x0c \x01(\x01\x12\x18\n\x10message_interval\x18\r \x01(\x01\x12%\n\x05tools\x18\x0e \x03(\x0b\x32\x16.helexa.neuron.v1.Tool\x12\x31\n\x0btool_choice\x18\x0f \x01(\x0b\x32\x1c.helexa.neuron.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x10 \x01(\x08H\x07\x88\x01\x01\x12\x32\n\x06output\x18\x11 \x01(\x0b\x32\".helexa.neuron.v1.OutputConstraint\x12\x10\n\x08logprobs\x18\x12 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x13 \x01(\r\x12\x1d\n\x10presence_penalty\x18\x14 \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x15 \x01(\x02H\t\x88\x01\x01\x12\x44\n\nlogit_bias\x18\x16 \x03(\x0b\x32\x30.helexa.neuron.v1.GenerateRequest.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x16\n\x14_parallel_tool_callsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"h\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12)\n\x03top\x18\x04 \x03(\x0b\x32\x1c.helexa.neuron.v1.TopLogprob\"\xf6\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x35\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1e.helexa.neuron.v1.FinishReason\x12&\n\x05usage\x18\x04 \x01(\x0b\x32\x17.helexa.neuron.v1.Usage\x12\x33\n\ntool_calls\x18\x05 \x03(\x0b\x32\x1f.helexa.neuron.v1.ToolCallDelta\x12\x30\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1e.helexa.neuron.v1.TokenLogprob\"\xaa\x01\n\x13GenerateManyRequest\x12:\n\x05start\x18\x01 \x03(\x0b\x32+.helexa.neuron.v1.GenerateManyRequest.Start\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x03(\x04\x1aG\n\x05Start\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x32\n\x07request\x18\x02 \x01(\x0b\x32!.helexa.neuron.v1.GenerateRequest\".\n\rGenerateError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa2\x01\n\rGenerateEvent\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08H\x00\x12\x36\n\x08response\x18\x03 \x01(\x0b\x32\".helexa.neuron.v1.GenerateResponseH\x00\x12\x30\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1f.helexa.neuron.v1.GenerateErrorH\x00\x42\x07\n\x05\x65vent\"G\n\x14GenerateManyResponse\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.helexa.neuron.v1.GenerateEvent*T\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_KIND_CPU\x10\x01\x12\x14\n\x10\x44\x45VICE_KIND_CUDA\x10\x02*\x8c\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04*\x84\x01\n\x0eToolChoiceMode\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x01\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_FUNCTION\x10\x03*\x9a\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\x92\x04\n\x06Neuron\x12\x45\n\x04Info\x12\x1d.helexa.neuron.v1.InfoRequest\x1a\x1e.helexa.neuron.v1.InfoResponse\x12W\n\nListModels\x12#.helexa.neuron.v1.ListModelsRequest\x1a$.helexa.neuron.v1.ListModelsResponse\x12T\n\tLoadModel\x12\".helexa.neuron.v1.LoadModelRequest\x1a#.helexa.neuron.v1.LoadModelResponse\x12Z\n\x0bUnloadModel\x12$.helexa.neuron.v1.UnloadModelRequest\x1a%.helexa.neuron.v1.UnloadModelResponse\x12S\n\x08Generate\x12!.helexa.neuron.v1.GenerateRequest\x1a\".helexa.neuron.v1.GenerateResponse0\x01\x12\x61\n\x0cGenerateMany\x12%.helexa.neuron.v1.GenerateManyRequest\x1a&.helexa.neuron.v1.GenerateManyResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'helexa.neuron.v1.neuron_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEVICEKIND']._serialized_start=2528
-  _globals['_DEVICEKIND']._serialized_end=2612
-  _globals['_MODELSTATE']._serialized_start=2615
-  _globals['_MODELSTATE']._serialized_end=2755
-  _globals['_FINISHREASON']._serialized_start=2757
-  _globals['_FINISHREASON']._serialized_end=2881
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_DEVICEKIND']._serialized_start=3715
+  _globals['_DEVICEKIND']._serialized_end=3799
+  _globals['_MODELSTATE']._serialized_start=3802
+  _globals['_MODELSTATE']._serialized_end=3942
+  _globals['_TOOLCHOICEMODE']._serialized_start=3945
+  _globals['_TOOLCHOICEMODE']._serialized_end=4077
+  _globals['_FINISHREASON']._serialized_start=4080
+  _globals['_FINISHREASON']._serialized_end=4234
   _globals['_DEVICE']._serialized_start=52
   _globals['_DEVICE']._serialized_end=195
   _globals['_INFOREQUEST']._serialized_start=197
@@ -63,26 +67,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNLOADMODELREQUEST']._serialized_end=1268
   _globals['_UNLOADMODELRESPONSE']._serialized_start=1270
   _globals['_UNLOADMODELRESPONSE']._serialized_end=1332
-  _globals['_CHATMESSAGE']._serialized_start=1334
-  _globals['_CHATMESSAGE']._serialized_end=1378
-  _globals['_CHATMESSAGES']._serialized_start=1380
-  _globals['_CHATMESSAGES']._serialized_end=1443
-  _globals['_GENERATEREQUEST']._serialized_start=1446
-  _globals['_GENERATEREQUEST']._serialized_end=1862
-  _globals['_USAGE']._serialized_start=1864
-  _globals['_USAGE']._serialized_end=1921
-  _globals['_GENERATERESPONSE']._serialized_start=1924
-  _globals['_GENERATERESPONSE']._serialized_end=2067
-  _globals['_GENERATEMANYREQUEST']._serialized_start=2070
-  _globals['_GENERATEMANYREQUEST']._serialized_end=2240
-  _globals['_GENERATEMANYREQUEST_START']._serialized_start=2169
-  _globals['_GENERATEMANYREQUEST_START']._serialized_end=2240
-  _globals['_GENERATEERROR']._serialized_start=2242
-  _globals['_GENERATEERROR']._serialized_end=2288
-  _globals['_GENERATEEVENT']._serialized_start=2291
-  _globals['_GENERATEEVENT']._serialized_end=2453
-  _globals['_GENERATEMANYRESPONSE']._serialized_start=2455
-  _globals['_GENERATEMANYRESPONSE']._serialized_end=2526
-  _globals['_NEURON']._serialized_start=2884
-  _globals['_NEURON']._serialized_end=3414
+  _globals['_TOOLCALL']._serialized_start=1334
+  _globals['_TOOLCALL']._serialized_end=1389
+  _globals['_CHATMESSAGE']._serialized_start=1391
+  _globals['_CHATMESSAGE']._serialized_end=1505
+  _globals['_TOOL']._serialized_start=1507
+  _globals['_TOOL']._serialized_end=1568
+  _globals['_TOOLCHOICE']._serialized_start=1570
+  _globals['_TOOLCHOICE']._serialized_end=1648
+  _globals['_OUTPUTCONSTRAINT']._serialized_start=1650
+  _globals['_OUTPUTCONSTRAINT']._serialized_end=1722
+  _globals['_CHATMESSAGES']._serialized_start=1724
+  _globals['_CHATMESSAGES']._serialized_end=1787
+  _globals['_GENERATEREQUEST']._serialized_start=1790
+  _globals['_GENERATEREQUEST']._serialized_end=2672
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=2465
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=2513
+  _globals['_USAGE']._serialized_start=2674
+  _globals['_USAGE']._serialized_end=2761
+  _globals['_TOOLCALLDELTA']._serialized_start=2763
+  _globals['_TOOLCALLDELTA']._serialized_end=2838
+  _globals['_TOPLOGPROB']._serialized_start=2840
+  _globals['_TOPLOGPROB']._serialized_end=2899
+  _globals['_TOKENLOGPROB']._serialized_start=2901
+  _globals['_TOKENLOGPROB']._serialized_end=3005
+  _globals['_GENERATERESPONSE']._serialized_start=3008
+  _globals['_GENERATERESPONSE']._serialized_end=3254
+  _globals['_GENERATEMANYREQUEST']._serialized_start=3257
+  _globals['_GENERATEMANYREQUEST']._serialized_end=3427
+  _globals['_GENERATEMANYREQUEST_START']._serialized_start=3356
+  _globals['_GENERATEMANYREQUEST_START']._serialized_end=3427
+  _globals['_GENERATEERROR']._serialized_start=3429
+  _globals['_GENERATEERROR']._serialized_end=3475
+  _globals['_GENERATEEVENT']._serialized_start=3478
+  _globals['_GENERATEEVENT']._serialized_end=3640
+  _globals['_GENERATEMANYRESPONSE']._serialized_start=3642
+  _globals['_GENERATEMANYRESPONSE']._serialized_end=3713
+  _globals['_NEURON']._serialized_start=4237
+  _globals['_NEURON']._serialized_end=4767
 # @@protoc_insertion_point(module_scope)
