@@ -83,6 +83,8 @@ class AuthConfig:
     token: str = ""
     # A file holding the token on one line ('#' comments and blank lines skipped).
     token_file: str = ""
+    # Serve beyond loopback with neither a token nor mTLS; else such a neuron refuses to start.
+    allow_unauthenticated: bool = False
 
     def check_config(self, key: str) -> None:
         check_token(self.token, self.token_file, key)
