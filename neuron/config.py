@@ -17,7 +17,8 @@ from helexa.configfile import (
     load_file,
 )
 from helexa.secretfiles import check_token
-from neuron.errors import InvalidArgument
+from neuron.errors import InvalidArgument, NotAllowed
+from neuron.loadpolicy import check_source
 from neuron.sources import ModelSpec
 
 DEFAULT_PATH = Path("/etc/neuron/neuron.toml")
@@ -91,6 +92,31 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class LoadingConfig:
+    """What a load may read or fetch, and how long a failed load stays listed."""
+
+    # Local sources only under these directories (and cache_dir), by their real paths.
+    local_dirs: list[str] = field(default_factory=lambda: ["/var/lib/neuron/local"])
+    # Hugging Face repositories that may be loaded ("owner/name" or "owner/*"); empty: any.
+    hf_repos: list[str] = field(default_factory=list)
+    # Seconds a FAILED model stays listed (with its error) before it is forgotten.
+    failed_ttl: float = 600.0
+
+    def check_config(self, key: str) -> None:
+        for i, folder in enumerate(self.local_dirs):
+            if not folder.strip():
+                raise ConfigError(f"{key}.local_dirs[{i}]: must not be empty")
+        for i, repo in enumerate(self.hf_repos):
+            owner, slash, name = repo.partition("/")
+            if not (owner and slash and name) or "/" in name:
+                raise ConfigError(
+                    f"{key}.hf_repos[{i}]: expected owner/name or owner/*, got {repo!r}"
+                )
+        if not 0 <= self.failed_ttl < float("inf"):
+            raise ConfigError(f"{key}.failed_ttl: must be 0 or more seconds")
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     """TLS on the gRPC port; with ``client_ca_file``, callers must show a certificate it signed."""
 
@@ -122,6 +148,7 @@ class NeuronConfig:
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    loading: LoadingConfig = field(default_factory=LoadingConfig)
     default_models: list[ModelSpec] = field(default_factory=list)
 
     def check_config(self, key: str) -> None:
@@ -137,6 +164,16 @@ class NeuronConfig:
             if spec.id in seen:
                 raise ConfigError(f"default_models[{i}].id: {spec.id!r} is listed twice")
             seen.add(spec.id)
+        for i, spec in enumerate(self.default_models):
+            try:
+                check_source(spec, self.local_dirs, self.loading.hf_repos, f"default_models[{i}]")
+            except NotAllowed as e:
+                raise ConfigError(str(e)) from None
+
+    @property
+    def local_dirs(self) -> list[str]:
+        """Where local sources may lie: the cache and ``loading.local_dirs``."""
+        return [self.cache_dir, *self.loading.local_dirs]
 
 
 def load(path: Path = DEFAULT_PATH) -> NeuronConfig:

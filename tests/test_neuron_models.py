@@ -171,8 +171,13 @@ async def test_a_models_own_queue_bound_and_queue_timeout_refuse_before_any_toke
         (demo_spec("x", device="tpu"), grpc.StatusCode.INVALID_ARGUMENT, "spec.device"),
         (
             pb.ModelSpec(id="x", local=pb.LocalSource(path="/nonexistent/model")),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "spec.path '/nonexistent/model': not under cache_dir or a directory in loading.local_dirs",
+        ),
+        (
+            pb.ModelSpec(id="x", local=pb.LocalSource(path=str(DEMO_GGUF.parent / "absent.gguf"))),
             grpc.StatusCode.FAILED_PRECONDITION,
-            "/nonexistent/model",
+            "absent.gguf",
         ),
         (demo_spec(DEMO_ID, dtype="float16"), grpc.StatusCode.FAILED_PRECONDITION, "unload it"),
         (demo_spec("x", device="cuda:0"), grpc.StatusCode.RESOURCE_EXHAUSTED, "cuda:0"),
