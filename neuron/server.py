@@ -29,6 +29,7 @@ from neuron.errors import (
     ModelNotFound,
     NeuronError,
     NoRoom,
+    NotAllowed,
     QueueFull,
     QueueTimeout,
     ShuttingDown,
@@ -43,6 +44,7 @@ _CODES: dict[type[NeuronError], grpc.StatusCode] = {
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NoRoom: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotAllowed: grpc.StatusCode.PERMISSION_DENIED,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     QueueTimeout: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
@@ -111,7 +113,7 @@ class NeuronService(pb_grpc.NeuronServicer):
         self, request: pb.ListModelsRequest, context: Any
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
-            models=[self._status(m.spec.id) for m in list(self.registry.models.values())]
+            models=[self._status(m.spec.id) for m in self.registry.listed()]
         )
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: Any) -> pb.LoadModelResponse:

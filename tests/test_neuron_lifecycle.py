@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from tests.harness import (
+    DEMO_GGUF,
     DEMO_ID,
     Many,
     NeuronProcess,
@@ -52,6 +53,7 @@ async def test_activation_continues_past_a_failing_default_model(
         tmp_path,
         neurons,
         default_models=[{"id": "broken", "path": str(tmp_path / "missing.gguf")}, demo_model()],
+        loading={"local_dirs": [str(tmp_path), str(DEMO_GGUF.parent)]},
     )
     await neuron.wait_serving()
     async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
