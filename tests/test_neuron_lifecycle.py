@@ -204,7 +204,8 @@ async def test_example_config_plus_a_default_model_serves_and_shuts_down(
     demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
 ) -> None:
     # The shipped example, as an operator would use it: only the ports, the cache and one
-    # default model differ (the example's own ports may be taken on a test machine).
+    # default model (and the directory it may be loaded from) differ (the example's own ports
+    # may be taken on a test machine).
     from helexa.configfile import load_toml
     from tests.harness import ROOT
 
@@ -215,6 +216,7 @@ async def test_example_config_plus_a_default_model_serves_and_shuts_down(
         metrics_listen=fresh["metrics_listen"],
         cache_dir=fresh["cache_dir"],
         default_models=[demo_model()],
+        loading={**config.get("loading", {}), "local_dirs": fresh["loading"]["local_dirs"]},
     )
     neuron = NeuronProcess(tmp_path / "example", config).start()
     neurons.append(neuron)

@@ -83,12 +83,22 @@ class Grammars:
         self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=True)
         self._lock = threading.Lock()
 
+    # Compact JSON (no whitespace between tokens): a small model left to choose pads its
+    # answer with whitespace until it runs out of tokens.
     def json_object(self) -> Any:
-        return self._timed("json_object", self._compiler.compile_builtin_json_grammar)
+        return self._timed(
+            "json_object",
+            lambda: self._compiler.compile_json_schema(
+                '{"type": "object"}', any_whitespace=False, strict_mode=False
+            ),
+        )
 
     def json_schema(self, schema: str) -> Any:
         return self._timed(
-            "json_schema", lambda: self._compiler.compile_json_schema(schema, strict_mode=True)
+            "json_schema",
+            lambda: self._compiler.compile_json_schema(
+                schema, any_whitespace=False, strict_mode=True
+            ),
         )
 
     def structural_tag(self, kind: str, tag: dict[str, Any]) -> Any:

@@ -89,7 +89,13 @@ def call_grammar(tools: list[Tool], choice: str, function: str, parallel: bool) 
         {
             "type": "tag",
             "begin": f"{_BEGIN}{json.dumps(t.name)}{_ARGUMENTS}",
-            "content": {"type": "json_schema", "json_schema": t.parameters},
+            # At most one whitespace character in a row: a small model left to it pads
+            # arguments with whitespace until it runs out of tokens.
+            "content": {
+                "type": "json_schema",
+                "json_schema": t.parameters,
+                "max_whitespace_cnt": 1,
+            },
             "end": END,
         }
         for t in tools
@@ -98,13 +104,16 @@ def call_grammar(tools: list[Tool], choice: str, function: str, parallel: bool) 
     if choice == FUNCTION:
         return tags[0]
     if choice == REQUIRED:
-        return {
-            "type": "tags_with_separator",
-            "tags": tags,
-            "separator": SEPARATOR,
-            "at_least_one": True,
-            "stop_after_first": not parallel,
+        # Calls only, each may be followed by a line break (what models write after a call);
+        # the answer may end after any call.
+        call = {
+            "type": "sequence",
+            "elements": [
+                {"type": "or", "elements": tags},
+                {"type": "optional", "content": {"type": "const_string", "value": SEPARATOR}},
+            ],
         }
+        return {"type": "plus", "content": call} if parallel else call
     return {
         "type": "triggered_tags",
         "triggers": [TRIGGER],
@@ -132,6 +141,7 @@ class CallReader:
     calls: int = 0
     _buffer: str = ""
     _state: str = "text"  # text, name, arguments
+    _after_call: bool = False  # a line break that follows a call is not content
     _out: list[CallDelta] = field(default_factory=list)
 
     def feed(self, text: str, final: bool = False) -> tuple[str, list[CallDelta]]:
@@ -142,6 +152,12 @@ class CallReader:
         self._out = []
         while True:
             if self._state == "text":
+                if self._after_call:
+                    if not self._buffer and not final:
+                        break
+                    self._after_call = False
+                    if self._buffer.startswith(SEPARATOR):
+                        self._buffer = self._buffer[len(SEPARATOR) :]
                 at = self._buffer.find(_BEGIN)
                 if at < 0:
                     keep = 0 if final else _partial(self._buffer, _BEGIN)
@@ -170,9 +186,7 @@ class CallReader:
                 self._buffer = self._buffer[at + len(END) :]
                 self._state = "text"
                 self.calls += 1
-                # What separates calls is not content.
-                if self._buffer.startswith(SEPARATOR):
-                    self._buffer = self._buffer[len(SEPARATOR) :]
+                self._after_call = True
         return "".join(content), self._out
 
     def _arguments(self, text: str) -> None:
