@@ -154,7 +154,14 @@ def openai_sender(
     return send
 
 
-def grpc_sender(stub: pb_grpc.NeuronStub, model: str, max_tokens: int) -> Send:
+def grpc_sender(
+    stub: pb_grpc.NeuronStub,
+    model: str,
+    max_tokens: int,
+    output: pb.OutputConstraint | None = None,
+) -> Send:
+    """Chat requests over Generate; ``output``: the constraint each answer is held to."""
+
     async def send(index: int) -> Result:
         message = pb.ChatMessage(role="user", content=prompt(index))
         request = pb.GenerateRequest(
@@ -162,6 +169,7 @@ def grpc_sender(stub: pb_grpc.NeuronStub, model: str, max_tokens: int) -> Send:
             chat=pb.ChatMessages(messages=[message]),
             max_tokens=max_tokens,
             temperature=0,
+            output=output,
         )
         arrivals = Arrivals()
         tokens = 0

@@ -430,8 +430,20 @@ async def _constraint(
     try:
         grammar = await asyncio.to_thread(lambda: compile_(engine.grammars()))
     except UnenforceableSchema as e:
+        if calls:  # name the tool whose schema it is
+            field = await asyncio.to_thread(_culprit, engine, offered) or field
         raise InvalidArgument(field, f"cannot be enforced: {e}") from None
     return kind, grammar
+
+
+def _culprit(engine: ModelEngine, offered: list[tools.Tool]) -> str:
+    """The field of the first tool whose parameters do not compile alone ("" if none)."""
+    for i, tool in enumerate(offered):
+        try:
+            engine.grammars().json_schema(json.dumps(tool.parameters))
+        except UnenforceableSchema:
+            return f"tools[{i}].parameters"
+    return ""
 
 
 def _logit_bias(request: pb.GenerateRequest, vocab_size: int) -> tuple[tuple[int, float], ...]:

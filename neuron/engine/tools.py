@@ -178,9 +178,11 @@ class CallReader:
             else:
                 at = self._buffer.find(END)
                 if at < 0:
-                    keep = 0 if final else _partial(self._buffer, END)
+                    # What could be the start of the end marker is held back, and dropped
+                    # when the answer is cut there (max_tokens): it is not arguments.
+                    keep = _partial(self._buffer, END)
                     self._arguments(self._buffer[: len(self._buffer) - keep])
-                    self._buffer = self._buffer[len(self._buffer) - keep :]
+                    self._buffer = "" if final else self._buffer[len(self._buffer) - keep :]
                     break
                 self._arguments(self._buffer[:at])
                 self._buffer = self._buffer[at + len(END) :]
