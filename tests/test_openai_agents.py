@@ -710,3 +710,24 @@ async def test_constrained_requests_are_counted_by_kind(cortex: CortexProcess) -
         cortex.metrics(), "helexa_gateway_constrained_requests_total", kind="json_object"
     )
     assert after == before + 1
+
+
+def test_answers_match_the_served_openapi_description() -> None:
+    from cortex.api.openapi import DOCUMENT
+
+    def schema(name: str) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{name}", "components": DOCUMENT["components"]}
+
+    calls = Outcome(finish_reason="tool_calls", tool_calls=CALL_PIECES)
+    chat = _answer("chat", logprobs=True).whole(calls)
+    jsonschema.validate(chat, schema("ChatCompletion"))
+    text = _answer("completion", logprobs=True).whole(
+        Outcome(text=" Paris", finish_reason="stop", logprobs=[_token(" Paris", -0.5)])
+    )
+    jsonschema.validate(text, schema("Completion"))
+    request = _chat(
+        messages=[*_tool_message(), {"role": "tool", "tool_call_id": "call_1", "content": "x"}],
+        tools=[WEATHER], tool_choice="required", logprobs=True, top_logprobs=2,
+        logit_bias={"5": 1}, response_format={"type": "json_object"},
+    )  # fmt: skip
+    jsonschema.validate(request, schema("ChatCompletionRequest"))
