@@ -731,3 +731,61 @@ def test_answers_match_the_served_openapi_description() -> None:
         logit_bias={"5": 1}, response_format={"type": "json_object"},
     )  # fmt: skip
     jsonschema.validate(request, schema("ChatCompletionRequest"))
+
+
+def test_any_json_in_the_agents_fields_parses_or_is_a_bad_request() -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(st.characters(exclude_categories=()), max_size=12)
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | text
+    anything = st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+        max_leaves=10,
+    )
+    tool = st.fixed_dictionaries(
+        {"type": st.just("function") | anything,
+         "function": st.fixed_dictionaries(
+             {"name": st.from_regex(r"[a-z_]{1,8}", fullmatch=True) | anything},
+             optional={"parameters": anything, "strict": anything, "description": anything})}
+    )  # fmt: skip
+    call = st.fixed_dictionaries(
+        {"id": text | anything,
+         "function": st.fixed_dictionaries({"name": text, "arguments": text | anything})}
+    )  # fmt: skip
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "tool"]) | anything},
+        optional={"content": text | anything, "tool_calls": st.lists(call, max_size=2) | anything,
+                  "tool_call_id": text | anything},
+    )  # fmt: skip
+    fields_ = {
+        "tools": st.lists(tool, max_size=3) | anything,
+        "tool_choice": st.sampled_from(["auto", "none", "required"]) | anything,
+        "parallel_tool_calls": anything,
+        "response_format": st.fixed_dictionaries(
+            {"type": st.sampled_from(["text", "json_object", "json_schema"]) | anything},
+            optional={"json_schema": st.fixed_dictionaries(
+                {"name": text, "schema": anything}) | anything},
+        ) | anything,
+        "logprobs": anything, "top_logprobs": anything, "presence_penalty": anything,
+        "frequency_penalty": anything, "logit_bias": anything, "modalities": anything,
+        "audio": anything, "functions": anything,
+    }  # fmt: skip
+    body = st.fixed_dictionaries(
+        {"model": st.just(DEMO_ID), "messages": st.lists(message, min_size=1, max_size=3)},
+        optional=fields_,
+    )
+
+    @settings(max_examples=1000, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(body)
+    def check(body: dict[str, Any]) -> None:
+        from cortex.api.openai import _parse
+
+        try:
+            _parse(parse_chat, _gateway(), body)
+        except BadRequest as e:
+            assert e.message and (e.param is None or isinstance(e.param, str))
+
+    check()

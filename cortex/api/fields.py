@@ -112,7 +112,12 @@ def name(body: dict[str, Any], field: str, prefix: str) -> str:
 
 def schema_text(value: Any, key: str) -> str:
     """A JSON schema (an object) as the text the neuron compiles."""
-    return json.dumps(obj(value, key), separators=(",", ":"))
+    try:
+        return json.dumps(obj(value, key), separators=(",", ":"), allow_nan=False)
+    except ValueError:  # Python's json reads NaN and Infinity; JSON has neither
+        raise BadRequest(f"'{key}' holds NaN or Infinity, which JSON has not", param=key) from None
+    except RecursionError:
+        raise BadRequest(f"'{key}' is nested too deeply", param=key) from None
 
 
 def items(value: Any, key: str, what: str, limit: int) -> list[Any]:
