@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import logging
 import math
 import time
@@ -27,7 +26,7 @@ from aiohttp import web
 from cortex import metrics
 from cortex.config import AuthConfig, CortexConfig
 from cortex.errors import RateLimited, Unauthorized
-from helexa.configfile import ConfigError
+from helexa.configfile import ConfigError, is_loopback
 from helexa.secretfiles import check_secret, read_lines
 
 log = logging.getLogger(__name__)
@@ -169,22 +168,13 @@ async def require_key(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def listen_host(config: CortexConfig) -> str:
     """The host the API binds: loopback only when no key is set, unless allowed; logged."""
     host = config.listen.rpartition(":")[0]
     auth = config.auth
     if auth.enabled:
         return host
-    if _is_loopback(host):
+    if is_loopback(config.listen):
         log.info("no API keys: the API takes requests without a key, from this host only")
         return host
     if auth.allow_unauthenticated:

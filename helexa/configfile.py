@@ -8,6 +8,7 @@ Fields whose metadata says ``unit="bytes"`` accept an integer or a size like ``"
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 import types
@@ -65,6 +66,17 @@ def check_address(value: str, key: str) -> None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether a ``HOST:PORT`` listen address takes connections from this host only."""
+    host = listen.rpartition(":")[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def check_log_level(value: str, key: str = "log_level") -> None:

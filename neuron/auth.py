@@ -5,7 +5,9 @@ else it ends with UNAUTHENTICATED before reaching the servicer. ``grpc.health.v1
 probes (load balancers, ``grpc_health_probe``, orchestrators) ask it without credentials, and
 it tells only SERVING or NOT_SERVING. The token is compared in constant time and never logged.
 With ``[tls]`` the port speaks TLS only; with ``tls.client_ca_file`` the handshake also
-requires a client certificate signed by that CA (mTLS), which covers health too.
+requires a client certificate signed by that CA (mTLS), which covers health too. A neuron
+that would listen beyond loopback with neither refuses to start, unless
+``auth.allow_unauthenticated``: whoever reaches its port could load models and run them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from helexa.configfile import ConfigError, is_loopback
 from helexa.secretfiles import read_bytes, read_token
 from neuron.config import NeuronConfig
 
@@ -34,6 +37,17 @@ class Access:
 
     @classmethod
     def load(cls, config: NeuronConfig) -> Access:
+        access = cls._read(config)
+        if access.open_beyond_loopback(config.listen) and not config.auth.allow_unauthenticated:
+            raise ConfigError(
+                f"listen: {config.listen} is beyond loopback and no caller is asked for a token "
+                "([auth] token or token_file) or a certificate (tls.client_ca_file): set one, or "
+                "auth.allow_unauthenticated = true to serve without them"
+            )
+        return access
+
+    @classmethod
+    def _read(cls, config: NeuronConfig) -> Access:
         token = read_token(config.auth.token, config.auth.token_file, "auth")
         tls = config.tls
         if not tls.enabled:
@@ -47,6 +61,10 @@ class Access:
             [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
         )
         return cls(token, credentials, mtls=client_ca is not None)
+
+    def open_beyond_loopback(self, listen: str) -> bool:
+        """Whether anyone who reaches ``listen`` could call, with no token and no mTLS."""
+        return not self.token and not self.mtls and not is_loopback(listen)
 
     @property
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:

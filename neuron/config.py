@@ -18,6 +18,8 @@ from helexa.configfile import (
 )
 from helexa.modelspec import ModelSpec
 from helexa.secretfiles import check_token
+from neuron.errors import NotAllowed
+from neuron.loadpolicy import check_source
 
 DEFAULT_PATH = Path("/etc/neuron/neuron.toml")
 
@@ -82,9 +84,36 @@ class AuthConfig:
     token: str = ""
     # A file holding the token on one line ('#' comments and blank lines skipped).
     token_file: str = ""
+    # Serve beyond loopback with neither a token nor mTLS; else such a neuron refuses to start.
+    allow_unauthenticated: bool = False
 
     def check_config(self, key: str) -> None:
         check_token(self.token, self.token_file, key)
+
+
+@dataclass(frozen=True)
+class LoadingConfig:
+    """What a load may read or fetch, and how long a failed load stays listed."""
+
+    # Local sources only under these directories (and cache_dir), by their real paths.
+    local_dirs: list[str] = field(default_factory=lambda: ["/var/lib/neuron/local"])
+    # Hugging Face repositories that may be loaded ("owner/name" or "owner/*"); empty: any.
+    hf_repos: list[str] = field(default_factory=list)
+    # Seconds a FAILED model stays listed (with its error) before it is forgotten.
+    failed_ttl: float = 600.0
+
+    def check_config(self, key: str) -> None:
+        for i, folder in enumerate(self.local_dirs):
+            if not folder.strip():
+                raise ConfigError(f"{key}.local_dirs[{i}]: must not be empty")
+        for i, repo in enumerate(self.hf_repos):
+            owner, slash, name = repo.partition("/")
+            if not (owner and slash and name) or "/" in name:
+                raise ConfigError(
+                    f"{key}.hf_repos[{i}]: expected owner/name or owner/*, got {repo!r}"
+                )
+        if not 0 <= self.failed_ttl < float("inf"):
+            raise ConfigError(f"{key}.failed_ttl: must be 0 or more seconds")
 
 
 @dataclass(frozen=True)
@@ -119,6 +148,7 @@ class NeuronConfig:
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    loading: LoadingConfig = field(default_factory=LoadingConfig)
     default_models: list[ModelSpec] = field(default_factory=list)
 
     def check_config(self, key: str) -> None:
@@ -131,6 +161,16 @@ class NeuronConfig:
             if spec.id in seen:
                 raise ConfigError(f"default_models[{i}].id: {spec.id!r} is listed twice")
             seen.add(spec.id)
+        for i, spec in enumerate(self.default_models):
+            try:
+                check_source(spec, self.local_dirs, self.loading.hf_repos, f"default_models[{i}]")
+            except NotAllowed as e:
+                raise ConfigError(str(e)) from None
+
+    @property
+    def local_dirs(self) -> list[str]:
+        """Where local sources may lie: the cache and ``loading.local_dirs``."""
+        return [self.cache_dir, *self.loading.local_dirs]
 
 
 def load(path: Path = DEFAULT_PATH) -> NeuronConfig:

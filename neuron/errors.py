@@ -22,6 +22,10 @@ class InvalidArgument(NeuronError):
         self.field = field
 
 
+class NotAllowed(NeuronError):
+    """The config does not let this neuron load that source (``[loading]``)."""
+
+
 class NoRoom(NeuronError):
     """No device has room for the model."""
 

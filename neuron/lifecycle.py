@@ -65,6 +65,12 @@ async def serve(config: NeuronConfig, access: Access) -> int:
             log.error("cannot listen listen=%s error=%s", config.listen, e)
             return 1
         await server.start()
+        if access.open_beyond_loopback(config.listen):
+            log.warning(
+                "no token and no mTLS, and auth.allow_unauthenticated = true: anyone who reaches "
+                "listen=%s may load models and run them",
+                config.listen,
+            )
         for name in ("", SERVICE_NAME):
             await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(

@@ -72,6 +72,27 @@ PREFIX_CACHE_BYTES = Gauge(
     ["model"],
     registry=REGISTRY,
 )
+CONSTRAINED = Counter(
+    "helexa_neuron_constrained_requests",
+    "Requests generated under a constraint, by kind (json_object, json_schema, tools_auto, "
+    "tools_required, tools_function)",
+    ["model", "kind"],
+    registry=REGISTRY,
+)
+GRAMMAR_COMPILE_SECONDS = Histogram(
+    "helexa_neuron_grammar_compile_seconds",
+    "Compiling a constraint to a grammar (a cached one answers at once)",
+    ["model", "kind"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
+MASK_SECONDS = Histogram(
+    "helexa_neuron_grammar_mask_seconds",
+    "Building and applying the grammar masks of one step's constrained rows",
+    ["model"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+    registry=REGISTRY,
+)
 GENERATION_TOKENS = Counter(
     "helexa_neuron_generation_tokens", "Tokens generated", ["model"], registry=REGISTRY
 )

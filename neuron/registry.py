@@ -25,6 +25,7 @@ from neuron.config import NeuronConfig
 from neuron.devices import Device, cpu_has_fast_bf16, cuda_free_bytes, discover
 from neuron.engine import DeviceWorker, ModelEngine
 from neuron.errors import LoadFailed, ModelNotFound, NeuronError, NoRoom, ShuttingDown, SpecConflict
+from neuron.loadpolicy import check_source
 from neuron.model.forward import ARCHITECTURES, Forward
 from neuron.model.quant import int4_kernel_usable, load_int4
 from neuron.sources import parameter_bytes, resolve
@@ -48,6 +49,7 @@ class HeldModel:
     engine: ModelEngine | None = None
     loading: asyncio.Future[None] | None = None
     unloading: asyncio.Future[int] | None = None
+    failed_at: float = 0.0  # time.monotonic() when it became FAILED
 
     @property
     def last_used(self) -> float:
@@ -73,6 +75,11 @@ class Registry:
             metrics.DEVICE_TOTAL_BYTES.labels(device=device.name).set(device.total_bytes)
 
     # ---- queries ----
+
+    def listed(self) -> list[HeldModel]:
+        """Every model held, less FAILED ones older than ``loading.failed_ttl`` (forgotten)."""
+        self._forget_failed()
+        return list(self.models.values())
 
     def free_bytes(self, device: Device) -> int:
         """Memory still free for model weights on ``device``."""
@@ -102,8 +109,12 @@ class Registry:
     async def load(self, spec: ModelSpec) -> tuple[HeldModel, bool]:
         """Load ``spec`` (single flight); returns the model and whether it was already READY.
 
-        ``spec`` comes checked: by ``ModelSpec.from_proto`` or by the config loader.
+        ``spec`` comes checked: by ``ModelSpec.from_proto`` or by the config loader; here its
+        source is checked against what the config allows (``loadpolicy``).
         """
+        hf_repos = self.config.loading.hf_repos
+        await asyncio.to_thread(check_source, spec, self.config.local_dirs, hf_repos, "spec")
+        self._forget_failed()
         while True:
             held = self.models.get(spec.id)
             if held is None or held.state == FAILED:
@@ -132,7 +143,10 @@ class Registry:
         spec = held.spec
         started = time.monotonic()
         try:
-            model_dir = await asyncio.to_thread(resolve, spec, self.cache_dir)
+            room = [self.free_bytes(d) for d in self.devices if _matches(spec.device, d)]
+            model_dir = await asyncio.to_thread(
+                resolve, spec, self.cache_dir, max(room) if room else None
+            )
             device, dtype, need = self._place(spec, model_dir)
             held.device, held.resident_bytes = device.name, need  # reserved while loading
             model, forward, tokenizer = await asyncio.to_thread(
@@ -163,7 +177,7 @@ class Registry:
             self._workers[device.name].attach(engine)
             held.engine, held.state, held.loaded_at = engine, READY, time.time()
         except Exception as e:
-            held.state, held.resident_bytes = FAILED, 0
+            held.state, held.resident_bytes, held.failed_at = FAILED, 0, time.monotonic()
             held.error = str(e) if isinstance(e, NeuronError) else f"{type(e).__name__}: {e}"
             metrics.LOADS.labels(model=spec.id, result="failed").inc()
             log.warning(
@@ -260,6 +274,12 @@ class Registry:
         for held in self.models.values():
             if held.engine is not None:
                 held.engine.abort_all()
+
+    def _forget_failed(self) -> None:
+        expired = time.monotonic() - self.config.loading.failed_ttl
+        for model_id, held in list(self.models.items()):
+            if held.state == FAILED and held.failed_at <= expired:
+                del self.models[model_id]
 
     def close(self) -> None:
         for worker in self._workers.values():

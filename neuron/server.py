@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import socket
@@ -21,7 +22,18 @@ from helexa.modelspec import ModelSpec, SpecError
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from neuron import __version__
-from neuron.engine import CANCELLED, ERROR, LENGTH, STOP, ModelEngine, SamplingParams
+from neuron.engine import (
+    CANCELLED,
+    ERROR,
+    LENGTH,
+    STOP,
+    TOOL_CALLS,
+    Chunk,
+    ModelEngine,
+    SamplingParams,
+    tools,
+)
+from neuron.engine.grammar import UnenforceableSchema, check_schema
 from neuron.errors import (
     GenerationFailed,
     InvalidArgument,
@@ -29,6 +41,7 @@ from neuron.errors import (
     ModelNotFound,
     NeuronError,
     NoRoom,
+    NotAllowed,
     QueueFull,
     QueueTimeout,
     ShuttingDown,
@@ -43,6 +56,7 @@ _CODES: dict[type[NeuronError], grpc.StatusCode] = {
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NoRoom: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotAllowed: grpc.StatusCode.PERMISSION_DENIED,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     QueueTimeout: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
@@ -54,6 +68,13 @@ _FINISH = {
     STOP: pb.FINISH_REASON_STOP,
     LENGTH: pb.FINISH_REASON_LENGTH,
     CANCELLED: pb.FINISH_REASON_CANCELLED,
+    TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
+}
+_CHOICES = {
+    pb.TOOL_CHOICE_MODE_AUTO: tools.AUTO,
+    pb.TOOL_CHOICE_MODE_NONE: tools.NONE,
+    pb.TOOL_CHOICE_MODE_REQUIRED: tools.REQUIRED,
+    pb.TOOL_CHOICE_MODE_FUNCTION: tools.FUNCTION,
 }
 _STATES = {
     "LOADING": pb.MODEL_STATE_LOADING,
@@ -65,6 +86,9 @@ _ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_SEQUENCES = 16
 # Below this a temperature samples as greedy: dividing logits by it overflows to inf and NaN.
 MIN_TEMPERATURE = 1e-5
+MAX_TOOLS = 128
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300
 
 
 class NeuronService(pb_grpc.NeuronServicer):
@@ -111,7 +135,7 @@ class NeuronService(pb_grpc.NeuronServicer):
         self, request: pb.ListModelsRequest, context: Any
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
-            models=[self._status(m.spec.id) for m in list(self.registry.models.values())]
+            models=[self._status(m.spec.id) for m in self.registry.listed()]
         )
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: Any) -> pb.LoadModelResponse:
@@ -168,7 +192,7 @@ class NeuronService(pb_grpc.NeuronServicer):
             if self.draining:
                 raise ShuttingDown("the neuron is shutting down and takes no new requests")
             engine = await self.registry.engine_for(_required_model(request))
-            prompt_ids, params = await _prepare(engine, request)
+            prompt_ids, params = await prepare(engine, request)
             request_id = request.request_id or uuid.uuid4().hex
             queue_timeout = _seconds(request, "queue_timeout", "no bound")
             interval = _seconds(request, "message_interval", "a stream")
@@ -178,12 +202,7 @@ class NeuronService(pb_grpc.NeuronServicer):
                 async for chunk in chunks:
                     if chunk.finish_reason == ERROR:
                         raise GenerationFailed(chunk.error)
-                    response = pb.GenerateResponse(text=chunk.text, tokens=chunk.tokens)
-                    if chunk.finish_reason is not None:
-                        response.finish_reason = _FINISH[chunk.finish_reason]
-                        response.usage.prompt_tokens = chunk.prompt_tokens
-                        response.usage.completion_tokens = chunk.completion_tokens
-                    yield response
+                    yield _response(chunk)
         finally:
             self.active_generations -= 1
             if self.active_generations == 0:
@@ -227,28 +246,26 @@ def _required_model(request: pb.GenerateRequest) -> str:
     return request.model
 
 
-async def _prepare(
+async def prepare(
     engine: ModelEngine, request: pb.GenerateRequest
 ) -> tuple[list[int], SamplingParams]:
-    """Validate a Generate request and tokenise its input (off the event loop)."""
+    """Validate a Generate request, tokenise its input and compile its constraint (both off
+    the event loop)."""
     kind = request.WhichOneof("input")
     if kind is None:
         raise InvalidArgument("input", "give chat messages or a prompt")
+    offered = _tools(request)
+    choice, function = _tool_choice(request, offered)
     if kind == "chat":
-        if not request.chat.messages:
-            raise InvalidArgument("chat.messages", "must not be empty")
-        messages = []
-        for i, m in enumerate(request.chat.messages):
-            if m.role not in _ROLES:
-                raise InvalidArgument(
-                    f"chat.messages[{i}].role", f"must be one of {', '.join(_ROLES)}"
-                )
-            messages.append({"role": m.role, "content": m.content})
+        messages = _messages(request)
+        shown = offered if choice != tools.NONE else []
         try:
-            prompt_ids = await asyncio.to_thread(engine.encode_chat, messages)
+            prompt_ids = await asyncio.to_thread(engine.encode_chat, messages, shown)
         except Exception as e:  # a template that rejects the conversation
             raise InvalidArgument("chat.messages", f"cannot apply the chat template: {e}") from e
     else:
+        if offered:
+            raise InvalidArgument("tools", "tools need chat messages, not a prompt")
         if not request.prompt:
             raise InvalidArgument("prompt", "must not be empty")
         prompt_ids = await asyncio.to_thread(engine.encode_prompt, request.prompt)
@@ -273,6 +290,11 @@ async def _prepare(
                 f"together more than the model's context of {engine.max_context} tokens",
             )
         max_tokens = request.max_tokens
+    if request.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument("top_logprobs", f"must be 0 to {MAX_TOP_LOGPROBS}")
+    if request.top_logprobs and not request.logprobs:
+        raise InvalidArgument("top_logprobs", "needs logprobs")
+    constraint, grammar = await _constraint(engine, request, offered, choice, function)
     temperature = _number(request, "temperature", 1.0, low=0.0)
     params = SamplingParams(
         max_tokens=max_tokens,
@@ -283,8 +305,162 @@ async def _prepare(
         stop=_stops(request),
         # Bounded so that dividing logits by it (and then by the temperature) stays finite.
         repetition_penalty=_number(request, "repetition_penalty", 1.0, low=0.01, high=100.0),
+        presence_penalty=_number(request, "presence_penalty", 0.0, low=-2.0, high=2.0),
+        frequency_penalty=_number(request, "frequency_penalty", 0.0, low=-2.0, high=2.0),
+        logit_bias=_logit_bias(request, engine.vocab_size),
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs,
+        grammar=grammar,
+        constraint=constraint,
+        tool_calls=bool(offered) and choice != tools.NONE,
     )
     return prompt_ids, params
+
+
+def _messages(request: pb.GenerateRequest) -> list[dict[str, Any]]:
+    if not request.chat.messages:
+        raise InvalidArgument("chat.messages", "must not be empty")
+    messages: list[dict[str, Any]] = []
+    for i, m in enumerate(request.chat.messages):
+        key = f"chat.messages[{i}]"
+        if m.role not in _ROLES:
+            raise InvalidArgument(f"{key}.role", f"must be one of {', '.join(_ROLES)}")
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise InvalidArgument(f"{key}.tool_calls", "only an assistant makes tool calls")
+            calls = []
+            for j, call in enumerate(m.tool_calls):
+                try:
+                    arguments = json.loads(call.arguments)
+                except ValueError as e:
+                    raise InvalidArgument(
+                        f"{key}.tool_calls[{j}].arguments", f"is not JSON: {e}"
+                    ) from None
+                if not isinstance(arguments, dict):
+                    raise InvalidArgument(f"{key}.tool_calls[{j}].arguments", "must be an object")
+                if not call.name:
+                    raise InvalidArgument(f"{key}.tool_calls[{j}].name", "must not be empty")
+                calls.append(
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        # Templates that take tools want the arguments as an object.
+                        "function": {"name": call.name, "arguments": arguments},
+                    }
+                )
+            message["tool_calls"] = calls
+        if m.role == "tool":
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
+    return messages
+
+
+def _tools(request: pb.GenerateRequest) -> list[tools.Tool]:
+    if len(request.tools) > MAX_TOOLS:
+        raise InvalidArgument("tools", f"at most {MAX_TOOLS} tools")
+    offered: list[tools.Tool] = []
+    names: set[str] = set()
+    for i, tool in enumerate(request.tools):
+        if not tool.name:
+            raise InvalidArgument(f"tools[{i}].name", "must not be empty")
+        if tool.name in names:
+            raise InvalidArgument(f"tools[{i}].name", f"{tool.name!r} is listed twice")
+        names.add(tool.name)
+        parameters = _schema(tool.parameters, f"tools[{i}].parameters") if tool.parameters else {}
+        parameters = parameters or {"type": "object"}
+        offered.append(tools.Tool(tool.name, tool.description, parameters))
+    return offered
+
+
+def _tool_choice(request: pb.GenerateRequest, offered: list[tools.Tool]) -> tuple[str, str]:
+    choice = _CHOICES.get(request.tool_choice.mode)
+    if choice is None:
+        raise InvalidArgument("tool_choice.mode", f"unknown mode {request.tool_choice.mode}")
+    function = request.tool_choice.function
+    if choice in (tools.REQUIRED, tools.FUNCTION) and not offered:
+        raise InvalidArgument("tool_choice", f"{choice} needs tools")
+    if choice == tools.FUNCTION and function not in {t.name for t in offered}:
+        raise InvalidArgument("tool_choice.function", f"{function!r} is not one of the tools")
+    return choice, function
+
+
+def _schema(text: str, field: str) -> dict[str, Any]:
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise InvalidArgument(field, f"is not JSON: {e}") from None
+    try:
+        check_schema(schema)
+    except UnenforceableSchema as e:
+        raise InvalidArgument(field, str(e)) from None
+    return schema if isinstance(schema, dict) else {}
+
+
+async def _constraint(
+    engine: ModelEngine,
+    request: pb.GenerateRequest,
+    offered: list[tools.Tool],
+    choice: str,
+    function: str,
+) -> tuple[str, Any]:
+    """The kind of constraint on the answer and its compiled grammar (None: free text)."""
+    output = request.output.WhichOneof("kind")
+    calls = bool(offered) and choice != tools.NONE
+    if output is not None and calls and choice == tools.AUTO:
+        raise InvalidArgument(
+            "output",
+            "an output constraint with tools needs tool_choice none, required or a function",
+        )
+    if calls:
+        kind, field = f"tools_{choice}", "tools"
+        parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+        tag = tools.call_grammar(offered, choice, function, parallel)
+        compile_ = lambda grammars: grammars.structural_tag(kind, tag)  # noqa: E731
+    elif output == "json_object":
+        kind, field = "json_object", "output.json_object"
+        compile_ = lambda grammars: grammars.json_object()  # noqa: E731
+    elif output == "json_schema":
+        kind, field = "json_schema", "output.json_schema"
+        _schema(request.output.json_schema, field)
+        schema = request.output.json_schema
+        compile_ = lambda grammars: grammars.json_schema(schema)  # noqa: E731
+    else:
+        return "", None
+    try:
+        grammar = await asyncio.to_thread(lambda: compile_(engine.grammars()))
+    except UnenforceableSchema as e:
+        raise InvalidArgument(field, f"cannot be enforced: {e}") from None
+    return kind, grammar
+
+
+def _logit_bias(request: pb.GenerateRequest, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    if len(request.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidArgument("logit_bias", f"at most {MAX_LOGIT_BIAS} tokens")
+    for token, bias in request.logit_bias.items():
+        if token >= vocab_size:
+            raise InvalidArgument("logit_bias", f"token {token} is not below {vocab_size}")
+        if not (math.isfinite(bias) and -100 <= bias <= 100):
+            raise InvalidArgument("logit_bias", f"token {token}: bias must be -100 to 100")
+    return tuple(sorted(request.logit_bias.items()))
+
+
+def _response(chunk: Chunk) -> pb.GenerateResponse:
+    response = pb.GenerateResponse(text=chunk.text, tokens=chunk.tokens)
+    for call in chunk.tool_calls:
+        response.tool_calls.add(
+            index=call.index, id=call.id, name=call.name, arguments=call.arguments
+        )
+    for lp in chunk.logprobs:
+        entry = response.logprobs.add(token=lp.token, logprob=lp.logprob, bytes=lp.raw)
+        for token, logprob, raw in lp.top:
+            entry.top.add(token=token, logprob=logprob, bytes=raw)
+    if chunk.finish_reason is not None:
+        response.finish_reason = _FINISH[chunk.finish_reason]
+        response.usage.prompt_tokens = chunk.prompt_tokens
+        response.usage.completion_tokens = chunk.completion_tokens
+        response.usage.cached_prompt_tokens = chunk.cached_tokens
+    return response
 
 
 def _seconds(request: pb.GenerateRequest, name: str, zero: str) -> float:

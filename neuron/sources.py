@@ -21,6 +21,7 @@ from typing import Any
 
 from helexa.modelspec import ModelSpec
 from neuron.errors import LoadFailed
+from neuron.loadpolicy import check_download_fits, free_disk
 from neuron.model.quant import INT4_FILE, find_int4, save_int4
 
 log = logging.getLogger(__name__)
@@ -28,14 +29,23 @@ log = logging.getLogger(__name__)
 # Bumped when what a materialised GGUF folder holds changes; older folders are redone.
 # 2: the 4-bit projections' codes (int4.safetensors).
 MATERIALISED_FORMAT = 2
+# The files of a Hugging Face repository a load fetches (without a gguf_file).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+# Seconds to wait for the Hub's metadata.
+HUB_TIMEOUT = 10.0
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 
 
-def resolve(spec: ModelSpec, cache_dir: Path) -> Path:
-    """Return a directory holding config.json, safetensors weights and a tokenizer."""
+def resolve(spec: ModelSpec, cache_dir: Path, device_free: int | None = None) -> Path:
+    """Return a directory holding config.json, safetensors weights and a tokenizer.
+
+    A Hugging Face source is fetched only if its files fit on the cache's disk and in
+    ``device_free`` bytes (None: not checked), by the sizes the Hub's metadata gives. A local
+    source is read at its real path, the one ``loadpolicy.check_source`` allowed.
+    """
     if spec.hf_repo:
-        return _resolve_hub(spec, cache_dir)
-    path = Path(spec.path).expanduser()
+        return _resolve_hub(spec, cache_dir, device_free)
+    path = Path(spec.path).expanduser().resolve()
     if path.is_file() and path.suffix == ".gguf":
         return materialise_gguf(path, cache_dir)
     if spec.gguf_file:
@@ -48,29 +58,78 @@ def resolve(spec: ModelSpec, cache_dir: Path) -> Path:
     return path
 
 
-def _resolve_hub(spec: ModelSpec, cache_dir: Path) -> Path:
+def _resolve_hub(spec: ModelSpec, cache_dir: Path, device_free: int | None) -> Path:
     # Imported here so that the cache-only paths never pay for huggingface_hub's import.
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     hub_cache = cache_dir / "hub"
     revision = spec.revision or None
+    where = f"hf:{spec.hf_repo}@{spec.revision or 'main'}"
+    # Without the sizes from the Hub's metadata nothing is fetched: only the cache is used.
+    unsized = ""
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            info = HfApi().model_info(
+                spec.hf_repo, revision=revision, files_metadata=True, timeout=HUB_TIMEOUT
+            )
+        except Exception as e:  # unreachable (its HTTP client's errors), unknown, gated
+            unsized = f" (no sizes from the Hub, so only the cache was tried: {e})"
+        else:
+            weights, download = _hub_sizes(info, spec, hub_cache)
+            check_download_fits(
+                where, download, weights, spec.dtype, free_disk(hub_cache), device_free
+            )
+    local_only = constants.HF_HUB_OFFLINE or bool(unsized)
     try:
         if spec.gguf_file:
             gguf = hf_hub_download(
-                spec.hf_repo, spec.gguf_file, revision=revision, cache_dir=hub_cache
+                spec.hf_repo,
+                spec.gguf_file,
+                revision=revision,
+                cache_dir=hub_cache,
+                local_files_only=local_only,
             )
             return materialise_gguf(Path(gguf), cache_dir)
-        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
         snapshot = snapshot_download(
-            spec.hf_repo, revision=revision, cache_dir=hub_cache, allow_patterns=patterns
+            spec.hf_repo,
+            revision=revision,
+            cache_dir=hub_cache,
+            allow_patterns=HUB_PATTERNS,
+            local_files_only=local_only,
         )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        raise LoadFailed(f"hf:{spec.hf_repo}@{spec.revision or 'main'}: {e}") from e
+        raise LoadFailed(f"{where}: {e}{unsized}") from e
     path = Path(snapshot)
     if not (path / "config.json").is_file():
         raise LoadFailed(f"hf:{spec.hf_repo}: no config.json in the repository")
     return path
+
+
+def _hub_sizes(info: Any, spec: ModelSpec, hub_cache: Path) -> tuple[int, int]:
+    """Bytes of the repository's files a load uses, and of those not in the cache yet."""
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils import filter_repo_objects
+
+    siblings = info.siblings or []
+    if spec.gguf_file:
+        files = [s for s in siblings if s.rfilename == spec.gguf_file]
+    else:
+        files = list(filter_repo_objects(siblings, allow_patterns=HUB_PATTERNS, key=_name))
+    # The cache keeps each file once, named by its etag: the LFS sha256, else the git blob id.
+    blobs = hub_cache / repo_folder_name(repo_id=spec.hf_repo, repo_type="model") / "blobs"
+    total = missing = 0
+    for file in files:
+        size = file.size or (file.lfs.size if file.lfs else 0)
+        total += size
+        etag = file.lfs.sha256 if file.lfs else file.blob_id
+        if not etag or not (blobs / etag).is_file():
+            missing += size
+    return total, missing
+
+
+def _name(sibling: Any) -> str:
+    return str(sibling.rfilename)
 
 
 def materialise_gguf(gguf: Path, cache_dir: Path) -> Path:

@@ -220,7 +220,8 @@ def packaged_neuron(
 ) -> NeuronProcess:
     """The unpacked package's /usr/bin/neuron with its example config, as an operator would
     edit it: free loopback ports, a cache under ``workdir`` (its gguf/ shared with the other
-    tests, so the demo model is materialised once) and the demo model as its default model."""
+    tests, so the demo model is materialised once) and the demo model, from a directory
+    ``loading.local_dirs`` allows, as its default model."""
     config = tomllib.loads((unpacked / "etc/neuron/neuron.toml").read_text())
     cache = workdir / "cache"
     cache.mkdir(parents=True)
@@ -229,6 +230,7 @@ def packaged_neuron(
         "listen": f"127.0.0.1:{free_port()}",
         "metrics_listen": f"127.0.0.1:{free_port()}",
         "cache_dir": str(cache),
+        "loading": {**config["loading"], "local_dirs": [str(DEMO_GGUF.parent)]},
         "default_models": [demo_model()],
     }
     return NeuronProcess(
@@ -295,6 +297,8 @@ def neuron_config(
         },
         "engine": {"max_batch_size": max_batch_size, "max_waiting": max_waiting},
         "shutdown": {"drain_timeout": drain_timeout},
+        # Local sources: the demo model's directory (and cache_dir).
+        "loading": {"local_dirs": [str(DEMO_GGUF.parent)]},
         "default_models": default_models or [],
         **top,
     }

@@ -9,16 +9,20 @@ cancellation and the queue bounds, and stop strings.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import jsonschema
 import pytest
 import torch
 
-from neuron.engine import STOP, Chunk, DeviceWorker, ModelEngine, SamplingParams
+from helexa.neuron.v1 import neuron_pb2 as pb
+from neuron.engine import STOP, TOOL_CALLS, Chunk, DeviceWorker, ModelEngine, SamplingParams
 from neuron.errors import QueueFull, QueueTimeout
 from neuron.model.forward import Forward
+from neuron.server import prepare
 from neuron.sources import materialise_gguf
 from tests.harness import DEMO_GGUF, SHARED_CACHE, until
 from tests.test_forward import SIZES
@@ -72,7 +76,7 @@ def make_engine(tiny: tuple[Any, Any], worker: DeviceWorker) -> Iterator[Any]:
             tokenizer,
             torch.device("cpu"),
             max_batch_size=max_batch_size,
-            max_context=256,
+            max_context=512,
             max_waiting=max_waiting,
             **extra,
         )
@@ -190,3 +194,106 @@ async def test_seeded_sampling_repeats_whatever_the_batch(make_engine: Any) -> N
     ]
     together = await asyncio.gather(answer(engine, PROMPTS[0], **params), *crowd)
     assert together[0][0] == alone
+
+
+# ---- constraints, tool calls, logprobs (requests prepared as the server prepares them) ----
+
+UNIT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "unit": {"enum": ["c", "f"]},
+        "ok": {"type": "boolean"},
+        "n": {"type": "integer"},
+    },
+    "required": ["unit", "ok", "n"],
+    "additionalProperties": False,
+}
+
+
+async def run(engine: ModelEngine, request: pb.GenerateRequest) -> tuple[str, list[Chunk]]:
+    request.model = "tiny"
+    prompt_ids, params = await prepare(engine, request)
+    chunks = [c async for c in engine.stream(prompt_ids, params)]
+    return "".join(c.text for c in chunks), chunks
+
+
+def user(text: str) -> pb.ChatMessages:
+    return pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=text)])
+
+
+async def test_constrained_rows_validate_and_free_rows_answer_as_alone(make_engine: Any) -> None:
+    engine = make_engine()
+
+    def free(prompt: str) -> pb.GenerateRequest:
+        return pb.GenerateRequest(prompt=prompt, max_tokens=20, temperature=0)
+
+    def constrained(seed: int) -> pb.GenerateRequest:
+        return pb.GenerateRequest(
+            chat=user("Answer in JSON"),
+            max_tokens=120,
+            temperature=1,
+            seed=seed,
+            output=pb.OutputConstraint(json_schema=json.dumps(UNIT_SCHEMA)),
+        )
+
+    alone = [await run(engine, free(p)) for p in PROMPTS[:4]]
+    together = await asyncio.gather(
+        *(run(engine, constrained(seed)) for seed in range(4)),
+        *(run(engine, free(p)) for p in PROMPTS[:4]),
+    )
+    for (text, _), (text_alone, _) in zip(together[4:], alone, strict=True):
+        assert text == text_alone
+    for text, chunks in together[:4]:
+        jsonschema.validate(json.loads(text), UNIT_SCHEMA)
+        assert chunks[-1].finish_reason == STOP
+
+
+async def test_a_forced_call_is_read_back_as_a_call_whose_arguments_validate(
+    make_engine: Any,
+) -> None:
+    engine = make_engine()
+    tools = [
+        pb.Tool(name="lookup", parameters=json.dumps(UNIT_SCHEMA)),
+        pb.Tool(name="other", parameters=json.dumps({"type": "object"})),
+    ]
+    request = pb.GenerateRequest(
+        chat=user("Look it up"),
+        max_tokens=120,
+        temperature=1,
+        seed=1,
+        tools=tools,
+        tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_FUNCTION, function="lookup"),
+    )
+    text, chunks = await run(engine, request)
+    calls = [d for c in chunks for d in c.tool_calls]
+    assert text == ""
+    assert calls[0].name == "lookup" and calls[0].id.startswith("call_")
+    assert {d.index for d in calls} == {0}
+    jsonschema.validate(json.loads("".join(d.arguments for d in calls)), UNIT_SCHEMA)
+    assert chunks[-1].finish_reason == TOOL_CALLS
+
+
+async def test_logprobs_are_the_log_softmax_of_the_models_logits(
+    make_engine: Any, tiny: tuple[Any, Any]
+) -> None:
+    engine = make_engine()
+    request = pb.GenerateRequest(
+        prompt=PROMPTS[1], max_tokens=12, temperature=0, logprobs=True, top_logprobs=5
+    )
+    _, chunks = await run(engine, request)
+    logprobs = [lp for c in chunks for lp in c.logprobs]
+    assert len(logprobs) == chunks[-1].completion_tokens
+    model, tokenizer = tiny
+    prompt = engine.encode_prompt(PROMPTS[1])
+    generated = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(lp.token)) for lp in logprobs]
+    ids = prompt + [t[0] for t in generated]
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    for step, lp in enumerate(logprobs):
+        row = expected[len(prompt) - 1 + step]
+        token = ids[len(prompt) + step]
+        assert abs(lp.logprob - float(row[token])) < 1e-3
+        assert len(lp.top) == 5
+        values = [v for _, v, _ in lp.top]
+        assert values == sorted(values, reverse=True)
+        assert abs(values[0] - float(row.max())) < 1e-3

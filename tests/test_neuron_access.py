@@ -14,14 +14,19 @@ import aiohttp
 import grpc
 import openai
 import pytest
+import tomli_w
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cortex.neuronlink import Link
+from helexa.configfile import ConfigError
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
+from neuron.auth import Access
+from neuron.config import load
 from tests.certs import Pair, issue, make_ca
 from tests.harness import (
     DEMO_ID,
+    ROOT,
     CortexProcess,
     Many,
     NeuronProcess,
@@ -30,6 +35,7 @@ from tests.harness import (
     collect,
     cortex_config,
     demo_model,
+    free_port,
     metric_value,
     neuron_config,
     run_cli,
@@ -190,6 +196,65 @@ async def test_cortex_without_the_token_sees_the_neuron_down_and_answers_503(
         assert "UNAUTHENTICATED" in cortex.log()
     finally:
         cortex.stop()
+
+
+# ---- beyond loopback ----
+
+
+def _access(workdir: Path, **top: Any) -> Access:
+    """``Access.load`` of a config written as ``neuron serve`` would read it."""
+    path = workdir / "neuron.toml"
+    path.write_text(tomli_w.dumps(neuron_config(**top)))
+    return Access.load(load(path))
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0", "[::]", "192.0.2.7"])
+def test_a_neuron_beyond_loopback_without_token_or_mtls_is_refused_naming_the_key(
+    tmp_path: Path, pki: dict[str, Pair], listen: str
+) -> None:
+    tls = {"cert_file": str(pki["neuron"].cert), "key_file": str(pki["neuron"].key)}
+    for secured in ({}, {"tls": tls}, {"auth": {"allow_unauthenticated": False}}):
+        with pytest.raises(ConfigError) as refused:
+            _access(tmp_path, listen=f"{listen}:13131", **secured)
+        assert "auth.allow_unauthenticated = true" in str(refused.value)
+        assert f"listen: {listen}:13131 is beyond loopback" in str(refused.value)
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    for allowed in (
+        {"auth": {"token_file": str(tmp_path / "token")}},
+        {"tls": {**tls, "client_ca_file": str(pki["ca"].cert)}},
+        {"auth": {"allow_unauthenticated": True}},
+    ):
+        _access(tmp_path, listen=f"{listen}:13131", **allowed)
+    for loopback in ("127.0.0.1", "127.8.9.10", "[::1]", "localhost"):
+        assert not _access(tmp_path, listen=f"{loopback}:13131").open_beyond_loopback(
+            f"{loopback}:13131"
+        )
+
+
+def test_neuron_serve_and_check_config_refuse_an_open_neuron_before_loading_anything(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "neuron.toml"
+    config = neuron_config([demo_model()], listen=f"0.0.0.0:{free_port()}")
+    path.write_text(tomli_w.dumps(config))
+    for command in ("serve", "check-config"):
+        done = run_cli("neuron", command, path)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "auth.allow_unauthenticated" in done.stderr and "[auth] token" in done.stderr
+        assert "model loaded" not in done.stdout + done.stderr
+    example = ROOT / "configs/neuron.example.toml"  # what the package installs: refused too
+    done = run_cli("neuron", "check-config", example)
+    assert done.returncode == 2 and "auth.allow_unauthenticated" in done.stderr
+
+
+async def test_an_allowed_open_neuron_serves_and_warns_in_its_log(
+    tmp_path: Path, neurons: list[NeuronProcess]
+) -> None:
+    config = neuron_config(listen=f"0.0.0.0:{free_port()}", auth={"allow_unauthenticated": True})
+    neurons.append(NeuronProcess(tmp_path, config).start())
+    await neurons[-1].wait_serving()
+    log = neurons[-1].log()
+    assert "WARNING" in log and "auth.allow_unauthenticated = true: anyone who reaches" in log
 
 
 # ---- TLS and mTLS ----

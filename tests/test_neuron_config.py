@@ -28,7 +28,8 @@ def test_example_config_documents_every_key() -> None:
         "cuda_memory_reserve", "cpu_threads", "max_batch_size", "max_waiting", "drain_timeout",
         "default_models", "hf_repo", "revision", "gguf_file", "path", "dtype", "device",
         "max_context", "token", "token_file", "cert_file", "key_file", "client_ca_file",
-        "prefix_cache", "batch_window",
+        "prefix_cache", "batch_window", "allow_unauthenticated", "local_dirs", "hf_repos",
+        "failed_ttl",
     ]:  # fmt: skip
         assert f"{key} =" in text or f"[[{key}]]" in text, key
     assert text.count("max_waiting =") == 2, "engine.max_waiting and a default model's"
@@ -71,6 +72,21 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("[tls]\ncert_file = '/c'", "tls.key_file"),
         ("[tls]\nclient_ca_file = '/c'", "tls.client_ca_file"),
         ("[tls]\nca_file = '/c'", "tls.ca_file: unknown key"),
+        ("[auth]\nallow_unauthenticated = 'yes'", "auth.allow_unauthenticated: expected true"),
+        ("[loading]\nlocal_dirs = ['']", "loading.local_dirs[0]: must not be empty"),
+        ("[loading]\nhf_repos = ['just-a-name']", "loading.hf_repos[0]: expected owner/name"),
+        ("[loading]\nhf_repos = ['a/b/c']", "loading.hf_repos[0]"),
+        ("[loading]\nfailed_ttl = -1", "loading.failed_ttl: must be 0 or more"),
+        ("[loading]\nfailed_ttl = nan", "loading.failed_ttl"),
+        (
+            "[loading]\nlocal_dirs = ['/srv/models']\n[[default_models]]\nid='m'\npath='/etc/x'",
+            "default_models[0].path '/etc/x': not under cache_dir or a directory in "
+            "loading.local_dirs",
+        ),
+        (
+            "[loading]\nhf_repos = ['a/*']\n[[default_models]]\nid='m'\nhf_repo='b/c'",
+            "default_models[0].hf_repo 'b/c': not in loading.hf_repos",
+        ),
     ],
 )
 def test_bad_config_is_one_error_naming_the_key(tmp_path: Path, text: str, named: str) -> None:

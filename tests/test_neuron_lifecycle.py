@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from tests.harness import (
+    DEMO_GGUF,
     DEMO_ID,
     Many,
     NeuronProcess,
@@ -52,6 +53,7 @@ async def test_activation_continues_past_a_failing_default_model(
         tmp_path,
         neurons,
         default_models=[{"id": "broken", "path": str(tmp_path / "missing.gguf")}, demo_model()],
+        loading={"local_dirs": [str(tmp_path), str(DEMO_GGUF.parent)]},
     )
     await neuron.wait_serving()
     async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
@@ -202,7 +204,8 @@ async def test_example_config_plus_a_default_model_serves_and_shuts_down(
     demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
 ) -> None:
     # The shipped example, as an operator would use it: only the ports, the cache and one
-    # default model differ (the example's own ports may be taken on a test machine).
+    # default model (and the directory it may be loaded from) differ (the example's own ports
+    # may be taken on a test machine).
     from helexa.configfile import load_toml
     from tests.harness import ROOT
 
@@ -213,6 +216,7 @@ async def test_example_config_plus_a_default_model_serves_and_shuts_down(
         metrics_listen=fresh["metrics_listen"],
         cache_dir=fresh["cache_dir"],
         default_models=[demo_model()],
+        loading={**config.get("loading", {}), "local_dirs": fresh["loading"]["local_dirs"]},
     )
     neuron = NeuronProcess(tmp_path / "example", config).start()
     neurons.append(neuron)

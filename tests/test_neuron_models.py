@@ -172,8 +172,13 @@ async def test_a_models_own_queue_bound_and_queue_timeout_refuse_before_any_toke
         (demo_spec("x", device="tpu"), grpc.StatusCode.INVALID_ARGUMENT, "spec.device"),
         (
             pb.ModelSpec(id="x", local=pb.LocalSource(path="/nonexistent/model")),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "spec.path '/nonexistent/model': not under cache_dir or a directory in loading.local_dirs",
+        ),
+        (
+            pb.ModelSpec(id="x", local=pb.LocalSource(path=str(DEMO_GGUF.parent / "absent.gguf"))),
             grpc.StatusCode.FAILED_PRECONDITION,
-            "/nonexistent/model",
+            "absent.gguf",
         ),
         (demo_spec(DEMO_ID, dtype="float16"), grpc.StatusCode.FAILED_PRECONDITION, "unload it"),
         (demo_spec("x", device="cuda:0"), grpc.StatusCode.RESOURCE_EXHAUSTED, "cuda:0"),
@@ -204,7 +209,9 @@ async def test_no_room_and_a_full_queue_are_resource_exhausted(
     await neuron.wait_serving()
     async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
         stub = pb_grpc.NeuronStub(channel)
-        await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("a", max_batch_size=1, dtype="bfloat16")))
+        await stub.LoadModel(
+            pb.LoadModelRequest(spec=demo_spec("a", max_batch_size=1, dtype="bfloat16"))
+        )
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("b", dtype="bfloat16")))
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -47,11 +47,23 @@ def test_packaged_launcher_runs_the_packaged_code(unpacked: Path, tmp_path: Path
     assert 'PYTHONPATH="$lib' in launcher and '-P -m neuron.cli "$@"' in launcher
 
 
-def test_packaged_example_config_passes_check_config(unpacked: Path, tmp_path: Path) -> None:
-    done = subprocess.run(
-        [str(unpacked / "usr/bin/neuron"), "check-config", "--config", str(unpacked / "etc/neuron/neuron.toml")],
-        env=packaged_env(), cwd=tmp_path, capture_output=True, text=True,
-    )  # fmt: skip
+def test_packaged_example_config_passes_check_config_once_given_a_token(
+    unpacked: Path, tmp_path: Path
+) -> None:
+    def check(config: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(unpacked / "usr/bin/neuron"), "check-config", "--config", str(config)],
+            env=packaged_env(), cwd=tmp_path, capture_output=True, text=True,
+        )  # fmt: skip
+
+    # As installed it listens on 0.0.0.0 with no token: refused, naming what to set.
+    done = check(unpacked / "etc/neuron/neuron.toml")
+    assert done.returncode == 2 and "auth.allow_unauthenticated" in done.stderr, done.stderr
+    (tmp_path / "token").write_text("a-token-for-the-test\n")
+    text = (unpacked / "etc/neuron/neuron.toml").read_text()
+    text = text.replace('token_file = ""', f'token_file = "{tmp_path / "token"}"', 1)
+    (tmp_path / "neuron.toml").write_text(text)
+    done = check(tmp_path / "neuron.toml")
     assert done.returncode == 0, done.stderr
     assert "ok (0 default models)" in done.stdout
 

@@ -8,6 +8,7 @@ owns torch) and ``model_engine`` (one model's engine: the asyncio bridge, and on
 that reads schedule → run → sample → output).
 """
 
+from neuron.engine import tools
 from neuron.engine.model_engine import ModelEngine
 from neuron.engine.output import Chunk
 from neuron.engine.sequence import (
@@ -16,6 +17,7 @@ from neuron.engine.sequence import (
     EXPIRED,
     LENGTH,
     STOP,
+    TOOL_CALLS,
     SamplingParams,
     Sequence,
 )
@@ -27,9 +29,11 @@ __all__ = [
     "EXPIRED",
     "LENGTH",
     "STOP",
+    "TOOL_CALLS",
     "Chunk",
     "DeviceWorker",
     "ModelEngine",
     "SamplingParams",
     "Sequence",
+    "tools",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -19,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from neuron import metrics
+from neuron.engine import tools
+from neuron.engine.grammar import Grammars
 from neuron.engine.output import Chunk, Output
 from neuron.engine.runner import Runner
-from neuron.engine.sampler import Sampler
+from neuron.engine.sampler import Sampled, Sampler
 from neuron.engine.scheduler import Scheduler
 from neuron.engine.sequence import CANCELLED, ERROR, EXPIRED, SamplingParams, Sequence
 from neuron.errors import QueueTimeout, ShuttingDown
@@ -57,8 +60,11 @@ class ModelEngine:
         self.scheduler = Scheduler(model_id, max_batch_size, max_waiting, batch_window)
         pad = self.eos_ids[0] if self.eos_ids else 0
         self.runner = Runner(model_id, forward, device, pad, prefix_cache)
-        self.sampler = Sampler()
+        self.sampler = Sampler(model_id)
         self.output = Output(tokenizer, self.eos_ids, max_context)
+        self.vocab_size = forward.vocab_size
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
         self.worker: DeviceWorker | None = None
         self.last_used = 0.0
         self._labels = {"model": model_id}
@@ -86,14 +92,32 @@ class ModelEngine:
 
     # ---- asyncio side ----
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render messages with the tokenizer's own chat template and tokenise them."""
+    def encode_chat(
+        self, messages: list[dict[str, Any]], offered: list[tools.Tool] | None = None
+    ) -> list[int]:
+        """Render messages (and the tools ``offered``) with the tokenizer's own chat template
+        and tokenise them; see ``tools`` for templates that do not take tools."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; send a raw prompt instead")
+        native = tools.template_takes_tools(self.tokenizer)
+        extra = {"tools": [t.openai() for t in offered]} if native and offered else {}
         encoded = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            tools.prepare_messages(messages, offered or [], native),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            **extra,
         )
         return list(encoded["input_ids"])
+
+    def grammars(self) -> Grammars:
+        """The model's grammar compiler, made on first use (call off the event loop)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(
+                    self.model_id, self.tokenizer, self.vocab_size, self.eos_ids
+                )
+            return self._grammars
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
@@ -118,6 +142,12 @@ class ModelEngine:
         seq = Sequence(request_id or uuid.uuid4().hex, prompt_ids, params, queue.put_nowait, loop)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if params.grammar is not None:
+            assert self._grammars is not None
+            seq.matcher = self._grammars.matcher(params.grammar)
+            metrics.CONSTRAINED.labels(model=self.model_id, kind=params.constraint).inc()
+        if params.tool_calls:
+            seq.reader = tools.CallReader()
         self._submit(seq)
         try:
             if queue_timeout > 0:
@@ -225,14 +255,16 @@ class ModelEngine:
         self.running.extend(seqs)
         self._advance(first_row, self.sampler.sample(logits, seqs))
 
-    def _advance(self, first_row: int, tokens: torch.Tensor) -> None:
+    def _advance(self, first_row: int, sampled: Sampled) -> None:
         """Account the new token of rows ``first_row``..., send text, let finished rows leave."""
+        tokens = sampled.tokens
         self.runner.accept(first_row, tokens)
         now = time.monotonic()
         keep = list(range(first_row))
         rows = self.running[first_row:]
         labels = self._labels
-        for i, (seq, token) in enumerate(zip(rows, tokens.tolist(), strict=True), first_row):
+        pairs = zip(rows, tokens.tolist(), sampled.logprobs, strict=True)
+        for i, (seq, token, logprob) in enumerate(pairs, first_row):
             seq.generated.append(token)
             seq.unsent_tokens += 1
             if seq.first_token_at == 0.0:
@@ -242,7 +274,7 @@ class ModelEngine:
                 metrics.INTER_TOKEN_LATENCY.labels(**labels).observe(now - seq.last_token_at)
             seq.last_token_at = now
             metrics.GENERATION_TOKENS.labels(**labels).inc()
-            reason = self.output.advance(seq, token)
+            reason = self.output.advance(seq, token, logprob)
             if reason is not None:
                 self._finish(seq, reason)
             else:

@@ -9,10 +9,22 @@ together (``flush``): one wake-up per loop per step, not one per chunk.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from neuron.engine.sequence import ERROR, LENGTH, STOP, Sequence
+from neuron.engine.sampler import Logprob
+from neuron.engine.sequence import ERROR, LENGTH, STOP, TOOL_CALLS, Sequence
+from neuron.engine.tools import CallDelta
+
+
+@dataclass
+class TokenLogprob:
+    """A token as clients see it (text and bytes), its log probability and its step's top."""
+
+    token: str
+    logprob: float
+    raw: bytes  # its UTF-8 bytes
+    top: list[tuple[str, float, bytes]] = field(default_factory=list)
 
 
 @dataclass
@@ -25,6 +37,9 @@ class Chunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""
+    tool_calls: list[CallDelta] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    cached_tokens: int = 0
 
     def then(self, later: Chunk) -> Chunk:
         """This chunk and ``later`` as one."""
@@ -35,7 +50,21 @@ class Chunk:
             later.prompt_tokens,
             later.completion_tokens,
             later.error,
+            _merge_calls(self.tool_calls, later.tool_calls),
+            self.logprobs + later.logprobs,
+            later.cached_tokens,
         )
+
+
+def _merge_calls(a: list[CallDelta], b: list[CallDelta]) -> list[CallDelta]:
+    """Pieces of the same call that follow each other become one piece."""
+    merged = [CallDelta(d.index, d.id, d.name, d.arguments) for d in a]
+    for d in b:
+        if merged and merged[-1].index == d.index and not d.id:
+            merged[-1].arguments += d.arguments
+        else:
+            merged.append(CallDelta(d.index, d.id, d.name, d.arguments))
+    return merged
 
 
 class Output:
@@ -47,9 +76,11 @@ class Output:
         self.max_context = max_context
         self._outbox: list[tuple[Sequence, Chunk]] = []  # this step's chunks, see flush
 
-    def advance(self, seq: Sequence, token: int) -> str | None:
+    def advance(self, seq: Sequence, token: int, logprob: Logprob | None) -> str | None:
         """Take ``seq``'s new token: decode it, apply stop strings, send what is safe.
         Returns the finish reason if the sequence ends here."""
+        if logprob is not None:
+            seq.unsent_logprobs.append(self._describe(logprob))
         if token in self.eos_ids:
             return STOP
         new_text = self._detokenize(seq)
@@ -67,26 +98,43 @@ class Output:
             return LENGTH
         safe = len(seq.text) - held_back(seq.text, stops)
         if safe > seq.emitted:
-            self._send(seq, Chunk(seq.text[seq.emitted : safe], seq.unsent_tokens))
-            seq.emitted, seq.unsent_tokens = safe, 0
+            self._send(seq, self._chunk(seq, seq.text[seq.emitted : safe]))
+            seq.emitted = safe
         return None
 
     def finish(self, seq: Sequence, reason: str, error: str = "") -> None:
         """Send ``seq``'s last chunk: the rest of its text, the finish reason, the usage."""
         if seq.cancelled:  # a client that is gone gets nothing more
             return
-        rest = seq.text[seq.emitted :] if reason != ERROR else ""
-        self._send(
-            seq,
-            Chunk(
-                rest,
-                seq.unsent_tokens,
-                finish_reason=reason,
-                prompt_tokens=len(seq.prompt_ids),
-                completion_tokens=len(seq.generated),
-                error=error,
-            ),
-        )
+        if reason == ERROR:
+            chunk = Chunk("", seq.unsent_tokens)
+        else:
+            chunk = self._chunk(seq, seq.text[seq.emitted :], final=True)
+            if reason == STOP and seq.reader is not None and seq.reader.calls:
+                reason = TOOL_CALLS
+        chunk.finish_reason, chunk.error = reason, error
+        chunk.prompt_tokens, chunk.completion_tokens = len(seq.prompt_ids), len(seq.generated)
+        chunk.cached_tokens = seq.cached_tokens
+        self._send(seq, chunk)
+
+    def _chunk(self, seq: Sequence, text: str, final: bool = False) -> Chunk:
+        """The next chunk of ``seq`` with ``text``: its content and tool calls, and the
+        tokens and log probabilities not sent yet."""
+        calls: list[CallDelta] = []
+        if seq.reader is not None:
+            text, calls = seq.reader.feed(text, final)
+        chunk = Chunk(text, seq.unsent_tokens, tool_calls=calls, logprobs=seq.unsent_logprobs)
+        seq.unsent_tokens, seq.unsent_logprobs = 0, []
+        return chunk
+
+    def _describe(self, logprob: Logprob) -> TokenLogprob:
+        token, raw = self._token(logprob.token)
+        top = [(*self._token(t), lp) for t, lp in logprob.top]
+        return TokenLogprob(token, logprob.logprob, raw, [(t, lp, b) for t, b, lp in top])
+
+    def _token(self, token: int) -> tuple[str, bytes]:
+        text = self.tokenizer.decode([token])
+        return text, text.encode("utf-8", "surrogatepass")
 
     def flush(self) -> None:
         """Hand this step's chunks to their loops: one wake-up per loop, not one per chunk."""

@@ -78,6 +78,8 @@ class Runner:
             logits = self.forward(ids, position_ids, mask, cache)
         lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)
         self._remember_prompts(seqs, cache, mask)
+        for seq, (m, _) in zip(seqs, matches, strict=True):
+            seq.cached_tokens = m
         metrics.PREFILL_BATCH.labels(**self._labels).observe(len(seqs))
         metrics.PROMPT_TOKENS.labels(**self._labels).inc(int(lengths.sum()))
         metrics.PREFIX_CACHE_HITS.labels(**self._labels).inc(sum(m for m, _ in matches))

@@ -1,31 +1,55 @@
-"""Picking each row's next token from its logits: penalties, temperature, top-k and top-p.
+"""Picking each row's next token from its logits: penalties, bias, grammar masks, temperature,
+top-k and top-p, and the log probabilities a client asked for.
 
 Rows are independent: each follows its own sequence's parameters (greedy where the
 temperature is 0, else sampled with its own seeded generator), so a row's choice never
-depends on which other requests share its batch.
+depends on which other requests share its batch. Rows with nothing to change pay nothing:
+penalties, bias and masks touch only the rows that asked for them. Log probabilities are of
+the model's own distribution (the log-softmax of its logits, before any of those changes), as
+OpenAI's are.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 
+from neuron import metrics
+from neuron.engine import grammar
 from neuron.engine.sequence import Sequence
+
+
+@dataclass
+class Logprob:
+    """A chosen token's log probability and the most likely tokens at its step."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Sampled:
+    tokens: torch.Tensor  # [rows]
+    logprobs: list[Logprob | None]  # per row, where asked for
 
 
 class Sampler:
     """Chooses one token per row of a step's logits."""
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Pick one token per row: greedy where temperature is 0, else seeded sampling."""
+    def __init__(self, model_id: str) -> None:
+        self._labels = {"model": model_id}
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
         logits = logits.float()
+        raw = logits.clone() if any(s.params.logprobs for s in seqs) else logits
         for i, seq in enumerate(seqs):
-            penalty = seq.params.repetition_penalty
-            if penalty != 1.0:
-                seen = torch.tensor(
-                    sorted(set(seq.prompt_ids + seq.generated)), device=logits.device
-                )
-                scores = logits[i, seen]
-                logits[i, seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
+            _penalise(logits, i, seq)
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:
+            self._mask(logits, constrained, seqs)
         tokens = logits.argmax(dim=-1)
         for i, seq in enumerate(seqs):
             p = seq.params
@@ -42,4 +66,45 @@ class Sampler:
                 row = row.scatter(0, order[drop], float("-inf"))
             probs = torch.softmax(row, dim=-1)
             tokens[i] = torch.multinomial(probs, 1, generator=seq.generator)[0]
-        return tokens
+        chosen = tokens.tolist()
+        for i in constrained:
+            # The grammar advances only on the token really sampled.
+            seqs[i].matcher.accept_token(chosen[i])
+        return Sampled(tokens, [_logprob(raw, i, s, chosen[i]) for i, s in enumerate(seqs)])
+
+    def _mask(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
+        started = time.perf_counter()
+        allowed = grammar.allowed([seqs[i].matcher for i in rows], logits.shape[-1])
+        index = torch.tensor(rows, device=logits.device)
+        masked = logits.index_select(0, index).masked_fill(~allowed.to(logits.device), -torch.inf)
+        logits.index_copy_(0, index, masked)
+        metrics.MASK_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
+
+
+def _penalise(logits: torch.Tensor, i: int, seq: Sequence) -> None:
+    """Repetition, presence and frequency penalties and the logit bias, on row ``i``."""
+    p = seq.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.prompt_ids + seq.generated)), device=logits.device)
+        scores = logits[i, seen]
+        logits[i, seen] = torch.where(
+            scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty
+        )
+    if (p.presence_penalty or p.frequency_penalty) and seq.generated:
+        # OpenAI's: over the tokens generated so far, not the prompt.
+        ids, counts = torch.tensor(seq.generated, device=logits.device).unique(return_counts=True)
+        logits[i, ids] -= p.presence_penalty + p.frequency_penalty * counts.float()
+    if p.logit_bias:
+        ids = torch.tensor([t for t, _ in p.logit_bias], device=logits.device)
+        logits[i, ids] += torch.tensor([b for _, b in p.logit_bias], device=logits.device)
+
+
+def _logprob(raw: torch.Tensor, i: int, seq: Sequence, token: int) -> Logprob | None:
+    if not seq.params.logprobs:
+        return None
+    row = torch.log_softmax(raw[i], dim=-1)
+    top: list[tuple[int, float]] = []
+    if seq.params.top_logprobs:
+        values, ids = torch.topk(row, seq.params.top_logprobs)
+        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return Logprob(token, float(row[token]), top)

@@ -6,16 +6,18 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
-    from neuron.engine.output import Chunk
+    from neuron.engine.output import Chunk, TokenLogprob
+    from neuron.engine.tools import CallReader
 
 # Finish reasons. EXPIRED: dropped while still waiting for a batch slot (never sent to a
 # client: the call fails with the queue timeout instead).
 STOP, LENGTH, CANCELLED, ERROR, EXPIRED = "stop", "length", "cancelled", "error", "queue_timeout"
+TOOL_CALLS = "tool_calls"  # a STOP after the answer made tool calls
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,16 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    # A compiled grammar the answer must follow (``Grammars``), and what kind it is.
+    grammar: Any = None
+    constraint: str = ""
+    # Read tool calls out of the answer (``tools.CallReader``).
+    tool_calls: bool = False
 
 
 @dataclass(eq=False)
@@ -48,6 +60,10 @@ class Sequence:
     prefix_offset: int = 0  # incremental detokenisation window
     read_offset: int = 0
     generator: torch.Generator | None = None
+    matcher: Any = None  # the grammar's state, where the answer is constrained
+    reader: CallReader | None = None  # where tool calls are read out of the text
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens the prefix cache held
     arrived_at: float = field(default_factory=time.monotonic)
     first_token_at: float = 0.0
     last_token_at: float = 0.0

@@ -113,6 +113,8 @@ class Forward:
         self.rotary = inner.rotary_emb
         self.norm = inner.norm.weight
         self.lm_head = Linear(model.lm_head.weight, model.lm_head.bias)
+        # Rows of the logits: may be wider than the tokenizer (padded vocabularies).
+        self.vocab_size = int(model.lm_head.weight.shape[0])
 
         def linear(prefix: str, names: tuple[str, ...]) -> Linear:
             modules = [model.get_submodule(f"{prefix}.{n}") for n in names]
