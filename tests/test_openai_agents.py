@@ -485,7 +485,7 @@ async def test_json_object_answer_is_a_json_object(cortex: CortexProcess) -> Non
 async def test_forced_tool_call_whole_names_the_tool(cortex: CortexProcess, choice: Any) -> None:
     reply = await client(cortex).chat.completions.create(
         model=DEMO_ID, messages=ASK_WEATHER, tools=[WEATHER, TIME], tool_choice=choice,  # type: ignore[list-item]
-        temperature=0, max_tokens=64,
+        parallel_tool_calls=False, temperature=0, max_tokens=64,
     )  # fmt: skip
     result = reply.choices[0]
     assert result.finish_reason == "tool_calls"
@@ -512,7 +512,7 @@ async def test_forced_tool_call_streamed_assembles_with_the_sdk(
 ) -> None:
     async with client(cortex).chat.completions.stream(
         model=DEMO_ID, messages=ASK_WEATHER, tools=[WEATHER, TIME], tool_choice=choice,  # type: ignore[list-item]
-        temperature=0, max_tokens=64,
+        parallel_tool_calls=False, temperature=0, max_tokens=64,
     ) as stream:  # fmt: skip
         done = [e async for e in stream if e.type == "tool_calls.function.arguments.done"]
         final = await stream.get_final_completion()
@@ -527,10 +527,29 @@ async def test_forced_tool_call_streamed_assembles_with_the_sdk(
         assert isinstance(call.function.parsed_arguments, dict)  # strict tools: the SDK parses
 
 
+async def test_parallel_calls_cut_by_max_tokens_hold_only_their_arguments(
+    cortex: CortexProcess,
+) -> None:
+    # SmolLM2 asked for calls with parallel calls allowed calls again and again until
+    # max_tokens; every call but a cut last one must still be its JSON arguments alone.
+    reply = await client(cortex).chat.completions.create(
+        model=DEMO_ID, messages=ASK_WEATHER, tools=[WEATHER, TIME], tool_choice="required",  # type: ignore[list-item]
+        temperature=0, max_tokens=64,
+    )  # fmt: skip
+    result = reply.choices[0]
+    calls = result.message.tool_calls or []
+    assert calls
+    complete = calls[:-1] if result.finish_reason == "length" else calls
+    for call in complete:
+        assert isinstance(json.loads(call.function.arguments), dict), call  # type: ignore[union-attr]
+    for call in calls:
+        assert "</tool" not in call.function.arguments, call  # type: ignore[union-attr]
+
+
 async def test_streamed_tool_call_deltas_are_openais_shape(cortex: CortexProcess) -> None:
     body = _chat(
         messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required", temperature=0,
-        max_tokens=64, stream=True,
+        parallel_tool_calls=False, max_tokens=64, stream=True,
     )  # fmt: skip
     async with aiohttp.ClientSession() as session:
         async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
@@ -557,7 +576,7 @@ async def test_tool_round_trip_call_result_then_answer(cortex: CortexProcess) ->
     sdk = client(cortex)
     first = await sdk.chat.completions.create(
         model=DEMO_ID, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required",  # type: ignore[list-item]
-        temperature=0, max_tokens=64,
+        parallel_tool_calls=False, temperature=0, max_tokens=64,
     )  # fmt: skip
     message = first.choices[0].message
     assert message.tool_calls
