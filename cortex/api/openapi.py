@@ -90,63 +90,53 @@ _TEXT_PART = {
     "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
 }
 _NAME = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
-_TOOL_CALL = {
-    "type": "object",
-    "required": ["id", "type", "function"],
-    "properties": {
-        "id": {"type": "string"},
-        "type": {"const": "function"},
-        "function": {
-            "type": "object",
-            "required": ["name", "arguments"],
-            "properties": {
-                "name": {"type": "string"},
-                "arguments": {"type": "string", "description": "A JSON object, as text"},
-            },
+
+
+def _obj(properties: dict[str, Any], *required: str) -> dict[str, Any]:
+    return {"type": "object", "required": list(required), "properties": properties}
+
+
+def _function_of(function: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """OpenAI's ``{"type": "function", "function": {...}}`` (tools, tool_choice, calls)."""
+    properties = {**more, "type": {"const": "function"}, "function": function}
+    return _obj(properties, *more, "type", "function")
+
+
+_TOOL_CALL = _function_of(
+    _obj(
+        {
+            "name": {"type": "string"},
+            "arguments": {"type": "string", "description": "A JSON object, as text"},
         },
-    },
-}
+        "name",
+        "arguments",
+    ),
+    id={"type": "string"},
+)
 _TOOLS: dict[str, Any] = {
     "tools": {
         "type": "array",
         "maxItems": 128,
-        "items": {
-            "type": "object",
-            "required": ["type", "function"],
-            "properties": {
-                "type": {"const": "function"},
-                "function": {
-                    "type": "object",
-                    "required": ["name"],
-                    "properties": {
-                        "name": _NAME,
-                        "description": {"type": "string"},
-                        "parameters": {"type": "object", "description": "A JSON schema"},
-                        "strict": {
-                            "type": "boolean",
-                            "description": "Calls always follow the schema (the neuron "
-                            "constrains them)",
-                        },
+        "items": _function_of(
+            _obj(
+                {
+                    "name": _NAME,
+                    "description": {"type": "string"},
+                    "parameters": {"type": "object", "description": "A JSON schema"},
+                    "strict": {
+                        "type": "boolean",
+                        "description": "Calls always follow the schema (the neuron "
+                        "constrains them)",
                     },
                 },
-            },
-        },
+                "name",
+            )
+        ),
     },
     "tool_choice": {
         "oneOf": [
             {"enum": ["auto", "none", "required"]},
-            {
-                "type": "object",
-                "required": ["type", "function"],
-                "properties": {
-                    "type": {"const": "function"},
-                    "function": {
-                        "type": "object",
-                        "required": ["name"],
-                        "properties": {"name": {"type": "string"}},
-                    },
-                },
-            },
+            _function_of(_obj({"name": {"type": "string"}}, "name")),
         ],
         "default": "auto",
     },
