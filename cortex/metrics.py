@@ -91,6 +91,14 @@ REJECTIONS = Counter(
     registry=REGISTRY,
 )
 
+CONSTRAINED = Counter(
+    "helexa_gateway_constrained_requests",
+    "Generation requests whose output the neuron constrains, by kind: json_object, "
+    "json_schema, tools (tools offered and tool_choice not none)",
+    ["kind"],
+    registry=REGISTRY,
+)
+
 
 def serve(address: str) -> None:
     """Serve /metrics on ``address`` (HOST:PORT) from a daemon thread."""

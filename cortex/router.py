@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 import grpc
@@ -48,8 +49,21 @@ _RETRYABLE = {
 }
 # Of those, the ones that mean "busy or going away" rather than "broken": 503, not 502.
 _CAPACITY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
-# The neuron names chat fields after the proto; clients know OpenAI's names.
-_PARAMS = {"chat.messages": "messages", "input": "messages"}
+# The neuron names fields after the proto (its message starts with the field's path); clients
+# know OpenAI's names. The first pattern the whole path matches names the param.
+_PARAMS = [
+    (re.compile(p), name)
+    for p, name in (
+        (r"chat\.messages\[(\d+)\]\.tool_calls\[(\d+)\]\.(arguments|name)",
+         r"messages[\1].tool_calls[\2].function.\3"),
+        (r"chat\.messages(.*)", r"messages\1"),
+        (r"input", "messages"),
+        (r"tools\[(\d+)\]\.(name|description|parameters)", r"tools[\1].function.\2"),
+        (r"output\.json_schema", "response_format.json_schema.schema"),
+        (r"output(\.json_object)?", "response_format"),
+        (r"tool_choice(\..*)?", "tool_choice"),
+    )
+]  # fmt: skip
 
 
 def least_loaded(candidates: list[NeuronState]) -> NeuronState | None:
@@ -364,7 +378,20 @@ class Stream:
             self._router.drain.finished(self.model_id)
 
 
+def openai_param(field: str) -> str:
+    """The OpenAI name of the proto field the neuron named (``tools[2].parameters`` is
+    ``tools[2].function.parameters``); any other name is the same in both."""
+    for pattern, name in _PARAMS:
+        match = pattern.fullmatch(field)
+        if match is not None:
+            return match.expand(name)
+    return field
+
+
 def _bad_request(details: str) -> BadRequest:
-    field, sep, _ = details.partition(":")
-    param = _PARAMS.get(field, field.replace("chat.messages", "messages")) if sep else None
-    return BadRequest(details, param=param)
+    """The neuron's INVALID_ARGUMENT ("field: why") as a 400 naming the client's field."""
+    field, sep, why = details.partition(":")
+    if not sep:
+        return BadRequest(details)
+    param = openai_param(field)
+    return BadRequest(param + sep + why, param=param)

@@ -437,10 +437,9 @@ async def test_sigterm_drains_in_flight_stream_then_exits_zero(
 @pytest.mark.parametrize("kind", ["chat", "completion"])
 @pytest.mark.parametrize("include_usage", [False, True])
 def test_the_per_write_text_chunk_is_the_general_chunk(kind: str, include_usage: bool) -> None:
-    from types import SimpleNamespace
+    from cortex.api.openai import Answer, Parsed
+    from helexa.neuron.v1 import neuron_pb2 as pb
 
-    from cortex.api.openai import Answer
-
-    answer = Answer(kind, SimpleNamespace(model="m", include_usage=include_usage))  # type: ignore[arg-type]
+    answer = Answer(kind, Parsed("m", pb.GenerateRequest(), True, include_usage))
     for text in ["Paris", "", '"quoted" \\ back', "é 中 \u2028 \x00 😀", "\\0"]:
         assert answer.text_chunk(text) == answer.chunk(text, None), text

@@ -207,7 +207,12 @@ async def test_failure_before_first_token_is_retried_on_another_neuron(
             assert r.status == 200
             reply = await r.json()
     assert reply["choices"][0]["message"]["content"] == "Hello world"
-    assert reply["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert reply["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert refusing.calls == ["hi"] and good.calls == ["hi"]
     assert metric_value(cortex.metrics(), "helexa_gateway_retries_total", code="UNAVAILABLE") == 1
 

@@ -35,7 +35,7 @@ SUFFIXES = {
 PROMQL_WORDS = {
     "sum", "count", "max", "min", "avg", "rate", "increase", "histogram_quantile", "by",
     "without", "on", "ignoring", "group_left", "le", "model", "instance", "device",
-    "finish_reason", "result", "job", "up", "route", "status", "neuron", "reason", "code",
+    "finish_reason", "result", "job", "up", "route", "status", "neuron", "reason", "code", "kind",
 }  # fmt: skip
 PANELS = [
     "Requests per second", "Time to first token", "Inter-token latency", "Tokens per second",

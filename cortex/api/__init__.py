@@ -43,6 +43,8 @@ class Gateway:
     router: Router
     draining: bool = False
     active: int = 0
+    # Unix seconds when this gateway (and its catalogue) came up: the models' ``created``.
+    started: int = field(default_factory=lambda: int(time.time()))
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:

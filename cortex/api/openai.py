@@ -19,14 +19,14 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from cortex import metrics
-from cortex.api import Gateway, gateway_of
+from cortex.api import Gateway, fields, gateway_of
 from cortex.api.errors import error_body
 from cortex.errors import BadRequest, BodyTooLarge, CortexError, NeuronFailed, StreamStalled
 from cortex.router import Stream
@@ -36,8 +36,28 @@ log = logging.getLogger(__name__)
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _ROLES["tool"] = "tool"
-_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+_FINISH = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
+}
 MAX_STOP = 16
+MAX_COMPLETION_LOGPROBS = 5
+# Fields of OpenAI's chat API that cortex does not serve: refused by name, never ignored.
+_CHAT_UNSUPPORTED = {
+    "audio": "audio output is not served; only text",
+    "functions": "deprecated by OpenAI; use 'tools'",
+    "function_call": "deprecated by OpenAI; use 'tool_choice'",
+    "prediction": "predicted outputs are not served",
+    "web_search_options": "web search is not served",
+}
+_COMPLETION_UNSUPPORTED = {
+    "suffix": "insertion (a suffix) is not served",
+    "tools": "tools are served on /v1/chat/completions",
+    "tool_choice": "tools are served on /v1/chat/completions",
+    "parallel_tool_calls": "tools are served on /v1/chat/completions",
+    "response_format": "output formats are served on /v1/chat/completions",
+}
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 
@@ -52,22 +72,23 @@ def add_routes(app: web.Application) -> None:
 # ---- models ----
 
 
-def _model_object(model_id: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": "helexa"}
+def _model_object(model_id: str, created: int) -> dict[str, Any]:
+    # created: when this cortex started (and read its catalogue); the neurons' load times
+    # change with every placement, and clients take the field as the model's age.
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "helexa"}
 
 
 async def list_models(request: web.Request) -> web.Response:
-    router = gateway_of(request).router
-    return web.json_response(
-        {"object": "list", "data": [_model_object(m) for m in router.model_ids()]}
-    )
+    gateway = gateway_of(request)
+    data = [_model_object(m, gateway.started) for m in gateway.router.model_ids()]
+    return web.json_response({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    router = gateway_of(request).router
-    model_id = router.resolve(request.match_info["model"])
+    gateway = gateway_of(request)
+    model_id = gateway.router.resolve(request.match_info["model"])
     request["model_label"] = model_id
-    return web.json_response(_model_object(model_id))
+    return web.json_response(_model_object(model_id, gateway.started))
 
 
 # ---- parsing ----
@@ -106,80 +127,52 @@ def _too_large(limit: int) -> BodyTooLarge:
     return BodyTooLarge(f"The request body is larger than the limit of {limit} bytes")
 
 
-def _int(body: dict[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"'{name}' must be an integer, got {value!r}", param=name)
-    return value
-
-
-def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or _nan(value):
-        raise BadRequest(f"'{name}' must be a number, got {value!r}", param=name)
-    if not low <= value <= high:
-        raise BadRequest(f"'{name}' must be between {low:g} and {high:g}, got {value}", param=name)
-    return float(value)
-
-
-def _nan(value: float) -> bool:
-    return isinstance(value, float) and math.isnan(value)
-
-
-def _bool(body: dict[str, Any], name: str) -> bool:
-    value = body.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise BadRequest(f"'{name}' must be true or false, got {value!r}", param=name)
-    return value
-
-
 def _common(gateway: Gateway, body: dict[str, Any], request: pb.GenerateRequest) -> Parsed:
     """The fields chat and completions share; fills ``request`` and resolves the model."""
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise BadRequest("'model' is required: a non-empty string", param="model")
-    n = _int(body, "n")
+    n = fields.integer(body, "n")
     if n is not None and n != 1:
         raise BadRequest(f"'n' must be 1 (one choice per request), got {n}", param="n")
     limit = gateway.config.limits.max_tokens
-    for field in ("max_completion_tokens", "max_tokens"):
-        value = _int(body, field)
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = fields.integer(body, key)
         if value is None:
             continue
         if value < 1:
-            raise BadRequest(f"'{field}' must be at least 1, got {value}", param=field)
+            raise BadRequest(f"'{key}' must be at least 1, got {value}", param=key)
         if value > limit:
-            raise BadRequest(f"'{field}' must be at most {limit}, got {value}", param=field)
+            raise BadRequest(f"'{key}' must be at most {limit}, got {value}", param=key)
         request.max_tokens = value
         break
-    temperature = _number(body, "temperature", 0.0, 2.0)
+    temperature = fields.number(body, "temperature", 0.0, 2.0)
     if temperature is not None:
         request.temperature = temperature
-    top_p = _number(body, "top_p", 0.0, 1.0)
+    top_p = fields.number(body, "top_p", 0.0, 1.0)
     if top_p is not None:
         if top_p == 0:
             raise BadRequest("'top_p' must be greater than 0", param="top_p")
         request.top_p = top_p
-    seed = _int(body, "seed")
+    for key in ("presence_penalty", "frequency_penalty"):
+        penalty = fields.number(body, key, -2.0, 2.0)
+        if penalty is not None:
+            setattr(request, key, penalty)
+    request.logit_bias.update(fields.logit_bias(body.get("logit_bias")))
+    seed = fields.integer(body, "seed")
     if seed is not None:
         request.seed = seed % (1 << 64)
     request.stop.extend(_stops(body.get("stop")))
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise BadRequest("'user' must be a string", param="user")
-    stream = _bool(body, "stream")
+    stream = bool(fields.boolean(body, "stream"))
     options = body.get("stream_options")
     include_usage = False
     if options is not None:
         if not isinstance(options, dict):
             raise BadRequest("'stream_options' must be an object", param="stream_options")
-        include_usage = _bool(options, "include_usage")
+        include_usage = bool(fields.boolean(options, "include_usage", "stream_options"))
     if not stream:
         # The client wants the answer whole: the neuron sends it in one message (a message
         # costs both ends more than a token), with one at least every half stall timeout.
@@ -224,21 +217,88 @@ def parse_chat(gateway: Gateway, body: dict[str, Any]) -> Parsed:
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list of messages", param="messages")
     chat = pb.ChatMessages()
+    call_ids: set[str] = set()  # the calls so far, which tool messages answer
     for i, message in enumerate(messages):
-        key = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise BadRequest(f"'{key}' must be an object", param=key)
-        given = message.get("role")
-        role = _ROLES.get(given) if isinstance(given, str) else None
-        if role is None:
+        chat.messages.append(_message(message, f"messages[{i}]", call_ids))
+    fields.refuse(body, _CHAT_UNSUPPORTED)
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise BadRequest("'modalities' must be [\"text\"]: only text is served", param="modalities")
+    request = pb.GenerateRequest(chat=chat)
+    _tools(body, request)
+    logprobs = fields.boolean(body, "logprobs")
+    top = fields.integer(body, "top_logprobs")
+    if top is not None:
+        if not logprobs:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        if not 0 <= top <= fields.MAX_TOP_LOGPROBS:
             raise BadRequest(
-                f"'{key}.role' must be one of {', '.join(_ROLES)}, got {message.get('role')!r}",
-                param=f"{key}.role",
+                f"'top_logprobs' must be between 0 and {fields.MAX_TOP_LOGPROBS}, got {top}",
+                param="top_logprobs",
             )
-        chat.messages.append(
-            pb.ChatMessage(role=role, content=_content(message.get("content"), f"{key}.content"))
+        request.top_logprobs = top
+    request.logprobs = bool(logprobs)
+    return _common(gateway, body, request)
+
+
+def _message(message: Any, key: str, call_ids: set[str]) -> pb.ChatMessage:
+    """One message of a chat; an assistant's may carry tool calls (and no content), a tool's
+    answers one of them by id."""
+    if not isinstance(message, dict):
+        raise BadRequest(f"'{key}' must be an object", param=key)
+    given = message.get("role")
+    role = _ROLES.get(given) if isinstance(given, str) else None
+    if role is None:
+        raise BadRequest(
+            f"'{key}.role' must be one of {', '.join(_ROLES)}, got {message.get('role')!r}",
+            param=f"{key}.role",
         )
-    return _common(gateway, body, pb.GenerateRequest(chat=chat))
+    out = pb.ChatMessage(role=role, content=_content(message.get("content"), f"{key}.content"))
+    if message.get("tool_calls") is not None:
+        if role != "assistant":
+            raise BadRequest(
+                f"'{key}.tool_calls': only assistant messages carry tool calls",
+                param=f"{key}.tool_calls",
+            )
+        out.tool_calls.extend(fields.tool_calls(message["tool_calls"], f"{key}.tool_calls"))
+        call_ids.update(call.id for call in out.tool_calls)
+    if role == "tool":
+        out.tool_call_id = fields.string(message, "tool_call_id", key, required=True)
+        if out.tool_call_id not in call_ids:
+            raise BadRequest(
+                f"'{key}.tool_call_id' must answer a call of an earlier assistant message, "
+                f"got {out.tool_call_id!r}",
+                param=f"{key}.tool_call_id",
+            )
+    return out
+
+
+def _tools(body: dict[str, Any], request: pb.GenerateRequest) -> None:
+    """``tools``, ``tool_choice``, ``parallel_tool_calls`` and ``response_format`` into
+    ``request``."""
+    tools = fields.tools(body.get("tools"))
+    choice = fields.tool_choice(body.get("tool_choice"), [t.name for t in tools])
+    parallel = fields.boolean(body, "parallel_tool_calls")
+    output = fields.response_format(body.get("response_format"))
+    if tools:
+        request.tools.extend(tools)
+        if choice is not None:
+            request.tool_choice.CopyFrom(choice)
+        if parallel is not None:
+            request.parallel_tool_calls = parallel
+    if output is None:
+        return
+    mode = request.tool_choice.mode
+    if tools and mode == pb.TOOL_CHOICE_MODE_AUTO:
+        # The answer is text or calls: the neuron cannot hold the text to a format and leave
+        # calls free at once.
+        raise BadRequest(
+            "'response_format' with 'tools' is served only with tool_choice 'none', "
+            "'required' or a named function, not 'auto'",
+            param="response_format",
+        )
+    if not tools or mode == pb.TOOL_CHOICE_MODE_NONE:  # forced calls leave no text to format
+        request.output.CopyFrom(output)
 
 
 def parse_completion(gateway: Gateway, body: dict[str, Any]) -> Parsed:
@@ -247,7 +307,27 @@ def parse_completion(gateway: Gateway, body: dict[str, Any]) -> Parsed:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise BadRequest("'prompt' must be a non-empty string", param="prompt")
-    return _common(gateway, body, pb.GenerateRequest(prompt=prompt))
+    fields.refuse(body, _COMPLETION_UNSUPPORTED)
+    if fields.boolean(body, "echo"):
+        raise BadRequest(
+            "'echo' is not supported: the answer holds only the completion", param="echo"
+        )
+    best_of = fields.integer(body, "best_of")
+    if best_of is not None and best_of != 1:
+        raise BadRequest(
+            f"'best_of' must be 1 (one choice per request), got {best_of}", param="best_of"
+        )
+    request = pb.GenerateRequest(prompt=prompt)
+    logprobs = fields.integer(body, "logprobs")
+    if logprobs is not None:
+        if not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise BadRequest(
+                f"'logprobs' must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {logprobs}",
+                param="logprobs",
+            )
+        request.logprobs = True
+        request.top_logprobs = logprobs
+    return _common(gateway, body, request)
 
 
 # ---- answering ----
@@ -255,30 +335,75 @@ def parse_completion(gateway: Gateway, body: dict[str, Any]) -> Parsed:
 
 @dataclass
 class Outcome:
-    """What a finished generation came to."""
+    """What a generation came to: its finish and usage, and for a whole answer everything."""
 
     text: str = ""
     finish_reason: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    tool_calls: list[pb.ToolCallDelta] = field(default_factory=list)
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
 
 
 def _absorb(outcome: Outcome, message: pb.GenerateResponse) -> str:
-    """Fold one message into ``outcome``; returns its text."""
+    """Fold one message's finish and usage into ``outcome``; returns its text."""
     if message.finish_reason == pb.FINISH_REASON_CANCELLED:
         raise NeuronFailed("the neuron cancelled the generation (it is shutting down)")
     if message.finish_reason:
         outcome.finish_reason = _FINISH.get(message.finish_reason, "stop")
         outcome.prompt_tokens = message.usage.prompt_tokens
         outcome.completion_tokens = message.usage.completion_tokens
+        outcome.cached_tokens = message.usage.cached_prompt_tokens
     return message.text
 
 
-def _usage(outcome: Outcome) -> dict[str, int]:
+def _usage(outcome: Outcome) -> dict[str, Any]:
     return {
         "prompt_tokens": outcome.prompt_tokens,
         "completion_tokens": outcome.completion_tokens,
         "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens},
+    }
+
+
+def merge_calls(deltas: Iterable[pb.ToolCallDelta]) -> list[dict[str, Any]]:
+    """Tool-call pieces as OpenAI's streamed ``tool_calls`` entries, one per call (by index):
+    the piece that opens a call carries its id, type and name; the arguments are joined."""
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        call = calls.get(delta.index)
+        if call is None:
+            call = calls[delta.index] = {"index": delta.index}
+            if delta.id or delta.name:
+                call |= {"id": delta.id, "type": "function"}
+                call["function"] = {"name": delta.name, "arguments": ""}
+            else:
+                call["function"] = {"arguments": ""}
+        call["function"]["arguments"] += delta.arguments
+    return list(calls.values())
+
+
+def _logprob(value: float) -> float:
+    # JSON has no -Infinity: OpenAI writes -9999.0 for a token that cannot be sampled.
+    return value if math.isfinite(value) else -9999.0
+
+
+def _chat_logprobs(tokens: list[pb.TokenLogprob]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": _logprob(t.logprob),
+                "bytes": list(t.bytes),
+                "top_logprobs": [
+                    {"token": o.token, "logprob": _logprob(o.logprob), "bytes": list(o.bytes)}
+                    for o in t.top
+                ],
+            }
+            for t in tokens
+        ],
+        "refusal": None,
     }
 
 
@@ -290,48 +415,80 @@ class Answer:
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.parsed = parsed
+        generate = parsed.generate
+        self.logprobs = generate.logprobs
+        # Whether messages may carry more than text (else each write is a text chunk).
+        self.rich = generate.logprobs or bool(generate.tools)
+        self._offset = 0  # completions: characters of text before the next token's
         self._around_text: tuple[bytes, bytes] | None = None
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.parsed.model}
 
     def whole(self, outcome: Outcome) -> dict[str, Any]:
+        logprobs = self._logprobs(outcome.logprobs) if self.logprobs else None
         if self.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": outcome.text},
-                "finish_reason": outcome.finish_reason,
-                "logprobs": None,
+            calls = merge_calls(outcome.tool_calls)
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": outcome.text if outcome.text or not calls else None,
+                "refusal": None,
             }
+            if calls:
+                message["tool_calls"] = [
+                    {"id": c["id"], "type": "function", "function": c["function"]} for c in calls
+                ]
+            choice: dict[str, Any] = {"index": 0, "message": message}
             body = self._base("chat.completion")
         else:
-            choice = {
-                "index": 0,
-                "text": outcome.text,
-                "finish_reason": outcome.finish_reason,
-                "logprobs": None,
-            }
+            choice = {"index": 0, "text": outcome.text}
             body = self._base("text_completion")
+        choice |= {"finish_reason": outcome.finish_reason, "logprobs": logprobs}
         return {**body, "choices": [choice], "usage": _usage(outcome)}
 
-    def chunk(self, text: str | None, finish_reason: str | None, role: bool = False) -> bytes:
+    def chunk(
+        self,
+        text: str | None,
+        finish_reason: str | None,
+        role: bool = False,
+        tool_calls: list[pb.ToolCallDelta] | None = None,
+        logprobs: list[pb.TokenLogprob] | None = None,
+    ) -> bytes:
         if self.chat:
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
-            if text is not None:
+            if text is not None or role:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = merge_calls(tool_calls)
             choice: dict[str, Any] = {"index": 0, "delta": delta}
             body = self._base("chat.completion.chunk")
         else:
             choice = {"index": 0, "text": text or ""}
             body = self._base("text_completion")
         choice["finish_reason"] = finish_reason
-        choice["logprobs"] = None
+        choice["logprobs"] = self._logprobs(logprobs) if logprobs else None
         body["choices"] = [choice]
         if self.parsed.include_usage:
             body["usage"] = None
         return _sse(body)
+
+    def delta_chunk(self, text: str, messages: list[pb.GenerateResponse], first: bool) -> bytes:
+        """What one write carries of ``messages`` (whose text is ``text``): the text chunk
+        alone, unless they also hold tool calls or logprobs; the chat's role first."""
+        calls: list[pb.ToolCallDelta] = []
+        logprobs: list[pb.TokenLogprob] = []
+        if self.rich:
+            for message in messages:
+                calls.extend(message.tool_calls)
+                logprobs.extend(message.logprobs)
+        head = b""
+        if first and self.chat:  # content null when the answer opens with a call, as OpenAI's
+            head = self.chunk(None if calls and not text else "", None, role=True)
+        if calls or logprobs:
+            return head + self.chunk(text or None, None, tool_calls=calls, logprobs=logprobs)
+        return head + self.text_chunk(text) if text else head
 
     def text_chunk(self, text: str) -> bytes:
         """``chunk(text, None)``, the one sent per write: only the text is encoded each time."""
@@ -344,6 +501,26 @@ class Answer:
     def usage_chunk(self, outcome: Outcome) -> bytes:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return _sse({**self._base(kind), "choices": [], "usage": _usage(outcome)})
+
+    def _logprobs(self, tokens: list[pb.TokenLogprob]) -> dict[str, Any]:
+        if self.chat:
+            return _chat_logprobs(tokens)
+        # Completions: each token's top alternatives as {token: logprob}, the sampled one
+        # always among them; offsets count characters of the answer's text.
+        offsets = []
+        tops = []
+        for t in tokens:
+            offsets.append(self._offset)
+            self._offset += len(t.token)
+            top = {o.token: _logprob(o.logprob) for o in t.top}
+            top.setdefault(t.token, _logprob(t.logprob))
+            tops.append(top)
+        return {
+            "tokens": [t.token for t in tokens],
+            "token_logprobs": [_logprob(t.logprob) for t in tokens],
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
 
 
 def _sse(body: dict[str, Any]) -> bytes:
@@ -374,10 +551,23 @@ def _parse(
         ) from None
 
 
+def constraint(request: pb.GenerateRequest) -> str | None:
+    """What the neuron holds the output to: ``json_object``, ``json_schema``, ``tools``."""
+    output = request.output.WhichOneof("kind")
+    if output is not None:
+        return output
+    if request.tools and request.tool_choice.mode != pb.TOOL_CHOICE_MODE_NONE:
+        return "tools"
+    return None
+
+
 async def _answer(request: web.Request, gateway: Gateway, answer: Answer) -> web.StreamResponse:
     parsed = answer.parsed
     request["model_label"] = parsed.model
     parsed.generate.request_id = answer.id
+    kind = constraint(parsed.generate)
+    if kind is not None:
+        metrics.CONSTRAINED.labels(kind=kind).inc()
     arrived = time.monotonic()
     opening = gateway.router.open(parsed.model, parsed.generate)
     if not parsed.stream:
@@ -403,7 +593,10 @@ async def _whole(
     parts: list[str] = []
     try:
         while True:
-            parts.extend(_absorb(outcome, message) for message in stream.take())
+            for message in stream.take():
+                parts.append(_absorb(outcome, message))
+                outcome.tool_calls.extend(message.tool_calls)
+                outcome.logprobs.extend(message.logprobs)
             if outcome.finish_reason:
                 outcome.text = "".join(parts)
                 return web.json_response(answer.whole(outcome))
@@ -445,7 +638,7 @@ async def _stream(
             time.monotonic() - arrived
         )
         outcome = Outcome()
-        head = answer.chunk("", None, role=True) if answer.chat else b""
+        first = True
         last_token = last_write = loop.time()
         while True:
             try:
@@ -455,18 +648,17 @@ async def _stream(
                 return await _fail(answer, response, e)
             if messages:
                 last_token = loop.time()
-                out = [head] if head else []
-                head = b""
-                if text:
-                    out.append(answer.text_chunk(text))
+                out = [answer.delta_chunk(text, messages, first)]
+                first = False
                 if outcome.finish_reason:
                     out.append(answer.chunk(None if answer.chat else "", outcome.finish_reason))
                     if answer.parsed.include_usage:
                         out.append(answer.usage_chunk(outcome))
                     out.append(DONE)
                 response = response or await _begin(request)
-                if out:
-                    await response.write(b"".join(out))
+                joined = b"".join(out)
+                if joined:
+                    await response.write(joined)
                     last_write = loop.time()
                 if outcome.finish_reason:
                     await response.write_eof()

@@ -1,7 +1,8 @@
 """The API's own OpenAPI 3.1 description, served at ``/openapi.json``.
 
-Written by hand for what cortex really accepts (the fields ``cortex.api.openai`` reads; any
-other field is ignored) and answers; a test keeps its paths equal to the routes cortex serves.
+Written by hand for what cortex really accepts (the fields ``cortex.api.openai`` reads; an
+OpenAI field cortex does not serve is a 400 naming it, any other field is ignored) and
+answers; a test keeps its paths equal to the routes cortex serves.
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ _SAMPLING: dict[str, Any] = {
     },
     "n": {"type": "integer", "const": 1},
     "user": {"type": "string"},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2, "default": 0},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2, "default": 0},
+    "logit_bias": {
+        "type": "object",
+        "description": "Token ids (as strings) to biases added to their logits",
+        "propertyNames": {"pattern": "^[0-9]+$"},
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        "maxProperties": 1024,
+    },
     "stream": {"type": "boolean", "default": False},
     "stream_options": {
         "type": "object",
@@ -79,9 +89,136 @@ _TEXT_PART = {
     "required": ["type", "text"],
     "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
 }
+_NAME = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
 
 
-def _answer(kind: str) -> dict[str, Any]:
+def _obj(properties: dict[str, Any], *required: str) -> dict[str, Any]:
+    return {"type": "object", "required": list(required), "properties": properties}
+
+
+def _function_of(function: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """OpenAI's ``{"type": "function", "function": {...}}`` (tools, tool_choice, calls)."""
+    properties = {**more, "type": {"const": "function"}, "function": function}
+    return _obj(properties, *more, "type", "function")
+
+
+_TOOL_CALL = _function_of(
+    _obj(
+        {
+            "name": {"type": "string"},
+            "arguments": {"type": "string", "description": "A JSON object, as text"},
+        },
+        "name",
+        "arguments",
+    ),
+    id={"type": "string"},
+)
+_TOOLS: dict[str, Any] = {
+    "tools": {
+        "type": "array",
+        "maxItems": 128,
+        "items": _function_of(
+            _obj(
+                {
+                    "name": _NAME,
+                    "description": {"type": "string"},
+                    "parameters": {"type": "object", "description": "A JSON schema"},
+                    "strict": {
+                        "type": "boolean",
+                        "description": "Calls always follow the schema (the neuron "
+                        "constrains them)",
+                    },
+                },
+                "name",
+            )
+        ),
+    },
+    "tool_choice": {
+        "oneOf": [
+            {"enum": ["auto", "none", "required"]},
+            _function_of(_obj({"name": {"type": "string"}}, "name")),
+        ],
+        "default": "auto",
+    },
+    "parallel_tool_calls": {"type": "boolean", "default": True},
+    "response_format": {
+        "description": "With tools and tool_choice auto, only text (else 400)",
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["type"],
+                "properties": {"type": {"enum": ["text", "json_object"]}},
+            },
+            {
+                "type": "object",
+                "required": ["type", "json_schema"],
+                "properties": {
+                    "type": {"const": "json_schema"},
+                    "json_schema": {
+                        "type": "object",
+                        "required": ["name", "schema"],
+                        "properties": {
+                            "name": _NAME,
+                            "description": {"type": "string"},
+                            "schema": {"type": "object"},
+                            "strict": {"type": "boolean"},
+                        },
+                    },
+                },
+            },
+        ],
+    },
+    "logprobs": {"type": "boolean", "default": False},
+    "top_logprobs": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 20,
+        "description": "Needs logprobs: true",
+    },
+}
+
+
+_FINISH = {"enum": ["stop", "length", "tool_calls"]}
+_CHAT_CHOICE = {
+    "type": "object",
+    "required": ["index", "message", "finish_reason", "logprobs"],
+    "properties": {
+        "index": {"type": "integer"},
+        "message": {
+            "type": "object",
+            "required": ["role", "content", "refusal"],
+            "properties": {
+                "role": {"const": "assistant"},
+                "content": {"type": ["string", "null"], "description": "null: only tool calls"},
+                "refusal": {"type": "null"},
+                "tool_calls": {"type": "array", "items": _TOOL_CALL},
+            },
+        },
+        "finish_reason": _FINISH,
+        "logprobs": {
+            "description": "With logprobs: true, {content: [{token, logprob, bytes, "
+            "top_logprobs}], refusal: null}",
+            "type": ["object", "null"],
+        },
+    },
+}
+_COMPLETION_CHOICE = {
+    "type": "object",
+    "required": ["index", "text", "finish_reason", "logprobs"],
+    "properties": {
+        "index": {"type": "integer"},
+        "text": {"type": "string"},
+        "finish_reason": _FINISH,
+        "logprobs": {
+            "description": "With logprobs: N, {tokens, token_logprobs, top_logprobs: "
+            "[{token: logprob}], text_offset}",
+            "type": ["object", "null"],
+        },
+    },
+}
+
+
+def _answer(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",
         "properties": {
@@ -89,7 +226,7 @@ def _answer(kind: str) -> dict[str, Any]:
             "object": {"const": kind},
             "created": {"type": "integer"},
             "model": {"type": "string"},
-            "choices": {"type": "array", "items": {"type": "object"}},
+            "choices": {"type": "array", "items": choice},
             "usage": _ref("Usage"),
         },
     }
@@ -117,7 +254,9 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["model", "messages"],
         "properties": {
             **_SAMPLING,
+            **_TOOLS,
             "max_completion_tokens": _SAMPLING["max_tokens"],
+            "modalities": {"type": "array", "const": ["text"]},
             "messages": {
                 "type": "array",
                 "minItems": 1,
@@ -135,6 +274,16 @@ _SCHEMAS: dict[str, Any] = {
                                 {"type": "null"},
                             ]
                         },
+                        "tool_calls": {
+                            "type": "array",
+                            "maxItems": 128,
+                            "items": _TOOL_CALL,
+                            "description": "An assistant message's calls",
+                        },
+                        "tool_call_id": {
+                            "type": "string",
+                            "description": "A tool message: the call it answers",
+                        },
                     },
                 },
             },
@@ -145,6 +294,7 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["model", "prompt"],
         "properties": {
             **_SAMPLING,
+            "logprobs": {"type": "integer", "minimum": 0, "maximum": 5},
             "prompt": {
                 "oneOf": [
                     {"type": "string", "minLength": 1},
@@ -159,10 +309,19 @@ _SCHEMAS: dict[str, Any] = {
             "prompt_tokens": {"type": "integer"},
             "completion_tokens": {"type": "integer"},
             "total_tokens": {"type": "integer"},
+            "prompt_tokens_details": {
+                "type": "object",
+                "properties": {
+                    "cached_tokens": {
+                        "type": "integer",
+                        "description": "Of prompt_tokens, those the neuron's prefix cache held",
+                    }
+                },
+            },
         },
     },
-    "ChatCompletion": _answer("chat.completion"),
-    "Completion": _answer("text_completion"),
+    "ChatCompletion": _answer("chat.completion", _CHAT_CHOICE),
+    "Completion": _answer("text_completion", _COMPLETION_CHOICE),
     "Model": {
         "type": "object",
         "properties": {
