@@ -5,7 +5,8 @@ polled, plus cortex's own in-flight requests there), ties broken by neuron name,
 never depends on dict or hash order. When no neuron has the model, it is placed: loaded on an
 allowed up neuron with room, after evicting the least recently used unpinned idle model when
 none has room. Concurrent requests for a model being placed wait for that one placement. A
-generation that fails before its first message is retried on another neuron; after it, the
+generation that fails before its first message is retried on another neuron (one that broke
+a neuron, INTERNAL or UNKNOWN, on one other neuron only); after it, the
 failure is the client's to see: ``open`` returns a ``Stream`` once the first message is there.
 Generations go over each neuron's ``GenerateMany`` call (``cortex.multiplex``), and fail as
 ``Generate`` calls would.
@@ -47,6 +48,9 @@ _RETRYABLE = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.CANCELLED,
 }
+# Of those, the ones that may mean the request itself breaks a neuron: such a request is
+# retried on one other neuron, not across the fleet.
+_BROKEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 # Of those, the ones that mean "busy or going away" rather than "broken": 503, not 502.
 _CAPACITY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 # The neuron names fields after the proto (its message starts with the field's path); clients
@@ -322,7 +326,8 @@ class Router:
                     code, details = e.code, e.details
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise _bad_request(details)
-            if code not in _RETRYABLE:
+            broke_before = any(c in _BROKEN for c, _ in failures)
+            if code not in _RETRYABLE or (code in _BROKEN and broke_before):
                 raise NeuronFailed(
                     f"neuron {neuron.name} failed the request: {code.name}: {details}"
                 )

@@ -7,14 +7,15 @@ the boundary, and turns ``NeuronError`` into gRPC statuses in one place (``_CODE
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
 import math
 import socket
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -51,6 +52,7 @@ from neuron.multiplex import Multiplexer
 from neuron.registry import Registry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _CODES: dict[type[NeuronError], grpc.StatusCode] = {
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
@@ -84,6 +86,8 @@ _STATES = {
 }
 _ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_SEQUENCES = 16
+# Characters in one stop sequence: what a token's check costs grows with it.
+MAX_STOP_LENGTH = 256
 # Below this a temperature samples as greedy: dividing logits by it overflows to inf and NaN.
 MIN_TEMPERATURE = 1e-5
 MAX_TOOLS = 128
@@ -260,7 +264,9 @@ async def prepare(
         messages = _messages(request)
         shown = offered if choice != tools.NONE else []
         try:
-            prompt_ids = await asyncio.to_thread(engine.encode_chat, messages, shown)
+            prompt_ids = await _preparing(engine.encode_chat, messages, shown)
+        except InvalidArgument:
+            raise
         except Exception as e:  # a template that rejects the conversation
             raise InvalidArgument("chat.messages", f"cannot apply the chat template: {e}") from e
     else:
@@ -268,7 +274,7 @@ async def prepare(
             raise InvalidArgument("tools", "tools need chat messages, not a prompt")
         if not request.prompt:
             raise InvalidArgument("prompt", "must not be empty")
-        prompt_ids = await asyncio.to_thread(engine.encode_prompt, request.prompt)
+        prompt_ids = await _preparing(engine.encode_prompt, request.prompt)
     if not prompt_ids:
         raise InvalidArgument(kind, "encodes to no tokens")
     if len(prompt_ids) >= engine.max_context:
@@ -315,6 +321,16 @@ async def prepare(
         tool_calls=bool(offered) and choice != tools.NONE,
     )
     return prompt_ids, params
+
+
+# Tokenising and compiling grammars have threads of their own: a request never waits behind
+# a model load, which holds a thread of the default pool for seconds.
+_PREPARING = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
+
+
+async def _preparing(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the preparing threads."""
+    return await asyncio.get_running_loop().run_in_executor(_PREPARING, fn, *args)
 
 
 def _messages(request: pb.GenerateRequest) -> list[dict[str, Any]]:
@@ -428,10 +444,10 @@ async def _constraint(
     else:
         return "", None
     try:
-        grammar = await asyncio.to_thread(lambda: compile_(engine.grammars()))
+        grammar = await _preparing(lambda: compile_(engine.grammars()))
     except UnenforceableSchema as e:
         if calls:  # name the tool whose schema it is
-            field = await asyncio.to_thread(_culprit, engine, offered) or field
+            field = await _preparing(_culprit, engine, offered) or field
         raise InvalidArgument(field, f"cannot be enforced: {e}") from None
     return kind, grammar
 
@@ -508,4 +524,9 @@ def _stops(request: pb.GenerateRequest) -> tuple[str, ...]:
     for i, stop in enumerate(request.stop):
         if not stop:
             raise InvalidArgument(f"stop[{i}]", "must not be empty")
+        if len(stop) > MAX_STOP_LENGTH:
+            raise InvalidArgument(
+                f"stop[{i}]",
+                f"is {len(stop)} characters; the limit is {MAX_STOP_LENGTH} (MAX_STOP_LENGTH)",
+            )
     return tuple(request.stop)

@@ -11,18 +11,21 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import jsonschema
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from helexa.neuron.v1 import neuron_pb2 as pb
-from neuron.engine import STOP, TOOL_CALLS, Chunk, DeviceWorker, ModelEngine, SamplingParams
-from neuron.errors import QueueFull, QueueTimeout
+from neuron.engine import ERROR, STOP, TOOL_CALLS, Chunk, DeviceWorker, ModelEngine, SamplingParams
+from neuron.engine.output import held_back
+from neuron.errors import InvalidArgument, QueueFull, QueueTimeout
 from neuron.model.forward import Forward
-from neuron.server import prepare
+from neuron.server import MAX_STOP_LENGTH, prepare
 from neuron.sources import materialise_gguf
 from tests.harness import DEMO_GGUF, SHARED_CACHE, until
 from tests.test_forward import SIZES
@@ -38,13 +41,14 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny() -> tuple[Any, Any]:
-    """A random-weight Llama as wide as the demo tokenizer's vocabulary, and that tokenizer."""
+def tiny() -> tuple[Callable[[], Any], Any]:
+    """A maker of the same random-weight Llama, as wide as the demo tokenizer's vocabulary
+    (a new one each time: the engine's forward takes the layers out of the model it is
+    built from), and that tokenizer."""
     import transformers
 
     folder = materialise_gguf(DEMO_GGUF, SHARED_CACHE)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
-    torch.manual_seed(0)
     config = transformers.LlamaConfig(
         **{**SIZES, "vocab_size": len(tokenizer), "max_position_embeddings": 512},
         # Wide weights: peaked logits, so float32 rounding never flips a greedy choice.
@@ -52,8 +56,12 @@ def tiny() -> tuple[Any, Any]:
         eos_token_id=tokenizer.eos_token_id,
     )
     config.architectures = ["LlamaForCausalLM"]
-    model = transformers.LlamaForCausalLM(config).eval()
-    return model, tokenizer
+
+    def build() -> Any:
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(config).eval()
+
+    return build, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +72,19 @@ def worker() -> Iterator[DeviceWorker]:
 
 
 @pytest.fixture
-def make_engine(tiny: tuple[Any, Any], worker: DeviceWorker) -> Iterator[Any]:
+def make_engine(tiny: tuple[Callable[[], Any], Any], worker: DeviceWorker) -> Iterator[Any]:
     engines: list[ModelEngine] = []
 
-    def make(max_batch_size: int = 8, max_waiting: int = 16, **extra: Any) -> ModelEngine:
-        model, tokenizer = tiny
+    def make(
+        max_batch_size: int = 8, max_waiting: int = 16, poison: int | None = None, **extra: Any
+    ) -> ModelEngine:
+        build, tokenizer = tiny
+        model = build()
+        forward = Forward(model, {}, False)
         engine = ModelEngine(
             "tiny",
             model,
-            Forward(model, {}, False),
+            forward if poison is None else Poisoned(forward, poison),  # type: ignore[arg-type]
             tokenizer,
             torch.device("cpu"),
             max_batch_size=max_batch_size,
@@ -89,6 +101,23 @@ def make_engine(tiny: tuple[Any, Any], worker: DeviceWorker) -> Iterator[Any]:
         engine.abort_all()
         assert engine.wait_idle(30)
         worker.detach(engine)
+
+
+class Poisoned:
+    """The forward pass, failing whenever the token ``poison`` is among those it runs: a
+    request that breaks the model, as a bad input or a bug might."""
+
+    def __init__(self, forward: Forward, poison: int) -> None:
+        self._forward = forward
+        self._poison = poison
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._forward, name)
+
+    def __call__(self, ids: torch.Tensor, *args: Any) -> torch.Tensor:
+        if bool((ids == self._poison).any()):
+            raise RuntimeError(f"token {self._poison} breaks the model")
+        return self._forward(ids, *args)
 
 
 def ids(engine: ModelEngine, prompt: str) -> list[int]:
@@ -274,7 +303,7 @@ async def test_a_forced_call_is_read_back_as_a_call_whose_arguments_validate(
 
 
 async def test_logprobs_are_the_log_softmax_of_the_models_logits(
-    make_engine: Any, tiny: tuple[Any, Any]
+    make_engine: Any, tiny: tuple[Callable[[], Any], Any]
 ) -> None:
     engine = make_engine()
     request = pb.GenerateRequest(
@@ -283,7 +312,8 @@ async def test_logprobs_are_the_log_softmax_of_the_models_logits(
     _, chunks = await run(engine, request)
     logprobs = [lp for c in chunks for lp in c.logprobs]
     assert len(logprobs) == chunks[-1].completion_tokens
-    model, tokenizer = tiny
+    build, tokenizer = tiny
+    model = build()
     prompt = engine.encode_prompt(PROMPTS[1])
     generated = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(lp.token)) for lp in logprobs]
     ids = prompt + [t[0] for t in generated]
@@ -297,3 +327,89 @@ async def test_logprobs_are_the_log_softmax_of_the_models_logits(
         values = [v for _, v, _ in lp.top]
         assert values == sorted(values, reverse=True)
         assert abs(values[0] - float(row.max())) < 1e-3
+
+
+# ---- one request's failure costs only that request ----
+
+
+async def tokens_of(engine: ModelEngine, prompt_ids: list[int], n: int) -> tuple[list[int], Chunk]:
+    """Greedy answer of ``prompt_ids`` as token ids (from its logprobs) and its last chunk."""
+    params = SamplingParams(max_tokens=n, temperature=0, logprobs=True)
+    chunks = [c async for c in engine.stream(prompt_ids, params)]
+    got = [
+        engine.tokenizer.convert_tokens_to_ids(engine.tokenizer.tokenize(lp.token))
+        for c in chunks
+        for lp in c.logprobs
+    ]
+    return [t[0] if t else -1 for t in got], chunks[-1]
+
+
+async def test_a_prompt_that_breaks_the_model_fails_alone(make_engine: Any) -> None:
+    healthy = make_engine()
+    prompts = [ids(healthy, p) for p in PROMPTS[:4]]
+    alone = [await answer(healthy, p, max_tokens=16) for p in PROMPTS[:4]]
+    poison = 17  # a token none of these prompts or answers holds
+    engine = make_engine(poison=poison)
+    bad = [*prompts[2][:2], poison, *prompts[2][2:]]
+    params = SamplingParams(max_tokens=16, temperature=0)
+
+    async def run_ids(prompt_ids: list[int]) -> tuple[str, Chunk]:
+        chunks = [c async for c in engine.stream(prompt_ids, params)]
+        return "".join(c.text for c in chunks), chunks[-1]
+
+    results = await asyncio.gather(*(run_ids(p) for p in [*prompts[:2], bad, *prompts[3:]]))
+    assert results[2][1].finish_reason == ERROR
+    assert "breaks the model" in results[2][1].error
+    for i in (0, 1, 3):
+        assert results[i][0] == alone[i][0]
+        assert results[i][1].finish_reason == alone[i][1].finish_reason
+
+
+async def test_a_token_that_breaks_a_decode_step_fails_only_its_row(make_engine: Any) -> None:
+    healthy = make_engine()
+    prompts = [ids(healthy, p) for p in PROMPTS[:4]]
+    answers = [await tokens_of(healthy, p, 12) for p in prompts]
+    # The 4th token of the first answer breaks the model; no other prompt or answer has it.
+    others = {t for p in prompts[1:] for t in p} | {t for a, _ in answers[1:] for t in a}
+    candidates = [t for t in answers[0][0][3:8] if t not in others and t not in prompts[0]]
+    assert candidates, "pick other prompts: every token of the first answer is elsewhere"
+    engine = make_engine(poison=candidates[0])
+    results = await asyncio.gather(*(tokens_of(engine, p, 12) for p in prompts))
+    assert results[0][1].finish_reason == ERROR
+    for i in (1, 2, 3):
+        assert results[i][0] == answers[i][0]
+        assert results[i][1].finish_reason == answers[i][1].finish_reason
+
+
+@given(st.text("ab", max_size=12), st.lists(st.text("ab", min_size=1, max_size=6), max_size=3))
+def test_held_back_text_is_the_longest_end_that_begins_a_stop(text: str, stops: list[str]) -> None:
+    longest = max(
+        (
+            n
+            for s in stops
+            for n in range(1, min(len(s) - 1, len(text)) + 1)
+            if text.endswith(s[:n])
+        ),
+        default=0,
+    )
+    assert held_back(text, tuple(stops)) == longest
+
+
+async def test_a_stop_sequence_past_the_limit_is_refused_naming_it(make_engine: Any) -> None:
+    engine = make_engine()
+    request = pb.GenerateRequest(prompt="Hi", stop=["ok", "x" * (MAX_STOP_LENGTH + 1)])
+    with pytest.raises(InvalidArgument, match=r"stop\[1\]: .*MAX_STOP_LENGTH"):
+        await run(engine, request)
+
+
+async def test_a_prompt_longer_than_the_context_can_hold_is_refused_before_tokenising(
+    make_engine: Any,
+) -> None:
+    engine = make_engine()
+    with pytest.raises(InvalidArgument, match="characters, more than the model's context"):
+        await run(engine, pb.GenerateRequest(prompt="word " * 2_000_000))
+    with pytest.raises(InvalidArgument, match="characters, more than the model's context"):
+        await run(engine, pb.GenerateRequest(chat=user("word " * 2_000_000)))
+    # Within what the context could hold, the real count decides.
+    with pytest.raises(InvalidArgument, match="tokens; the model's context is 512"):
+        await run(engine, pb.GenerateRequest(prompt="word " * 600))

@@ -27,7 +27,7 @@ from neuron.engine.runner import Runner
 from neuron.engine.sampler import Sampled, Sampler
 from neuron.engine.scheduler import Scheduler
 from neuron.engine.sequence import CANCELLED, ERROR, EXPIRED, SamplingParams, Sequence
-from neuron.errors import QueueTimeout, ShuttingDown
+from neuron.errors import InvalidArgument, QueueTimeout, ShuttingDown
 from neuron.model.forward import Forward
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ class ModelEngine:
         self.device = device
         self.max_context = max_context
         self.eos_ids = _eos_ids(model, tokenizer)
+        self._longest_token = _longest_token(tokenizer)
         self.scheduler = Scheduler(model_id, max_batch_size, max_waiting, batch_window)
         pad = self.eos_ids[0] if self.eos_ids else 0
         self.runner = Runner(model_id, forward, device, pad, prefix_cache)
@@ -101,14 +102,13 @@ class ModelEngine:
             raise ValueError("this model has no chat template; send a raw prompt instead")
         native = tools.template_takes_tools(self.tokenizer)
         extra = {"tools": [t.openai() for t in offered]} if native and offered else {}
-        encoded = self.tokenizer.apply_chat_template(
+        text = self.tokenizer.apply_chat_template(
             tools.prepare_messages(messages, offered or [], native),
             add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
+            tokenize=False,
             **extra,
         )
-        return list(encoded["input_ids"])
+        return self._encode(text, special_tokens=False)
 
     def grammars(self) -> Grammars:
         """The model's grammar compiler, made on first use (call off the event loop)."""
@@ -120,7 +120,18 @@ class ModelEngine:
             return self._grammars
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt)["input_ids"])
+        return self._encode(prompt, special_tokens=True)
+
+    def _encode(self, text: str, special_tokens: bool) -> list[int]:
+        # No token holds more characters than the longest one, so a text longer than the
+        # context's worth of those cannot fit: refused before any of it is tokenised.
+        if len(text) > self.max_context * self._longest_token:
+            raise InvalidArgument(
+                "input",
+                f"the prompt is {len(text)} characters, more than the model's context of "
+                f"{self.max_context} tokens can hold",
+            )
+        return list(self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
 
     async def stream(
         self,
@@ -217,7 +228,14 @@ class ModelEngine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One iteration: schedule → run → sample → output."""
+        """One iteration: schedule → run → sample → output.
+
+        A failure costs only the request that caused it: prompts that fail together are
+        split until the one that fails alone is found; a decode step that fails is rebuilt
+        row by row (each sequence's prompt and tokens run alone), and the rows that fail alone
+        end with an error while the others go on. A row whose sampling or output fails ends
+        alone too.
+        """
         try:
             plan = self.scheduler.schedule()
             for seq in plan.dropped:
@@ -231,9 +249,8 @@ class ModelEngine:
                 self._prefill(plan.joining)
                 self.output.flush()  # first tokens go out now, not after the decode step
             if self.running:
-                logits = self.runner.decode()
-                self._advance(0, self.sampler.sample(logits, self.running))
-        except Exception as e:  # a failed forward must not kill the worker or hang clients
+                self._decode()
+        except Exception as e:  # a bug of the engine's own: it must not kill the worker
             log.exception("generation step failed model=%s", self.model_id)
             for seq in self.running:
                 self._finish(seq, ERROR, error=f"generation failed: {e}")
@@ -243,17 +260,59 @@ class ModelEngine:
             self.output.flush()
             self.scheduler.update_gauges()
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
+    def _prefill(self, seqs: list[Sequence], rerun: bool = False) -> None:
+        """Prefill ``seqs`` into the batch; on failure, halves, down to the one that fails."""
         try:
-            logits = self.runner.prefill(seqs)
+            logits = self.runner.prefill(seqs, rerun)
         except Exception as e:
-            # They are in neither queue yet: finish them here or their clients wait forever.
-            for seq in seqs:
-                self._finish(seq, ERROR, error=f"prefill failed: {e}")
-            raise
+            if len(seqs) > 1:
+                half = len(seqs) // 2
+                self._prefill(seqs[:half], rerun)
+                self._prefill(seqs[half:], rerun)
+                return
+            log.exception(
+                "prefill failed model=%s request_id=%s", self.model_id, seqs[0].request_id
+            )
+            self._finish(seqs[0], ERROR, error=f"generation failed: {e}")
+            return
         first_row = len(self.running)
         self.running.extend(seqs)
-        self._advance(first_row, self.sampler.sample(logits, seqs))
+        self._advance(first_row, self._sample(logits, seqs))
+
+    def _decode(self) -> None:
+        try:
+            logits = self.runner.decode()
+        except Exception:
+            log.exception("decode step failed model=%s: rebuilding the batch", self.model_id)
+            rows = list(self.running)
+            self.scheduler.running = []
+            self.runner.reset()
+            for seq in rows:  # alone, so a row that fails is the one that fails
+                self._prefill([seq], rerun=True)
+            return
+        self._advance(0, self._sample(logits, self.running))
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
+        """Sample every row; if that fails, row by row, marking the rows that fail alone."""
+        try:
+            return self.sampler.sample(logits, seqs)
+        except Exception:
+            if len(seqs) == 1:
+                raise
+        tokens, logprobs, failed = [], [], {}
+        for i, seq in enumerate(seqs):
+            try:
+                one = self.sampler.sample(logits[i : i + 1], [seq])
+                tokens.append(int(one.tokens[0]))
+                logprobs.append(one.logprobs[0])
+            except Exception as e:
+                log.exception(
+                    "sampling failed model=%s request_id=%s", self.model_id, seq.request_id
+                )
+                tokens.append(0)
+                logprobs.append(None)
+                failed[i] = f"sampling failed: {e}"
+        return Sampled(torch.tensor(tokens, device=logits.device), logprobs, failed)
 
     def _advance(self, first_row: int, sampled: Sampled) -> None:
         """Account the new token of rows ``first_row``..., send text, let finished rows leave."""
@@ -265,17 +324,27 @@ class ModelEngine:
         labels = self._labels
         pairs = zip(rows, tokens.tolist(), sampled.logprobs, strict=True)
         for i, (seq, token, logprob) in enumerate(pairs, first_row):
-            seq.generated.append(token)
-            seq.unsent_tokens += 1
-            if seq.first_token_at == 0.0:
-                seq.first_token_at = now
-                metrics.TIME_TO_FIRST_TOKEN.labels(**labels).observe(now - seq.arrived_at)
-            else:
-                metrics.INTER_TOKEN_LATENCY.labels(**labels).observe(now - seq.last_token_at)
-            seq.last_token_at = now
-            metrics.GENERATION_TOKENS.labels(**labels).inc()
-            reason = self.output.advance(seq, token, logprob)
-            if reason is not None:
+            failure = sampled.failed.get(i - first_row)
+            if failure is None:
+                seq.generated.append(token)
+                seq.unsent_tokens += 1
+                if seq.first_token_at == 0.0:
+                    seq.first_token_at = now
+                    metrics.TIME_TO_FIRST_TOKEN.labels(**labels).observe(now - seq.arrived_at)
+                else:
+                    metrics.INTER_TOKEN_LATENCY.labels(**labels).observe(now - seq.last_token_at)
+                seq.last_token_at = now
+                metrics.GENERATION_TOKENS.labels(**labels).inc()
+                try:
+                    reason = self.output.advance(seq, token, logprob)
+                except Exception as e:
+                    log.exception(
+                        "output failed model=%s request_id=%s", self.model_id, seq.request_id
+                    )
+                    failure = f"detokenising failed: {e}"
+            if failure is not None:
+                self._finish(seq, ERROR, error=failure)
+            elif reason is not None:
                 self._finish(seq, reason)
             else:
                 keep.append(i)
@@ -312,6 +381,13 @@ async def _held(chunk: Chunk, queue: asyncio.Queue[Chunk], until: float) -> Chun
             while chunk.finish_reason is None:
                 chunk = chunk.then(await queue.get())
     return chunk
+
+
+def _longest_token(tokenizer: Any) -> int:
+    """Characters in the longest token's text (a byte-level token's text has a character
+    per byte, and a character of the input is at least one byte)."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return max((len(p) for p in pieces if p), default=1)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

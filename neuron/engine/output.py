@@ -172,11 +172,19 @@ def _deliver(items: list[tuple[Sequence, Chunk]]) -> None:
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest end of ``text`` that could still grow into a stop sequence."""
+    """Length of the longest end of ``text`` that could still grow into a stop sequence.
+
+    Only the last ``len(stop) - 1`` characters are looked at, and only where the stop's first
+    character stands there: the cost per token is bounded by the stops' (bounded) lengths,
+    never by the text's.
+    """
     held = 0
     for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), held, -1):
-            if text.endswith(stop[:n]):
-                held = n
+        tail = text[max(0, len(text) - len(stop) + 1) :] if len(stop) > 1 else ""
+        at = tail.find(stop[0])
+        while at >= 0 and len(tail) - at > held:
+            if stop.startswith(tail[at:]):
+                held = len(tail) - at
                 break
+            at = tail.find(stop[0], at + 1)
     return held

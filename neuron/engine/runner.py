@@ -18,11 +18,8 @@ import torch.nn.functional as F
 
 from neuron import metrics
 from neuron.engine.sequence import Sequence
-from neuron.model.forward import Forward, KVCache
+from neuron.model.forward import GROWTH, Forward, KVCache
 from neuron.prefix import PrefixCache
-
-# Columns a new batch's KV cache has beyond its prompts before it first grows.
-DECODE_ROOM = 64
 
 
 class Runner:
@@ -46,22 +43,26 @@ class Runner:
         self._next_tokens: torch.Tensor | None = None  # [B] last sampled token per row
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+    def prefill(self, seqs: list[Sequence], rerun: bool = False) -> torch.Tensor:
         """Run the prompts of ``seqs`` together, add them as the batch's last rows, and
         return their logits (one row each). ``accept`` then takes their sampled tokens.
+        ``rerun``: run each sequence's prompt and every token it generated (to rebuild a
+        batch that failed), so the logits are those of its next token. On failure nothing
+        has changed.
 
         Columns ``[0, past)`` hold the cached beginnings and ``[past, past + longest)`` the
         tokens run now, each part right-aligned per row.
         """
         assert self.forward is not None
-        matches = [self.prefixes.match(s.prompt_ids[:-1]) for s in seqs]
-        suffixes = [s.prompt_ids[m:] for s, (m, _) in zip(seqs, matches, strict=True)]
+        prompts = [s.prompt_ids + s.generated if rerun else s.prompt_ids for s in seqs]
+        matches = [self.prefixes.match(p[:-1]) for p in prompts]
+        suffixes = [p[m:] for p, (m, _) in zip(prompts, matches, strict=True)]
         past = max(m for m, _ in matches)
         longest = max(len(x) for x in suffixes)
         columns = past + longest
         pad = self.pad_id
         ids = torch.tensor([[pad] * (longest - len(x)) + x for x in suffixes], device=self.device)
-        cache = KVCache.empty(self.forward, len(seqs), columns + DECODE_ROOM)
+        cache = KVCache.empty(self.forward, len(seqs), columns + GROWTH)
         mask = torch.zeros(len(seqs), columns, dtype=torch.long, device=self.device)
         if past:
             cache.data[..., :past, :] = 0  # padding there must not be garbage (NaN * 0)
@@ -76,10 +77,11 @@ class Runner:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
         with self.threads():
             logits = self.forward(ids, position_ids, mask, cache)
-        lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)
-        self._remember_prompts(seqs, cache, mask)
-        for seq, (m, _) in zip(seqs, matches, strict=True):
-            seq.cached_tokens = m
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        self._remember_prompts(prompts, cache, mask)
+        if not rerun:
+            for seq, (m, _) in zip(seqs, matches, strict=True):
+                seq.cached_tokens = m
         metrics.PREFILL_BATCH.labels(**self._labels).observe(len(seqs))
         metrics.PROMPT_TOKENS.labels(**self._labels).inc(int(lengths.sum()))
         metrics.PREFIX_CACHE_HITS.labels(**self._labels).inc(sum(m for m, _ in matches))
@@ -139,13 +141,15 @@ class Runner:
         metrics.PREFIX_CACHE_BYTES.labels(**self._labels).set(0)
         self.reset()
 
-    def _remember_prompts(self, seqs: list[Sequence], cache: KVCache, mask: torch.Tensor) -> None:
+    def _remember_prompts(
+        self, prompts: list[list[int]], cache: KVCache, mask: torch.Tensor
+    ) -> None:
         """Keep each prompt's keys and values (its row's real columns) in the prefix cache."""
         if self.prefixes.budget <= 0:
             return
         used = cache.data[..., : mask.shape[1], :]
-        for row, seq in enumerate(seqs):
-            self.prefixes.insert(seq.prompt_ids, used[:, :, row, :, mask[row].bool()])
+        for row, prompt in enumerate(prompts):
+            self.prefixes.insert(prompt, used[:, :, row, :, mask[row].bool()])
 
     def _merge(self, cache: KVCache, mask: torch.Tensor, lengths: torch.Tensor) -> None:
         tokens = torch.zeros(len(lengths), dtype=torch.long, device=self.device)

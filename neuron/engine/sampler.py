@@ -12,7 +12,7 @@ OpenAI's are.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,7 @@ class Logprob:
 class Sampled:
     tokens: torch.Tensor  # [rows]
     logprobs: list[Logprob | None]  # per row, where asked for
+    failed: dict[int, str] = field(default_factory=dict)  # rows that could not be sampled
 
 
 class Sampler:

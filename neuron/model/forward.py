@@ -23,6 +23,9 @@ import torch.nn.functional as F
 
 from neuron.model.quant import Codes, Linear
 
+# Columns a cache gains beyond what it needs when it grows or merges: one copy every GROWTH
+# decode steps, and never more than GROWTH columns unused per row.
+GROWTH = 64
 # transformers architectures this forward runs (same decoder block; qwen2 adds q/k/v biases).
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -64,14 +67,15 @@ class KVCache:
         capacity = self.data.shape[4]
         if self.length + columns <= capacity:
             return
-        grown = KVCache.empty(self, self.rows, max(2 * capacity, self.length + columns))
+        # Grown by a bounded step, not doubled: a batch's cache stays near its longest row.
+        grown = KVCache.empty(self, self.rows, self.length + columns + GROWTH)
         grown.data[..., : self.length, :] = self.data[..., : self.length, :]
         self.data = grown.data
 
     def merge(self, other: KVCache) -> None:
         """Append ``other``'s rows, both right-aligned at the longer of the two lengths."""
         total = max(self.length, other.length)
-        merged = KVCache.empty(self, self.rows + other.rows, 2 * total)
+        merged = KVCache.empty(self, self.rows + other.rows, total + GROWTH)
         merged.data[:, :, : self.rows, :, total - self.length : total] = self.data[
             ..., : self.length, :
         ]
