@@ -36,8 +36,8 @@ BURST_TOKEN = "x" * 32768
 @dataclass
 class ScriptedNeuron(pb_grpc.NeuronServicer):
     """Generates by the user message: "delay" waits before its first token, "stall" stops
-    after one, "midfail" fails after one, "burst" sends many at once; with ``refuse`` it
-    fails before any."""
+    after one, "midfail" fails after one, "burst" sends many at once, "poison" breaks the
+    neuron (INTERNAL) before any; with ``refuse`` it fails before any."""
 
     refuse: bool = False
     endpoint: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
@@ -83,6 +83,8 @@ class ScriptedNeuron(pb_grpc.NeuronServicer):
         if self.refuse:
             raise Scripted(grpc.StatusCode.UNAVAILABLE, "scripted: refusing")
         try:
+            if cue == "poison":
+                raise Scripted(grpc.StatusCode.INTERNAL, "scripted: this request breaks the model")
             if cue == "burst":
                 for _ in range(BURST):
                     yield pb.GenerateResponse(text=BURST_TOKEN, tokens=1)
@@ -322,3 +324,27 @@ async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
         await session.close()
         cortex.stop()
         await neuron.server.stop(None)
+
+
+async def test_a_request_that_breaks_neurons_is_tried_on_one_other_only(tmp_path: Path) -> None:
+    neurons = [await ScriptedNeuron().start() for _ in range(3)]
+    cortex = CortexProcess(
+        tmp_path,
+        cortex_config(neurons, names=["a", "b", "c"]),  # type: ignore[arg-type]
+    ).start()
+    try:
+        await cortex.wait_ready()
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "poison"}]}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 502, await r.text()
+                assert "breaks the model" in (await r.json())["error"]["message"]
+            body["messages"][0]["content"] = "hi"  # the fleet still serves
+            async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+        # Its first neuron and one other, not the whole fleet.
+        assert sum(n.calls.count("poison") for n in neurons) == 2
+    finally:
+        cortex.stop()
+        for neuron in neurons:
+            await neuron.server.stop(None)
