@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cortex.multiplex import MESSAGE_BYTES
 from helexa.configfile import (
     ConfigError,
     ShutdownConfig,
@@ -147,8 +148,11 @@ class LimitsConfig:
     def check_config(self, key: str) -> None:
         if self.max_tokens < 1:
             raise ConfigError(f"{key}.max_tokens: must be at least 1")
-        if self.max_body < 1024:
-            raise ConfigError(f"{key}.max_body: must be at least 1KiB")
+        if not 1024 <= self.max_body <= MESSAGE_BYTES:
+            raise ConfigError(
+                f"{key}.max_body: must be between 1KiB and 16MiB (a request must fit one "
+                "message to a neuron)"
+            )
 
 
 @dataclass(frozen=True)

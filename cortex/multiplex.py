@@ -30,6 +30,18 @@ from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+# A message of starts and cancels stays below this many bytes, a quarter of what a neuron
+# takes (64 MiB), so a burst of large prompts never makes one message a neuron refuses (and
+# the call break); one request alone is bounded by limits.max_body, at most this.
+MESSAGE_BYTES = 16 << 20
+# A call that ended with these: the neuron (or the way to it) is gone, not the call broken.
+_NEURON_GONE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
 
 
 class Failed(Exception):
@@ -52,12 +64,15 @@ class Generation:
 
     __slots__ = (
         "_accepted", "_alarm", "_call", "_failure", "_id", "_loop", "_messages", "_over",
-        "_timer", "_until", "_waiter",
+        "_timer", "_until", "_waiter", "request", "resent",
     )  # fmt: skip
 
-    def __init__(self, call: _Call, id: int, timeout: float) -> None:
+    def __init__(self, call: _Call, id: int, timeout: float, request: pb.GenerateRequest) -> None:
         self._call = call
         self._id = id
+        # Kept until the first message, to send again if the call breaks before it.
+        self.request: pb.GenerateRequest | None = request
+        self.resent = False
         self._loop = asyncio.get_running_loop()  # asked once: each ask is a getpid() on 3.11
         self._messages: deque[pb.GenerateResponse] = deque()
         self._failure: Failed | None = None
@@ -143,12 +158,15 @@ class Generation:
             self._alarm.cancel()
             self._alarm = None
         self._call.generations.pop(self._id, None)
+        if self._call.alone:
+            self._call.finish()
 
     def deliver(self, event: pb.GenerateEvent) -> None:
         kind = event.WhichOneof("event")
         if kind == "accepted":
             self._accepted = True
         elif kind == "response":
+            self.request = None
             self._messages.append(event.response)
             if event.response.finish_reason:
                 self._end()
@@ -163,6 +181,11 @@ class Generation:
             self._end()
             self._wake()
 
+    def move(self, call: _Call, id: int) -> None:
+        """Go on over ``call`` under ``id`` (its old call broke before its first message)."""
+        self._call, self._id, self.resent = call, id, True
+        self._accepted = False
+
     def _expire(self, timeout: float) -> None:
         self._stop(Failed(grpc.StatusCode.DEADLINE_EXCEEDED, f"no end within {timeout:g} s"))
 
@@ -170,9 +193,19 @@ class Generation:
 class _Call:
     """One GenerateMany call and the generations on it."""
 
-    def __init__(self, stub: pb_grpc.NeuronStub, ended: Callable[[_Call], None]) -> None:
+    def __init__(
+        self,
+        stub: pb_grpc.NeuronStub,
+        ended: Callable[[_Call, list[Generation]], None],
+        alone: bool = False,
+    ) -> None:
         self.generations: dict[int, Generation] = {}
-        self._outgoing = pb.GenerateManyRequest()
+        # A call of its own for one generation sent again: it ends with that generation.
+        self.alone = alone
+        self._finishing = False
+        # Messages to write, each below MESSAGE_BYTES (a request larger alone goes alone).
+        self._outgoing: list[pb.GenerateManyRequest] = []
+        self._size = 0  # bytes of the last outgoing message
         self._wake = asyncio.Event()
         self._over = False
         self._rpc = stub.GenerateMany()
@@ -180,16 +213,36 @@ class _Call:
         self._reader = asyncio.create_task(self._read(ended))
 
     def start(self, id: int, request: pb.GenerateRequest, timeout: float) -> Generation:
-        generation = Generation(self, id, timeout)
-        self.generations[id] = generation
-        self._outgoing.start.add(id=id, request=request)
-        self._wake.set()
+        generation = Generation(self, id, timeout, request)
+        self.send(generation, id)
         return generation
+
+    def send(self, generation: Generation, id: int) -> None:
+        """Queue ``generation``'s start under ``id``."""
+        assert generation.request is not None
+        self.generations[id] = generation
+        size = generation.request.ByteSize() + 16  # the Start's own fields, generously
+        self._message(size).start.add(id=id, request=generation.request)
+        self._wake.set()
 
     def cancel(self, id: int) -> None:
         if not self._over:
-            self._outgoing.cancel.append(id)
+            self._message(16).cancel.append(id)
             self._wake.set()
+
+    def finish(self) -> None:
+        """Close the sending side once what is queued is written (the neuron then ends the
+        call once its generations have)."""
+        self._finishing = True
+        self._wake.set()
+
+    def _message(self, size: int) -> pb.GenerateManyRequest:
+        """The outgoing message with room for ``size`` more bytes."""
+        if not self._outgoing or (self._size and self._size + size > MESSAGE_BYTES):
+            self._outgoing.append(pb.GenerateManyRequest())
+            self._size = 0
+        self._size += size
+        return self._outgoing[-1]
 
     async def close(self) -> None:
         self._rpc.cancel()
@@ -200,13 +253,18 @@ class _Call:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                message, self._outgoing = self._outgoing, pb.GenerateManyRequest()
-                await self._rpc.write(message)
+                messages, self._outgoing = self._outgoing, []
+                for message in messages:
+                    await self._rpc.write(message)
+                if self._finishing:
+                    await self._rpc.done_writing()
+                    return
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass  # the call is over; the reader tells its generations how
 
-    async def _read(self, ended: Callable[[_Call], None]) -> None:
+    async def _read(self, ended: Callable[[_Call, list[Generation]], None]) -> None:
         failure = Failed(grpc.StatusCode.UNAVAILABLE, "the neuron ended the GenerateMany call")
+        broken = False
         try:
             while (message := await self._rpc.read()) is not grpc.aio.EOF:
                 for event in message.events:
@@ -215,21 +273,27 @@ class _Call:
                         generation.deliver(event)
         except grpc.aio.AioRpcError as e:
             failure = Failed(e.code(), e.details() or "")
+            broken = e.code() not in _NEURON_GONE
         except asyncio.CancelledError:
             failure = Failed(grpc.StatusCode.CANCELLED, "cortex closed the GenerateMany call")
             raise
         finally:
             self._over = True
-            ended(self)
             self._writer.cancel()
+            # A call that broke while its neuron lives (a message it refused, say) fails none
+            # of the generations that have had no message yet: they go again, once, each over
+            # a call of its own, so the one that broke it breaks only its own. The neuron
+            # cancelled them with the old call.
+            again = [g for g in self.generations.values() if broken and g.request and not g.resent]
             if self.generations:
                 log.info(
-                    "GenerateMany call ended generations=%d error=%s",
-                    len(self.generations),
-                    failure,
-                )
+                    "GenerateMany call ended generations=%d sent_again=%d error=%s",
+                    len(self.generations), len(again), failure,
+                )  # fmt: skip
             for generation in list(self.generations.values()):
-                generation.fail(failure)
+                if generation not in again:
+                    generation.fail(failure)
+            ended(self, again)
 
 
 class Multiplexer:
@@ -239,17 +303,31 @@ class Multiplexer:
         self._stub = stub
         self._call: _Call | None = None
         self._ids = itertools.count(1)
+        self._closed = False
 
     def start(self, request: pb.GenerateRequest, timeout: float) -> Generation:
         """Send ``request`` to the neuron; its generation fails after ``timeout`` seconds."""
-        if self._call is None:
-            self._call = _Call(self._stub, self._ended)
-        return self._call.start(next(self._ids), request, timeout)
+        return self._current().start(next(self._ids), request, timeout)
 
     async def close(self) -> None:
+        self._closed = True
         if self._call is not None:
             await self._call.close()
 
-    def _ended(self, call: _Call) -> None:
+    def _current(self) -> _Call:
+        if self._call is None:
+            self._call = _Call(self._stub, self._ended)
+        return self._call
+
+    def _ended(self, call: _Call, again: list[Generation]) -> None:
         if self._call is call:
             self._call = None
+        if self._closed:
+            for generation in again:
+                generation.fail(Failed(grpc.StatusCode.CANCELLED, "cortex closed the call"))
+            return
+        for generation in again:
+            own = _Call(self._stub, self._ended, alone=True)
+            id = next(self._ids)
+            generation.move(own, id)
+            own.send(generation, id)

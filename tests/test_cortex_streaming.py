@@ -21,10 +21,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from cortex.multiplex import Multiplexer as CortexMultiplexer
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from neuron.multiplex import Multiplexer
-from tests.harness import CortexProcess, cortex_config, free_port, metric_value
+from tests.harness import CortexProcess, cortex_config, free_port, metric_value, until
 
 MODEL = "scripted"
 BURST = 400
@@ -40,13 +41,16 @@ class ScriptedNeuron(pb_grpc.NeuronServicer):
     neuron (INTERNAL) before any; with ``refuse`` it fails before any."""
 
     refuse: bool = False
+    max_message: int = 4 << 20  # gRPC's default; a real neuron takes 64 MiB
     endpoint: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
     calls: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     server: Any = None
 
     async def start(self) -> ScriptedNeuron:
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", self.max_message)]
+        )
         pb_grpc.add_NeuronServicer_to_server(self, self.server)
         checker = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(checker, self.server)
@@ -348,3 +352,73 @@ async def test_a_request_that_breaks_neurons_is_tried_on_one_other_only(tmp_path
         cortex.stop()
         for neuron in neurons:
             await neuron.server.stop(None)
+
+
+async def _chat(session: aiohttp.ClientSession, cortex: CortexProcess, content: str) -> int:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}]}
+    async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+        await r.read()
+        return r.status
+
+
+@pytest.fixture
+async def one_scripted(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[CortexProcess, ScriptedNeuron]]:
+    neuron = await ScriptedNeuron(max_message=request.param).start()
+    cortex = CortexProcess(
+        tmp_path,
+        cortex_config([neuron], limits={"max_body": 16 << 20}),  # type: ignore[list-item]
+    ).start()
+    try:
+        await cortex.wait_ready()
+        yield cortex, neuron
+    finally:
+        cortex.stop()
+        await neuron.server.stop(None)
+
+
+async def test_starts_queued_together_go_in_messages_the_neuron_takes() -> None:
+    neuron = await ScriptedNeuron(max_message=64 << 20).start()  # as a real neuron
+    try:
+        async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+            many = CortexMultiplexer(pb_grpc.NeuronStub(channel))
+            # Queued in one go (no await between): 72 MiB of starts before the writer runs.
+            generations = [
+                many.start(
+                    pb.GenerateRequest(
+                        model=MODEL,
+                        chat=pb.ChatMessages(
+                            messages=[pb.ChatMessage(role="user", content=str(i) * (1 << 20))]
+                        ),
+                    ),
+                    60,
+                )
+                for i in range(72)
+            ]
+            loop = asyncio.get_running_loop()
+            for generation in generations:
+                await generation.started()
+                while not any(m.finish_reason for m in generation.take()):
+                    await generation.wait(loop.time() + 30)
+            await many.close()
+        assert not any(g.resent for g in generations)  # no call broke on the way
+        assert len(neuron.calls) == 72
+    finally:
+        await neuron.server.stop(None)
+
+
+@pytest.mark.parametrize("one_scripted", [4 << 20], indirect=True)
+async def test_a_broken_call_fails_none_of_the_requests_that_had_no_token_yet(
+    one_scripted: tuple[CortexProcess, ScriptedNeuron],
+) -> None:
+    cortex, neuron = one_scripted
+    async with aiohttp.ClientSession() as session:
+        waiting = [asyncio.create_task(_chat(session, cortex, "delay")) for _ in range(5)]
+        await until(lambda: neuron.calls.count("delay") == 5, 30, "the requests never came")
+        # 5 MiB alone: this neuron refuses the message and the call breaks under the others.
+        too_big = await _chat(session, cortex, "x" * (5 << 20))
+        statuses = await asyncio.gather(*waiting)
+    assert too_big >= 500
+    assert statuses == [200] * 5  # each sent again over a call of its own
+    assert neuron.calls.count("delay") == 10
