@@ -211,7 +211,10 @@ class Fleet:
     async def _poll_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.poll_interval)
-            await self.poll_all()
+            try:
+                await self.poll_all()
+            except Exception:  # a bug must not freeze the fleet's state: log, poll again
+                log.exception("fleet poll failed")
 
     async def poll_all(self) -> None:
         await asyncio.gather(*(self.refresh(n) for n in self.neurons))
@@ -231,6 +234,10 @@ class Fleet:
             listed = await neuron.stub.ListModels(pb.ListModelsRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as e:
             self._failed(neuron, f"{e.code().name}: {e.details()}")
+            return
+        except Exception as e:  # not the neuron's answer we know: it counts as a failure
+            log.exception("poll failed neuron=%s", neuron.name)
+            self._failed(neuron, f"{type(e).__name__}: {e}")
             return
         serving = health.status == health_pb2.HealthCheckResponse.SERVING
         status = UP if serving and not info.draining else DRAINING

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import tomli_w
 
 from tests.harness import (
     DEMO_ID,
@@ -24,8 +25,10 @@ from tests.harness import (
     catalogue_model,
     cortex_config,
     demo_model,
+    free_port,
     metric_value,
     neuron_config,
+    until,
 )
 
 # Generous: two neurons and cortex share two cores with whatever else runs here.
@@ -228,3 +231,34 @@ async def test_neuron_sigterm_lets_the_stream_finish_and_new_requests_go_elsewhe
     assert final["choices"][0]["finish_reason"] in ("stop", "length")
     assert n1.wait_exit(60) == 0
     await _wait_up(cortex, ["n0"])
+
+
+async def test_the_poller_survives_any_exception_and_keeps_polling(tmp_path: Path) -> None:
+    # A stand-in for a neuron whose answer breaks the poll in a way no RPC error names
+    # (fault injection: the real channel is there, its stub replaced).
+    from cortex.config import load_config
+    from cortex.fleet import Fleet
+    from cortex.neuronlink import Link
+
+    class Broken:
+        def __getattr__(self, name: str) -> Any:
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                raise RuntimeError("an answer the poll cannot read")
+
+            return call
+
+    path = tmp_path / "cortex.toml"
+    config_dict = cortex_config([], poll_interval=0.05)
+    config_dict["neurons"] = [{"name": "n0", "endpoint": f"127.0.0.1:{free_port()}"}]
+    path.write_text(tomli_w.dumps(config_dict))
+    config = load_config(path)
+    fleet = Fleet(config, {"n0": Link()})
+    neuron = fleet.neurons[0]
+    neuron.health = neuron.stub = Broken()  # type: ignore[assignment]
+    await fleet.start()
+    try:
+        assert neuron.status == "down" and "RuntimeError" in neuron.error
+        first = neuron.failures
+        await until(lambda: neuron.failures > first + 2, 10, "the poller stopped polling")
+    finally:
+        await fleet.close()
