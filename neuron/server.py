@@ -296,6 +296,8 @@ async def prepare(
                 f"together more than the model's context of {engine.max_context} tokens",
             )
         max_tokens = request.max_tokens
+    elif request.max_tokens_limit:
+        max_tokens = min(max_tokens, request.max_tokens_limit)
     if request.top_logprobs > MAX_TOP_LOGPROBS:
         raise InvalidArgument("top_logprobs", f"must be 0 to {MAX_TOP_LOGPROBS}")
     if request.top_logprobs and not request.logprobs:

@@ -443,3 +443,25 @@ def test_the_per_write_text_chunk_is_the_general_chunk(kind: str, include_usage:
     answer = Answer(kind, Parsed("m", pb.GenerateRequest(), True, include_usage))
     for text in ["Paris", "", '"quoted" \\ back', "é 中 \u2028 \x00 😀", "\\0"]:
         assert answer.text_chunk(text) == answer.chunk(text, None), text
+
+
+async def test_the_max_tokens_limit_also_bounds_a_request_that_leaves_it_out(
+    shared_neuron: NeuronProcess, tmp_path: Path
+) -> None:
+    await shared_neuron.wait_serving()
+    limited = CortexProcess(
+        tmp_path,
+        cortex_config([shared_neuron], limits={"max_tokens": 6}),
+        models=[catalogue_model(DEMO_ID, pinned=True)],
+    ).start()
+    try:
+        await limited.wait_ready()
+        reply = await client(limited).chat.completions.create(
+            model=DEMO_ID,
+            messages=[{"role": "user", "content": "Count from 1 to 100, one number a line."}],
+            temperature=0,
+        )
+        assert reply.choices[0].finish_reason == "length"
+        assert reply.usage is not None and reply.usage.completion_tokens == 6
+    finally:
+        limited.stop()

@@ -136,6 +136,7 @@ def _common(gateway: Gateway, body: dict[str, Any], request: pb.GenerateRequest)
     if n is not None and n != 1:
         raise BadRequest(f"'n' must be 1 (one choice per request), got {n}", param="n")
     limit = gateway.config.limits.max_tokens
+    request.max_tokens_limit = limit  # also bounds a request that leaves max_tokens out
     for key in ("max_completion_tokens", "max_tokens"):
         value = fields.integer(body, key)
         if value is None:
