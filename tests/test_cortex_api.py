@@ -465,3 +465,19 @@ async def test_the_max_tokens_limit_also_bounds_a_request_that_leaves_it_out(
         assert reply.usage is not None and reply.usage.completion_tokens == 6
     finally:
         limited.stop()
+
+
+async def test_client_strings_reach_the_log_and_the_error_cut_and_on_one_line(
+    cortex: CortexProcess,
+) -> None:
+    name = "evil\nINJECTED fake log line\r" + "x" * 20_000
+    async with aiohttp.ClientSession() as session:
+        body = {"model": name, "messages": [{"role": "user", "content": "hi"}]}
+        async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 404
+            message = (await r.json())["error"]["message"]
+    assert len(message) < 1100 and "more)" in message
+    log = cortex.log()
+    assert not any(line.startswith("INJECTED") for line in log.splitlines())
+    line = next(line for line in log.splitlines() if "evil\\nINJECTED" in line)
+    assert len(line) < 600

@@ -35,9 +35,17 @@ _STATUS: dict[type[CortexError], tuple[int, str, str | None]] = {
 _RETRY_LATER = (NoCapacity, ShuttingDown)
 
 
+# Characters of an error message a client gets back: messages quote what the client sent.
+MESSAGE_CHARS = 1000
+
+
 def envelope(
     message: str, type_: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
+    if len(message) > MESSAGE_CHARS:
+        message = f"{message[:MESSAGE_CHARS]}...({len(message) - MESSAGE_CHARS} more)"
+    if param is not None and len(param) > MESSAGE_CHARS:
+        param = param[:MESSAGE_CHARS]
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
