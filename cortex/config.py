@@ -144,10 +144,14 @@ class LimitsConfig:
     max_tokens: int = 32768
     # Largest request body in bytes.
     max_body: int = field(default=8 << 20, metadata={"unit": "bytes"})
+    # API requests this cortex serves at once; more are a 503 with Retry-After.
+    max_concurrent: int = 1024
 
     def check_config(self, key: str) -> None:
         if self.max_tokens < 1:
             raise ConfigError(f"{key}.max_tokens: must be at least 1")
+        if self.max_concurrent < 1:
+            raise ConfigError(f"{key}.max_concurrent: must be at least 1")
         if not 1024 <= self.max_body <= MESSAGE_BYTES:
             raise ConfigError(
                 f"{key}.max_body: must be between 1KiB and 16MiB (a request must fit one "

@@ -273,12 +273,30 @@ class Router:
             model_id, self.queued(model_id), timeouts.retry_after, timeouts.retry_after_max
         )
 
+    def _admit(self, model_id: str) -> None:
+        """Refuse at once a request whose expected wait (the requests queued ahead of it over
+        the measured drain rate) exceeds ``timeouts.queue``: a 503 with Retry-After before
+        any byte, which clients retry by themselves, instead of a wait that ends in one."""
+        rate = self.drain.rate(model_id)
+        queued = self.queued(model_id)
+        if rate <= 0 or not queued:
+            return
+        wait = queued / rate
+        if wait > self.config.timeouts.queue:
+            metrics.REJECTIONS.labels(reason="expected_wait").inc()
+            raise NoCapacity(
+                f"'{model_id}' has {queued} requests queued, about {wait:.0f} s of work at "
+                f"its measured rate: more than timeouts.queue ({self.config.timeouts.queue:g} s)",
+                self.retry_after(model_id),
+            )
+
     # ---- generation ----
 
     async def open(self, model_id: str, request: pb.GenerateRequest) -> Stream:
         """Send ``request`` to a neuron and return once its first message is there to take,
         trying others until one gets that far."""
         timeouts = self.config.timeouts
+        self._admit(model_id)
         tried: set[str] = set()
         failures: list[tuple[grpc.StatusCode, str]] = []
         queue_deadline: float | None = None

@@ -422,3 +422,74 @@ async def test_a_broken_call_fails_none_of_the_requests_that_had_no_token_yet(
     assert too_big >= 500
     assert statuses == [200] * 5  # each sent again over a call of its own
     assert neuron.calls.count("delay") == 10
+
+
+async def _open_stream(session: aiohttp.ClientSession, cortex: CortexProcess, cue: str) -> Any:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": cue}], "stream": True}
+    response = await session.post(cortex.url + "/v1/chat/completions", json=body)
+    assert response.status == 200
+    await response.content.readuntil(b"\n\n")  # the first token: it is in flight
+    return response
+
+
+async def test_a_request_that_would_outwait_its_queue_timeout_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    neuron = await ScriptedNeuron().start()  # reports no batch slots: every request waits
+    cortex = CortexProcess(
+        tmp_path,
+        cortex_config([neuron], timeouts={"queue": 2.0}),  # type: ignore[list-item]
+    ).start()
+    try:
+        await cortex.wait_ready()
+        async with aiohttp.ClientSession() as session:
+            for _ in range(2):  # a drain rate to measure: two answers in the first seconds
+                assert await _chat(session, cortex, "hi") == 200
+            # Streams that hold their slots: each one more queued, until the expected wait
+            # (queued over the measured rate) passes timeouts.queue and the next is refused.
+            held = []
+            for _ in range(20):
+                body = {"model": MODEL, "messages": [{"role": "user", "content": "stall"}]}
+                body["stream"] = True
+                r = await session.post(cortex.url + "/v1/chat/completions", json=body)
+                if r.status != 200:
+                    break
+                await r.content.readuntil(b"\n\n")  # its first token: it is in flight
+                held.append(r)
+            assert r.status == 503, await r.text()
+            assert int(r.headers["Retry-After"]) >= 1
+            assert "timeouts.queue" in (await r.json())["error"]["message"]
+            assert neuron.calls.count("stall") == len(held)  # the refused one never went
+            for response in [*held, r]:
+                response.close()
+    finally:
+        cortex.stop()
+        await neuron.server.stop(None)
+
+
+async def test_requests_past_max_concurrent_are_refused_with_retry_after(tmp_path: Path) -> None:
+    neuron = await ScriptedNeuron().start()
+    cortex = CortexProcess(
+        tmp_path,
+        cortex_config([neuron], limits={"max_concurrent": 2}),  # type: ignore[list-item]
+    ).start()
+    try:
+        await cortex.wait_ready()
+        async with aiohttp.ClientSession() as session:
+            held = [await _open_stream(session, cortex, "stall") for _ in range(2)]
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 503
+                assert "Retry-After" in r.headers
+                assert "max_concurrent" in (await r.json())["error"]["message"]
+            assert "hi" not in neuron.calls  # refused, never sent
+            for response in held:
+                response.close()
+            # Room again once cortex has seen them leave.
+            deadline = asyncio.get_running_loop().time() + 10
+            while await _chat(session, cortex, "hi") != 200:
+                assert asyncio.get_running_loop().time() < deadline, "no room after they left"
+                await asyncio.sleep(0.05)
+    finally:
+        cortex.stop()
+        await neuron.server.stop(None)

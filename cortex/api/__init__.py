@@ -24,7 +24,7 @@ from cortex.api.errors import (
 )
 from cortex.auth import KEYRING, KeyRing, require_key
 from cortex.config import Catalogue, CortexConfig
-from cortex.errors import CortexError, ShuttingDown
+from cortex.errors import CortexError, NoCapacity, ShuttingDown
 from cortex.fleet import Fleet
 from cortex.router import Router
 
@@ -79,6 +79,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             if gateway.draining:
                 metrics.REJECTIONS.labels(reason="shutting_down").inc()
                 raise ShuttingDown("cortex is shutting down; retry on another instance")
+            if gateway.active >= gateway.config.limits.max_concurrent:
+                metrics.REJECTIONS.labels(reason="max_concurrent").inc()
+                raise NoCapacity(
+                    f"cortex is serving {gateway.active} requests, its limit "
+                    "(limits.max_concurrent); retry later"
+                )
             gateway.active += 1
             gateway._idle.clear()
             try:
