@@ -126,9 +126,26 @@ class TimeoutsConfig:
     retry_after: int = 5
     # Largest Retry-After given (the measured one is clamped to 1..retry_after_max).
     retry_after_max: int = 60
+    # A request's headers must all arrive within this many seconds of its first byte, and its
+    # body within ``body`` seconds of its headers; else the connection is closed (a 408 for the
+    # body).
+    header: float = 10.0
+    body: float = 30.0
+    # A connection with no request for this long is closed.
+    idle: float = 75.0
 
     def check_config(self, key: str) -> None:
-        for name in ("request", "load", "stall", "keepalive", "queue", "accept"):
+        for name in (
+            "request",
+            "load",
+            "stall",
+            "keepalive",
+            "queue",
+            "accept",
+            "header",
+            "body",
+            "idle",
+        ):
             _check_positive(getattr(self, name), f"{key}.{name}")
         if self.retry_after < 1:
             raise ConfigError(f"{key}.retry_after: must be at least 1")
@@ -146,12 +163,16 @@ class LimitsConfig:
     max_body: int = field(default=8 << 20, metadata={"unit": "bytes"})
     # API requests this cortex serves at once; more are a 503 with Retry-After.
     max_concurrent: int = 1024
+    # Connections one client address may hold; a new one past it is a 429, then closed.
+    max_connections_per_address: int = 256
 
     def check_config(self, key: str) -> None:
         if self.max_tokens < 1:
             raise ConfigError(f"{key}.max_tokens: must be at least 1")
         if self.max_concurrent < 1:
             raise ConfigError(f"{key}.max_concurrent: must be at least 1")
+        if self.max_connections_per_address < 1:
+            raise ConfigError(f"{key}.max_connections_per_address: must be at least 1")
         if not 1024 <= self.max_body <= MESSAGE_BYTES:
             raise ConfigError(
                 f"{key}.max_body: must be between 1KiB and 16MiB (a request must fit one "

@@ -24,6 +24,10 @@ class BodyTooLarge(CortexError):
     """A request body above ``[limits] max_body``."""
 
 
+class BodyTimeout(CortexError):
+    """The request's body did not arrive within ``timeouts.body``."""
+
+
 class Unauthorized(CortexError):
     """A missing or unknown API key."""
 

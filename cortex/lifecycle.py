@@ -18,6 +18,7 @@ from cortex import metrics
 from cortex.api import Gateway, build_app
 from cortex.auth import KeyRing, listen_host
 from cortex.config import Catalogue, CortexConfig
+from cortex.connections import Connections, GuardedSite
 from cortex.fleet import Fleet
 from cortex.neuronlink import Link
 from cortex.router import Router
@@ -47,11 +48,17 @@ async def serve(
     router = Router(config, fleet, catalogue)
     gateway = Gateway(config, catalogue, fleet, router)
     # handler_cancellation: a client that goes away cancels its handler, and so its gRPC call.
-    runner = web.AppRunner(build_app(gateway, keyring), handler_cancellation=True, access_log=None)
+    connections = Connections(config.timeouts.header, config.limits.max_connections_per_address)
+    runner = web.AppRunner(
+        build_app(gateway, keyring, connections),
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=config.timeouts.idle,
+    )
     await runner.setup()
     try:
         await fleet.start()
-        site = web.TCPSite(runner, host, int(port), shutdown_timeout=1.0)
+        site = GuardedSite(runner, host, int(port), connections, shutdown_timeout=1.0)
         try:
             await site.start()
         except OSError as e:

@@ -24,6 +24,7 @@ from cortex.api.errors import (
 )
 from cortex.auth import KEYRING, KeyRing, require_key
 from cortex.config import Catalogue, CortexConfig
+from cortex.connections import Connections
 from cortex.errors import CortexError, NoCapacity, ShuttingDown
 from cortex.fleet import Fleet
 from cortex.router import Router
@@ -60,6 +61,7 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+CONNECTIONS = web.AppKey("connections", Connections)
 
 
 def gateway_of(request: web.Request) -> Gateway:
@@ -70,6 +72,15 @@ def gateway_of(request: web.Request) -> Gateway:
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Envelope every failure; refuse new API work while draining; count every answer."""
     gateway = gateway_of(request)
+    connections = request.app[CONNECTIONS]
+    connections.started(request.transport)  # its headers are in
+    try:
+        return await _answer(request, handler, gateway)
+    finally:
+        connections.finished(request.transport)
+
+
+async def _answer(request: web.Request, handler: Handler, gateway: Gateway) -> web.StreamResponse:
     api = request.path.startswith("/v1/")
     started = time.monotonic()
     status = "500"
@@ -137,7 +148,9 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "neurons_up": up})
 
 
-def build_app(gateway: Gateway, keyring: KeyRing) -> web.Application:
+def build_app(
+    gateway: Gateway, keyring: KeyRing, connections: Connections | None = None
+) -> web.Application:
     from cortex.api import openai, openapi
 
     app = web.Application(
@@ -145,6 +158,7 @@ def build_app(gateway: Gateway, keyring: KeyRing) -> web.Application:
     )
     app[GATEWAY] = gateway
     app[KEYRING] = keyring
+    app[CONNECTIONS] = connections or Connections(gateway.config.timeouts.header, 1 << 30)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/openapi.json", openapi.openapi)

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from cortex.errors import (
     BadRequest,
+    BodyTimeout,
     BodyTooLarge,
     CortexError,
     ModelNotFound,
@@ -25,6 +26,7 @@ _STATUS: dict[type[CortexError], tuple[int, str, str | None]] = {
     Unauthorized: (401, "invalid_request_error", "invalid_api_key"),
     RateLimited: (429, "requests", "rate_limit_exceeded"),
     BodyTooLarge: (413, "invalid_request_error", "request_too_large"),
+    BodyTimeout: (408, "invalid_request_error", "request_timeout"),
     ModelNotFound: (404, "invalid_request_error", "model_not_found"),
     NeuronFailed: (502, "api_error", "neuron_failed"),
     NoCapacity: (503, "server_error", "no_capacity"),

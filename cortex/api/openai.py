@@ -28,7 +28,14 @@ from aiohttp import web
 from cortex import metrics
 from cortex.api import Gateway, fields, gateway_of
 from cortex.api.errors import error_body
-from cortex.errors import BadRequest, BodyTooLarge, CortexError, NeuronFailed, StreamStalled
+from cortex.errors import (
+    BadRequest,
+    BodyTimeout,
+    BodyTooLarge,
+    CortexError,
+    NeuronFailed,
+    StreamStalled,
+)
 from cortex.router import Stream
 from helexa.neuron.v1 import neuron_pb2 as pb
 
@@ -108,10 +115,16 @@ async def _body(request: web.Request) -> dict[str, Any]:
     limit = request.client_max_size
     if (request.content_length or 0) > limit:
         raise _too_large(limit)
+    within = gateway_of(request).config.timeouts.body
     try:
-        raw = await request.read()
+        async with asyncio.timeout(within):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
+    except TimeoutError:
+        raise BodyTimeout(
+            f"The request body did not arrive within timeouts.body ({within:g} s)"
+        ) from None
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
