@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.harness import CortexProcess, cortex_config
@@ -26,7 +27,7 @@ async def guarded(tmp_path: Path) -> AsyncIterator[CortexProcess]:
         cortex_config(
             [neuron],  # type: ignore[list-item]
             timeouts={"header": 1.5, "body": 1.5},
-            limits={"max_connections_per_address": 3},
+            limits={"max_connections_per_address": 3, "max_body": "16MiB"},
         ),
     ).start()
     try:
@@ -109,3 +110,33 @@ async def test_an_address_holds_at_most_its_connections(guarded: CortexProcess) 
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     for _, w in held[1:]:
         w.close()
+
+
+async def test_a_huge_body_never_stalls_the_streams_running_beside_it(
+    guarded: CortexProcess,
+) -> None:
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "tick"}]}
+    gaps: list[float] = []
+
+    async def stream() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                guarded.url + "/v1/chat/completions", json={**body, "stream": True}
+            ) as r:
+                last = time.monotonic()
+                async for _ in r.content.iter_any():
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+
+    ticking = asyncio.create_task(stream())
+    await asyncio.sleep(0.5)
+    # 300,000 messages in 8 MiB: refused by count, not parsed message by message.
+    huge = {"model": "scripted", "messages": [{"role": "user", "content": "x"}] * 300_000}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(guarded.url + "/v1/chat/completions", json=huge) as r:
+            assert r.status == 400
+            assert "at most 2048 messages" in (await r.json())["error"]["message"]
+    await ticking
+    assert len(gaps) > 20
+    assert max(gaps) < 1.0, max(gaps)

@@ -37,7 +37,8 @@ BURST_TOKEN = "x" * 32768
 @dataclass
 class ScriptedNeuron(pb_grpc.NeuronServicer):
     """Generates by the user message: "delay" waits before its first token, "stall" stops
-    after one, "midfail" fails after one, "burst" sends many at once, "poison" breaks the
+    after one, "midfail" fails after one, "burst" sends many at once, "tick" one every 20 ms for 3 s,
+    "poison" breaks the
     neuron (INTERNAL) before any; with ``refuse`` it fails before any."""
 
     refuse: bool = False
@@ -87,6 +88,10 @@ class ScriptedNeuron(pb_grpc.NeuronServicer):
         if self.refuse:
             raise Scripted(grpc.StatusCode.UNAVAILABLE, "scripted: refusing")
         try:
+            if cue == "tick":  # a token every 20 ms for 3 s
+                for _ in range(150):
+                    yield pb.GenerateResponse(text="t", tokens=1)
+                    await asyncio.sleep(0.02)
             if cue == "poison":
                 raise Scripted(grpc.StatusCode.INTERNAL, "scripted: this request breaks the model")
             if cue == "burst":

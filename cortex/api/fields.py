@@ -20,6 +20,10 @@ from helexa.neuron.v1 import neuron_pb2 as pb
 
 # OpenAI's pattern for function and response-format names.
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+# What one request may hold: past these it is a 400, and parsing it stays a small share of
+# the event loop's time (the loop relays every stream's tokens meanwhile).
+MAX_MESSAGES = 2048
+MAX_PARTS = 256  # content parts of one message
 MAX_TOOLS = 128
 MAX_TOOL_CALLS = 128  # calls in one assistant message of the history
 MAX_LOGIT_BIAS = 1024

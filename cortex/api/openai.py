@@ -215,7 +215,7 @@ def _content(value: Any, key: str) -> str:
         return value
     if isinstance(value, list):
         texts = []
-        for i, part in enumerate(value):
+        for i, part in enumerate(fields.items(value, key, "content parts", fields.MAX_PARTS)):
             if not isinstance(part, dict) or part.get("type") != "text":
                 raise BadRequest(f"'{key}[{i}]': only text parts are supported", param=key)
             text = part.get("text")
@@ -227,8 +227,8 @@ def _content(value: Any, key: str) -> str:
 
 
 def parse_chat(gateway: Gateway, body: dict[str, Any]) -> Parsed:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
+    messages = fields.items(body.get("messages"), "messages", "messages", fields.MAX_MESSAGES)
+    if not messages:
         raise BadRequest("'messages' must be a non-empty list of messages", param="messages")
     chat = pb.ChatMessages()
     call_ids: set[str] = set()  # the calls so far, which tool messages answer
