@@ -26,7 +26,13 @@ from neuron.devices import Device, cpu_has_fast_bf16, cuda_free_bytes, discover
 from neuron.engine import DeviceWorker, ModelEngine
 from neuron.errors import LoadFailed, ModelNotFound, NeuronError, NoRoom, ShuttingDown, SpecConflict
 from neuron.loadpolicy import check_source
-from neuron.model.forward import ARCHITECTURES, Forward
+from neuron.model.forward import (
+    ARCHITECTURES,
+    GROWTH,
+    Forward,
+    kv_elements_per_token,
+    served_context,
+)
 from neuron.model.quant import int4_kernel_usable, load_int4
 from neuron.sources import parameter_bytes, resolve
 
@@ -45,6 +51,8 @@ class HeldModel:
     error: str = ""
     device: str = ""
     resident_bytes: int = 0
+    # Reserved for the KV cache of a full batch at the model's context (see Registry._place).
+    kv_bytes: int = 0
     loaded_at: float = 0.0
     engine: ModelEngine | None = None
     loading: asyncio.Future[None] | None = None
@@ -84,7 +92,7 @@ class Registry:
     def free_bytes(self, device: Device) -> int:
         """Memory still free for model weights on ``device``."""
         held = sum(
-            m.resident_bytes
+            m.resident_bytes + m.kv_bytes
             for m in self.models.values()
             if m.device == device.name and m.state != FAILED
         )
@@ -147,25 +155,32 @@ class Registry:
             model_dir = await asyncio.to_thread(
                 resolve, spec, self.cache_dir, max(room) if room else None
             )
-            device, dtype, need = self._place(spec, model_dir)
-            held.device, held.resident_bytes = device.name, need  # reserved while loading
+            config = await asyncio.to_thread(_model_config, model_dir)
+            max_context = served_context(config)
+            if spec.max_context:
+                max_context = min(max_context, spec.max_context)
+            max_batch_size = min(
+                spec.max_batch_size or self.config.engine.max_batch_size,
+                self.config.engine.max_batch_size,
+            )
+            device, dtype, weights, kv = self._place(
+                spec,
+                model_dir,
+                kv_elements_per_token(config) * max_batch_size * (max_context + GROWTH),
+            )
+            held.device, held.resident_bytes = device.name, weights  # reserved while loading
+            held.kv_bytes = kv
             model, forward, tokenizer = await asyncio.to_thread(
                 _load_weights, model_dir, dtype, device
             )
             held.resident_bytes = forward.resident_bytes()
-            max_context = forward.max_context
-            if spec.max_context:
-                max_context = min(max_context, spec.max_context)
             engine = ModelEngine(
                 spec.id,
                 model,
                 forward,
                 tokenizer,
                 torch.device(device.name),
-                max_batch_size=min(
-                    spec.max_batch_size or self.config.engine.max_batch_size,
-                    self.config.engine.max_batch_size,
-                ),
+                max_batch_size=max_batch_size,
                 max_context=max_context,
                 prefix_cache=self.config.engine.prefix_cache,
                 batch_window=self.config.engine.batch_window,
@@ -178,6 +193,7 @@ class Registry:
             held.engine, held.state, held.loaded_at = engine, READY, time.time()
         except Exception as e:
             held.state, held.resident_bytes, held.failed_at = FAILED, 0, time.monotonic()
+            held.kv_bytes = 0
             held.error = str(e) if isinstance(e, NeuronError) else f"{type(e).__name__}: {e}"
             metrics.LOADS.labels(model=spec.id, result="failed").inc()
             log.warning(
@@ -193,29 +209,43 @@ class Registry:
         metrics.RESIDENT_BYTES.labels(model=spec.id, device=held.device).set(held.resident_bytes)
         self._update_device_gauges()
         log.info(
-            "model loaded model=%s device=%s dtype=%s bytes=%d seconds=%.2f",
-            spec.id, held.device, dtype, held.resident_bytes, seconds,
+            "model loaded model=%s device=%s dtype=%s bytes=%d kv_cache_bytes=%d seconds=%.2f",
+            spec.id, held.device, dtype, held.resident_bytes, held.kv_bytes, seconds,
         )  # fmt: skip
 
-    def _place(self, spec: ModelSpec, model_dir: Path) -> tuple[Device, torch.dtype, int]:
-        """The device with the most room for the weights, the dtype, and the bytes needed."""
+    def _place(
+        self, spec: ModelSpec, model_dir: Path, kv_elements: int
+    ) -> tuple[Device, torch.dtype, int, int]:
+        """The device with the most room, the dtype, and the bytes the weights and the KV
+        cache need there. ``kv_elements``: what a full batch at the model's context holds in
+        its KV cache (with the room a cache grows by), so that no prompt, however long, can
+        take a device past what was counted here."""
         candidates = [d for d in self.devices if _matches(spec.device, d)]
         if not candidates:
             names = ", ".join(d.name for d in self.devices)
             raise NoRoom(f"device {spec.device!r} is not among this neuron's devices ({names})")
         options = []
+        needs = []
         for device in candidates:
             dtype = _choose_dtype(spec.dtype, device)
-            need = parameter_bytes(model_dir, torch.empty(0, dtype=dtype).element_size())
+            element = torch.empty(0, dtype=dtype).element_size()
+            weights = parameter_bytes(model_dir, element)
+            kv = kv_elements * element
             free = self.free_bytes(device)
-            if need <= free:
+            needs.append(f"{device.name} needs {weights} for the weights and {kv} for the KV "
+                         f"cache, has {free} free")  # fmt: skip
+            if weights + kv <= free:
                 # CUDA before CPU, then the most free memory, then the lowest index.
-                options.append((device.kind != "cuda", -free, device.index, device, dtype, need))
+                options.append(
+                    (device.kind != "cuda", -free, device.index, device, dtype, weights, kv)
+                )
         if not options:
-            detail = ", ".join(f"{d.name} has {self.free_bytes(d)} bytes free" for d in candidates)
-            raise NoRoom(f"model {spec.id!r} does not fit: {detail}")
+            raise NoRoom(
+                f"model {spec.id!r} does not fit: {'; '.join(needs)} (the KV cache is "
+                "max_batch_size x max_context tokens)"
+            )
         best = min(options, key=lambda o: o[:3])
-        return best[3], best[4], best[5]
+        return best[3], best[4], best[5], best[6]
 
     # ---- unload ----
 
@@ -300,6 +330,12 @@ def _choose_dtype(wanted: str, device: Device) -> torch.dtype:
     if device.kind == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def _model_config(model_dir: Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(model_dir))
 
 
 def _load_weights(model_dir: Path, dtype: torch.dtype, device: Device) -> tuple[Any, Forward, Any]:

@@ -221,6 +221,7 @@ class NeuronService(pb_grpc.NeuronServicer):
             error=held.error,
             device=held.device,
             resident_bytes=held.resident_bytes,
+            kv_cache_bytes=held.kv_bytes,
             loaded_at=held.loaded_at,
             last_used=held.last_used,
             in_flight=len(engine.running) if engine else 0,

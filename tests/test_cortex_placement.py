@@ -30,6 +30,9 @@ from tests.harness import (
     neuron_config,
 )
 
+# bf16, and a KV cache of 2 rows of 256 tokens (15 MB) reserved beside the weights.
+SMALL = {"dtype": "bfloat16", "max_batch_size": 2, "max_context": 256}
+
 
 @pytest.fixture
 async def small_fleet(
@@ -42,10 +45,10 @@ async def small_fleet(
         tmp_path / "cortex",
         cortex_config([neuron]),
         models=[
-            catalogue_model("pinned", pinned=True, dtype="bfloat16"),
-            catalogue_model("x", dtype="bfloat16"),
-            catalogue_model("y", dtype="bfloat16"),
-            catalogue_model("z", dtype="bfloat16"),
+            catalogue_model("pinned", pinned=True, **SMALL),
+            catalogue_model("x", **SMALL),
+            catalogue_model("y", **SMALL),
+            catalogue_model("z", **SMALL),
             catalogue_model("huge", memory="100GiB"),
             {"id": "broken", "path": "/nonexistent/model.gguf", "memory": "1MiB"},
         ],

@@ -61,7 +61,10 @@ async def test_unload_waits_for_in_flight_request_then_frees_and_is_idempotent(
     free_before = (await shared_stub.Info(pb.InfoRequest())).devices[0].free_bytes
     loaded = await shared_stub.LoadModel(pb.LoadModelRequest(spec=spec))
     free_loaded = (await shared_stub.Info(pb.InfoRequest())).devices[0].free_bytes
-    assert free_before - free_loaded == loaded.model.resident_bytes
+    # The weights, and the KV cache of a full batch at the model's context.
+    held = loaded.model.resident_bytes + loaded.model.kv_cache_bytes
+    assert free_before - free_loaded == held
+    assert loaded.model.kv_cache_bytes > 0
 
     call = shared_stub.Generate(chat("to-unload", LONG, max_tokens=40, temperature=0), timeout=300)
     await call.read()
@@ -201,7 +204,8 @@ async def test_no_room_and_a_full_queue_are_resource_exhausted(
     demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
 ) -> None:
     # Room for one bf16 SmolLM2 (349 MB reserved to load), not two; one request may wait
-    # beside the running one. bf16 asked for: "auto" is float32 on a CPU without native bf16.
+    # beside the running one. bf16 asked for: "auto" is float32 on a CPU without native bf16;
+    # one row of 256 tokens of KV cache (7 MB) is reserved beside the weights.
     neuron = NeuronProcess(
         tmp_path, neuron_config(cpu_memory_budget="400MiB", max_waiting=1)
     ).start()
@@ -210,14 +214,20 @@ async def test_no_room_and_a_full_queue_are_resource_exhausted(
     async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
         stub = pb_grpc.NeuronStub(channel)
         await stub.LoadModel(
-            pb.LoadModelRequest(spec=demo_spec("a", max_batch_size=1, dtype="bfloat16"))
+            pb.LoadModelRequest(
+                spec=demo_spec("a", max_batch_size=1, max_context=256, dtype="bfloat16")
+            )
         )
         with pytest.raises(grpc.aio.AioRpcError) as error:
-            await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("b", dtype="bfloat16")))
+            await stub.LoadModel(
+                pb.LoadModelRequest(
+                    spec=demo_spec("b", max_batch_size=1, max_context=256, dtype="bfloat16")
+                )
+            )
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "does not fit" in (error.value.details() or "")
 
-        running = stub.Generate(endless("a"), timeout=300)
+        running = stub.Generate(endless("a", max_tokens=200), timeout=300)
         await running.read()
         waiting = stub.Generate(
             chat("a", "What is the capital of France?", max_tokens=16, temperature=0)
@@ -240,7 +250,11 @@ async def test_no_room_and_a_full_queue_are_resource_exhausted(
         assert "Paris" in text
 
         await stub.UnloadModel(pb.UnloadModelRequest(id="a"))
-        reply = await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("b", dtype="bfloat16")))
+        reply = await stub.LoadModel(
+            pb.LoadModelRequest(
+                spec=demo_spec("b", max_batch_size=1, max_context=256, dtype="bfloat16")
+            )
+        )
         assert reply.model.state == pb.MODEL_STATE_READY
 
 
@@ -268,7 +282,7 @@ async def test_metrics_are_real_histograms_and_counters(
     assert (
         metric_value(text, "helexa_neuron_model_resident_bytes", model=DEMO_ID, device="cpu") > 1e8
     )
-    assert metric_value(text, "helexa_neuron_device_total_bytes", device="cpu") == 4 << 30
+    assert metric_value(text, "helexa_neuron_device_total_bytes", device="cpu") == 16 << 30
     assert "What is" not in text  # no prompt text in metrics
 
 

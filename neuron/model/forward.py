@@ -93,6 +93,25 @@ class KVCache:
         self.length -= cut
 
 
+def served_context(config: Any) -> int:
+    """The longest sequence this forward serves for a model of ``config``.
+
+    Attention here is over the whole context: a model trained with a sliding window is only
+    served up to its window."""
+    window: int | None = getattr(config, "sliding_window", None)
+    if not getattr(config, "use_sliding_window", True):
+        window = None
+    return int(window or config.max_position_embeddings)
+
+
+def kv_elements_per_token(config: Any) -> int:
+    """Elements one token of one row takes in the KV cache (keys and values, every layer)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim
+
+
 class Forward:
     """A Llama-family decoder's weights, arranged for batched decoding."""
 
@@ -105,12 +124,7 @@ class Forward:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        # Attention here is over the whole context: a model trained with a sliding window is
-        # only served up to its window.
-        window: int | None = getattr(config, "sliding_window", None)
-        if not getattr(config, "use_sliding_window", True):
-            window = None
-        self.max_context = int(window or config.max_position_embeddings)
+        self.max_context = served_context(config)
         if config.hidden_act != "silu":
             raise ValueError(f"activation {config.hidden_act!r} is not supported (silu is)")
         self.embed = inner.embed_tokens.weight

@@ -124,7 +124,7 @@ class ModelSpec(_message.Message):
     def __init__(self, id: _Optional[str] = ..., huggingface: _Optional[_Union[HuggingFaceSource, _Mapping]] = ..., local: _Optional[_Union[LocalSource, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_waiting: _Optional[int] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("id", "state", "error", "device", "resident_bytes", "loaded_at", "last_used", "in_flight", "waiting", "max_context", "spec", "max_batch_size", "max_waiting")
+    __slots__ = ("id", "state", "error", "device", "resident_bytes", "loaded_at", "last_used", "in_flight", "waiting", "max_context", "spec", "max_batch_size", "max_waiting", "kv_cache_bytes")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class ModelStatus(_message.Message):
     SPEC_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: ModelState
     error: str
@@ -151,7 +152,8 @@ class ModelStatus(_message.Message):
     spec: ModelSpec
     max_batch_size: int
     max_waiting: int
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., loaded_at: _Optional[float] = ..., last_used: _Optional[float] = ..., in_flight: _Optional[int] = ..., waiting: _Optional[int] = ..., max_context: _Optional[int] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., max_waiting: _Optional[int] = ...) -> None: ...
+    kv_cache_bytes: int
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., loaded_at: _Optional[float] = ..., last_used: _Optional[float] = ..., in_flight: _Optional[int] = ..., waiting: _Optional[int] = ..., max_context: _Optional[int] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., max_waiting: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
