@@ -243,7 +243,7 @@ async def test_info_reports_the_cpu_device(shared_stub: pb_grpc.NeuronStub) -> N
     info = await shared_stub.Info(pb.InfoRequest())
     (device,) = info.devices
     assert device.kind == pb.DEVICE_KIND_CPU and device.name == "cpu"
-    assert device.total_bytes == 4 << 30
+    assert device.total_bytes == 16 << 30
     assert 0 < device.free_bytes < device.total_bytes
     assert info.version and info.host and not info.draining
 

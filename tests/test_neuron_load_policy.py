@@ -97,7 +97,7 @@ def hub() -> Iterator[HubStub]:
             "helexa-test/huge": _weights(1000 * TB),
             "helexa-test/huge-gguf": _weights(1000 * TB, "model.Q4_0.gguf"),
             # Already in the cache (its blob is there), so nothing to download; its weights
-            # take more than the neuron's 4GiB of CPU memory: refused by the device check.
+            # take more than the neuron's 16GiB of CPU memory: refused by the device check.
             "helexa-test/cached": _weights(TB),
         }
     )
