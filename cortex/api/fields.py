@@ -254,6 +254,37 @@ def response_format(value: Any, key: str = "response_format") -> pb.OutputConstr
     )
 
 
+def constrain(
+    request: pb.GenerateRequest,
+    tools: list[pb.Tool],
+    choice: pb.ToolChoice | None,
+    parallel: bool | None,
+    output: pb.OutputConstraint | None,
+    output_key: str,
+) -> None:
+    """Parsed tools, tool choice, parallel calls and output format into ``request``;
+    ``output_key`` names the format's field, refused with tools left free to be called."""
+    if tools:
+        request.tools.extend(tools)
+        if choice is not None:
+            request.tool_choice.CopyFrom(choice)
+        if parallel is not None:
+            request.parallel_tool_calls = parallel
+    if output is None:
+        return
+    mode = request.tool_choice.mode
+    if tools and mode == pb.TOOL_CHOICE_MODE_AUTO:
+        # The answer is text or calls: the neuron cannot hold the text to a format and leave
+        # calls free at once.
+        raise BadRequest(
+            f"'{output_key}' with 'tools' is served only with tool_choice 'none', "
+            "'required' or a named function, not 'auto'",
+            param=output_key,
+        )
+    if not tools or mode == pb.TOOL_CHOICE_MODE_NONE:  # forced calls leave no text to format
+        request.output.CopyFrom(output)
+
+
 def logit_bias(value: Any, key: str = "logit_bias") -> dict[int, float]:
     """Token ids (as strings) to biases of -100 to 100."""
     if value is None:
@@ -286,3 +317,38 @@ def refuse(body: dict[str, Any], unsupported: dict[str, str]) -> None:
     for field, why in unsupported.items():
         if body.get(field) is not None:
             raise BadRequest(f"'{field}' is not supported: {why}", param=field)
+
+
+# ---- the model, the length, sampling ----
+
+
+def model(body: dict[str, Any]) -> str:
+    """The ``model`` a client names (an id or an alias; the router resolves it)."""
+    value = body.get("model")
+    if not isinstance(value, str) or not value:
+        raise BadRequest("'model' is required: a non-empty string", param="model")
+    return value
+
+
+def max_tokens(body: dict[str, Any], key: str, limit: int) -> int | None:
+    """A bound on the answer's tokens: 1 to ``limit`` (``[limits] max_tokens``)."""
+    value = integer(body, key)
+    if value is None:
+        return None
+    if value < 1:
+        raise BadRequest(f"'{key}' must be at least 1, got {value}", param=key)
+    if value > limit:
+        raise BadRequest(f"'{key}' must be at most {limit}, got {value}", param=key)
+    return value
+
+
+def sampling(body: dict[str, Any], request: pb.GenerateRequest) -> None:
+    """``temperature`` (0 to 2) and ``top_p`` (above 0, to 1) into ``request``."""
+    temperature = number(body, "temperature", 0.0, 2.0)
+    if temperature is not None:
+        request.temperature = temperature
+    top_p = number(body, "top_p", 0.0, 1.0)
+    if top_p is not None:
+        if top_p == 0:
+            raise BadRequest("'top_p' must be greater than 0", param="top_p")
+        request.top_p = top_p
