@@ -152,27 +152,25 @@ def tools(value: Any, key: str = "tools") -> list[pb.Tool]:
     out: list[pb.Tool] = []
     seen: set[str] = set()
     for i, item in enumerate(items(value, key, "tools", MAX_TOOLS)):
-        where = f"{key}[{i}].function"
-        function = _function(item, f"{key}[{i}]")
-        tool_name = name(function, "name", where)
-        if tool_name in seen:
-            raise BadRequest(
-                f"'{where}.name': the tool name {tool_name!r} is listed twice",
-                param=f"{where}.name",
-            )
-        seen.add(tool_name)
-        parameters = function.get("parameters")
-        boolean(function, "strict", where)  # calls always follow the schema
-        out.append(
-            pb.Tool(
-                name=tool_name,
-                description=string(function, "description", where),
-                parameters=""
-                if parameters is None
-                else schema_text(parameters, f"{where}.parameters"),
-            )
-        )
+        out.append(_tool(_function(item, f"{key}[{i}]"), f"{key}[{i}].function", seen))
     return out
+
+
+def _tool(function: dict[str, Any], where: str, seen: set[str]) -> pb.Tool:
+    """One function's ``name`` (not in ``seen``), ``description``, ``parameters``, ``strict``."""
+    tool_name = name(function, "name", where)
+    if tool_name in seen:
+        raise BadRequest(
+            f"'{where}.name': the tool name {tool_name!r} is listed twice", param=f"{where}.name"
+        )
+    seen.add(tool_name)
+    parameters = function.get("parameters")
+    boolean(function, "strict", where)  # calls always follow the schema
+    return pb.Tool(
+        name=tool_name,
+        description=string(function, "description", where),
+        parameters="" if parameters is None else schema_text(parameters, f"{where}.parameters"),
+    )
 
 
 def tool_choice(value: Any, names: list[str], key: str = "tool_choice") -> pb.ToolChoice | None:
@@ -352,3 +350,74 @@ def sampling(body: dict[str, Any], request: pb.GenerateRequest) -> None:
         if top_p == 0:
             raise BadRequest("'top_p' must be greater than 0", param="top_p")
         request.top_p = top_p
+
+
+# ---- the Responses API's shapes: flat tools, tool choice and format ----
+
+
+def flat_tools(value: Any, key: str = "tools") -> list[pb.Tool]:
+    """Responses' ``tools``: ``{"type": "function", "name", ...}`` each; a hosted tool (web
+    search, file search, code interpreter, computer use, MCP, ...) is refused by its type."""
+    out: list[pb.Tool] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items(value, key, "tools", MAX_TOOLS)):
+        where = f"{key}[{i}]"
+        kind = obj(item, where).get("type")
+        if kind != "function":
+            raise BadRequest(
+                f"'{where}.type': {kind!r} tools are not served (hosted tools run on OpenAI's "
+                "service); only 'function' tools, which the client runs",
+                param=f"{where}.type",
+            )
+        out.append(_tool(item, where, seen))
+    return out
+
+
+def flat_tool_choice(
+    value: Any, names: list[str], key: str = "tool_choice"
+) -> pb.ToolChoice | None:
+    """``auto``, ``none``, ``required`` or ``{"type": "function", "name"}`` naming one of
+    ``names``; ``None`` when not given."""
+    if value is None or isinstance(value, str):
+        return tool_choice(value, names, key)
+    kind = obj(value, key).get("type")
+    if kind != "function":
+        raise BadRequest(
+            f"'{key}.type' must be 'function' (the only kind of tool served), got {kind!r}",
+            param=f"{key}.type",
+        )
+    chosen = string(value, "name", key, required=True)
+    if chosen not in names:
+        raise BadRequest(
+            f"'{key}' names the function {chosen!r}, which is not among 'tools'", param=key
+        )
+    return pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_FUNCTION, function=chosen)
+
+
+def text_format(value: Any, key: str = "text.format") -> pb.OutputConstraint | None:
+    """Responses' ``text.format``: ``text`` (``None``), ``json_object``, or ``json_schema``
+    with ``name``, ``schema`` (an object), ``description`` and ``strict`` beside ``type``."""
+    if value is None:
+        return None
+    given = obj(value, key)
+    kind = given.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return pb.OutputConstraint(json_object=True)
+    if kind == "json_schema":
+        name(given, "name", key)
+        string(given, "description", key)
+        boolean(given, "strict", key)  # the answer always follows the schema
+        return pb.OutputConstraint(json_schema=schema_text(given.get("schema"), f"{key}.schema"))
+    raise BadRequest(
+        f"'{key}.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+        param=f"{key}.type",
+    )
+
+
+def arguments(body: dict[str, Any], field: str, prefix: str) -> str:
+    """A call's arguments: a JSON object as text."""
+    text = string(body, field, prefix, required=True)
+    _arguments_object(text, at(prefix, field))
+    return text

@@ -206,7 +206,7 @@ async def _stream(
                 break
             if loop.time() >= deadline:
                 return await sse.fail(stalled)
-            await sse.write(KEEPALIVE)
+            await sse.write(sse.head() + KEEPALIVE)
         try:
             stream = opening.result()
         except CortexError as e:
@@ -223,7 +223,7 @@ async def _stream(
                 return await sse.fail(e)
             if messages:
                 last_token = loop.time()
-                out = dialect.delta(text, messages, first)
+                out = sse.head() + dialect.delta(text, messages, first)
                 first = False
                 if outcome.finish_reason:
                     out += dialect.ending(outcome)
@@ -236,7 +236,7 @@ async def _stream(
                 continue
             if loop.time() >= last_token + timeouts.stall:
                 return await sse.fail(stalled)
-            await sse.write(KEEPALIVE)
+            await sse.write(sse.head() + KEEPALIVE)
             last_write = loop.time()
     finally:
         if opening.done():
@@ -252,14 +252,23 @@ def _close_opened(opening: asyncio.Task[Stream]) -> None:
 
 
 class _Events:
-    """The SSE response, begun (with the dialect's opening) on its first write."""
+    """The SSE response, begun on its first write, which opens with ``head()``."""
 
-    __slots__ = ("dialect", "request", "response")
+    __slots__ = ("_opened", "dialect", "request", "response")
 
     def __init__(self, request: web.Request, dialect: Dialect) -> None:
         self.request = request
         self.dialect = dialect
         self.response: web.StreamResponse | None = None
+        self._opened = False
+
+    def head(self) -> bytes:
+        """The dialect's opening the first time (before what the first write carries, so an
+        event sequence keeps its order); nothing after."""
+        if self._opened:
+            return b""
+        self._opened = True
+        return self.dialect.opening()
 
     async def write(self, data: bytes) -> bool:
         """Write ``data``; whether anything was written."""
@@ -272,7 +281,6 @@ class _Events:
                 }
             )
             await self.response.prepare(self.request)
-            data = self.dialect.opening() + data
         if not data:
             return False
         await self.response.write(data)
