@@ -21,6 +21,7 @@ from cortex.api import Gateway, fields, gateway_of
 from cortex.api.errors import error_body
 from cortex.api.relay import Outcome, checked, read_body, relay
 from cortex.errors import BadRequest, CortexError
+from cortex.router import openai_param
 from helexa.neuron.v1 import neuron_pb2 as pb
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -407,6 +408,9 @@ class Answer:
     def usage_chunk(self, outcome: Outcome) -> bytes:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return _sse({**self._base(kind), "choices": [], "usage": _usage(outcome)})
+
+    def param(self, field: str) -> str:
+        return openai_param(field)
 
     def opening(self) -> bytes:
         return b""

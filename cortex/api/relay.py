@@ -118,6 +118,10 @@ class Dialect(Protocol):
     generate: pb.GenerateRequest
     stream: bool
 
+    def param(self, field: str) -> str:
+        """The client's name of a request field the neuron named (``tools[2].parameters``)."""
+        ...
+
     def whole(self, outcome: Outcome) -> dict[str, Any]:
         """The whole answer's JSON body."""
         ...
@@ -147,7 +151,7 @@ async def relay(request: web.Request, gateway: Gateway, dialect: Dialect) -> web
     if kind is not None:
         metrics.CONSTRAINED.labels(kind=kind).inc()
     arrived = time.monotonic()
-    opening = gateway.router.open(dialect.model, dialect.generate)
+    opening = gateway.router.open(dialect.model, dialect.generate, dialect.param)
     if not dialect.stream:
         return await _whole(gateway, dialect, opening)
     return await _stream(request, gateway, dialect, asyncio.create_task(opening), arrived)

@@ -13,6 +13,7 @@ bounded ``ResponseStore``.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,6 +34,19 @@ MAX_ITEMS = 2048
 MAX_METADATA = 16
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 _TEXT_PARTS = ("input_text", "output_text")
+# The neuron names fields after the proto; the first pattern the whole path matches names the
+# client's field (messages are "input": instructions and earlier responses come before it).
+_PARAMS = [
+    (re.compile(p), name)
+    for p, name in (
+        (r"tools\[(\d+)\]\.(name|description|parameters)", r"tools[\1].\2"),
+        (r"output\.json_schema", "text.format.schema"),
+        (r"output(\.json_object)?", "text.format"),
+        (r"tool_choice(\..*)?", "tool_choice"),
+        (r"chat\.messages.*|input", "input"),
+        (r"max_tokens", "max_output_tokens"),
+    )
+]  # fmt: skip
 # Fields cortex does not serve: refused by name (when given and not their "off" value).
 _UNSUPPORTED = {
     "conversation": "conversations are not served; use previous_response_id",
@@ -321,6 +335,13 @@ class Reply:
         self._open: dict[str, Any] | None = None  # the item being streamed
         self._texts: list[str] = []  # the open message's text so far
         self._around_text: tuple[bytes, bytes, bytes] = (b"", b"", b"")
+
+    def param(self, field: str) -> str:
+        for pattern, name in _PARAMS:
+            match = pattern.fullmatch(field)
+            if match is not None:
+                return match.expand(name)
+        return field
 
     # ---- the response object ----
 
