@@ -255,13 +255,18 @@ async def test_openapi_lists_exactly_the_routes_cortex_serves(cortex: CortexProc
         await fleet.close()
     assert listed == served
     # And each listed route answers there (not 404 or 405), with a body its schema allows.
+    respond = {"model": DEMO_ID, "input": "Hi", "max_output_tokens": 1}
     bodies = {
         "/v1/chat/completions": _chat(max_tokens=1),
         "/v1/completions": {"model": DEMO_ID, "prompt": "Hi", "max_tokens": 1},
+        "/v1/responses": respond,
     }
     async with aiohttp.ClientSession() as session:
         for method, path in sorted(listed):
             url = cortex.url + path.replace("{model}", DEMO_ID)
+            if "{response_id}" in path:  # a kept response of its own (DELETE forgets it)
+                async with session.post(cortex.url + "/v1/responses", json=respond) as r:
+                    url = url.replace("{response_id}", (await r.json())["id"])
             async with session.request(method, url, json=bodies.get(path)) as r:
                 assert r.status == 200, (method, path, await r.text())
 

@@ -622,3 +622,28 @@ async def test_client_leaving_a_stream_cancels_the_generation_on_the_neuron(
 def test_the_neurons_field_paths_become_responses_params(field: str, param: str) -> None:
     reply = Reply(parse(_gateway(), _store(), _body()), _store())
     assert reply.param(field) == param
+
+
+def test_requests_and_answers_match_the_served_openapi_description() -> None:
+    import jsonschema
+
+    from cortex.api.openapi import DOCUMENT
+
+    def schema(name: str) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{name}", "components": DOCUMENT["components"]}
+
+    store = _store()
+    body = _body(
+        input=[{"role": "user", "content": ASK_WEATHER}, CALL,
+               {"type": "function_call_output", "call_id": "call_1", "output": "22 C"}],
+        instructions="Be brief.", tools=[WEATHER], tool_choice="required", store=True,
+        text={"format": {"type": "json_object"}}, max_output_tokens=5, metadata={"k": "v"},
+    )  # fmt: skip
+    jsonschema.validate(body, schema("ResponseRequest"))
+    reply = Reply(parse(_gateway(), store, body), store)
+    calls = Outcome(finish_reason="tool_calls", tool_calls=[
+        pb.ToolCallDelta(index=0, id="call_2", name="get_weather", arguments='{"city":"Nice"}')
+    ])  # fmt: skip
+    jsonschema.validate(reply.whole(calls), schema("Response"))
+    text = Reply(parse(_gateway(), store, _body()), store)
+    jsonschema.validate(text.whole(Outcome(text="Hi", finish_reason="stop")), schema("Response"))
