@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -26,40 +25,23 @@ from cortex.config import ResponsesConfig
 from cortex.errors import BadRequest, NeuronFailed, ResponseNotFound
 from cortex.responsestore import ResponseStore
 from helexa.neuron.v1 import neuron_pb2 as pb
+from tests import test_openai_agents as agents
 from tests.harness import (
     DEMO_ID,
     CortexProcess,
     NeuronProcess,
     catalogue_model,
     cortex_config,
-    metric_value,
+    leave_stream_and_see_it_cancelled,
 )
+from tests.test_openai_agents import _gateway
 
 EVENT = TypeAdapter(ResponseStreamEvent)
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The current weather in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "description": "The city's name"}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
-ASK_WEATHER = "What is the weather like in Paris right now?"
+# The chat surface's tool in Responses' flat shape.
+WEATHER: dict[str, Any] = {"type": "function", **agents.WEATHER["function"]}  # type: ignore[dict-item]
+ASK_WEATHER = agents.ASK_WEATHER[0]["content"]
 CALL = {"type": "function_call", "call_id": "call_1", "name": "get_weather",
         "arguments": '{"city": "Paris"}'}  # fmt: skip
-
-
-def _gateway() -> Any:
-    return SimpleNamespace(
-        config=SimpleNamespace(
-            limits=SimpleNamespace(max_tokens=4096), timeouts=SimpleNamespace(stall=30.0)
-        ),
-        router=SimpleNamespace(resolve=lambda name: name),
-    )
 
 
 def _body(**extra: Any) -> dict[str, Any]:
@@ -575,36 +557,11 @@ async def test_bad_input_is_a_400_naming_the_param_and_cortex_keeps_serving(
 async def test_client_leaving_a_stream_cancels_the_generation_on_the_neuron(
     cortex: CortexProcess, shared_neuron: NeuronProcess
 ) -> None:
-    cancelled = metric_value(
-        shared_neuron.metrics(), "helexa_neuron_requests_total", finish_reason="cancelled"
-    )
     body = _body(input="Write a very long story about a dragon.", max_output_tokens=2000,
                  temperature=0.7, stream=True)  # fmt: skip
-    async with aiohttp.ClientSession() as session:
-        async with session.post(cortex.url + "/v1/responses", json=body) as r:
-            assert r.status == 200
-            seen = 0
-            async for line in r.content:
-                seen += line.startswith(b"event: response.output_text.delta")
-                if seen >= 3:
-                    break
-        # Leaving the block closes the connection mid-stream.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        now = metric_value(
-            shared_neuron.metrics(), "helexa_neuron_requests_total", finish_reason="cancelled"
-        )
-        if now > cancelled:
-            break
-        await asyncio.sleep(0.1)
-    else:
-        raise AssertionError("the neuron never saw the generation cancelled")
-    deadline = time.monotonic() + 10
-    while not metric_value(
-        cortex.metrics(), "helexa_gateway_requests_total", route="/v1/responses", status="499"
-    ):
-        assert time.monotonic() < deadline, "the disconnect was not counted as 499"
-        await asyncio.sleep(0.05)
+    await leave_stream_and_see_it_cancelled(
+        cortex, shared_neuron, "/v1/responses", body, b"event: response.output_text.delta"
+    )
 
 
 @pytest.mark.parametrize(

@@ -395,25 +395,14 @@ def flat_tool_choice(
 
 
 def text_format(value: Any, key: str = "text.format") -> pb.OutputConstraint | None:
-    """Responses' ``text.format``: ``text`` (``None``), ``json_object``, or ``json_schema``
-    with ``name``, ``schema`` (an object), ``description`` and ``strict`` beside ``type``."""
-    if value is None:
-        return None
-    given = obj(value, key)
-    kind = given.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return pb.OutputConstraint(json_object=True)
-    if kind == "json_schema":
-        name(given, "name", key)
-        string(given, "description", key)
-        boolean(given, "strict", key)  # the answer always follows the schema
-        return pb.OutputConstraint(json_schema=schema_text(given.get("schema"), f"{key}.schema"))
-    raise BadRequest(
-        f"'{key}.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}",
-        param=f"{key}.type",
-    )
+    """Responses' ``text.format``: ``response_format``'s kinds, a ``json_schema``'s ``name``,
+    ``schema`` (an object), ``description`` and ``strict`` beside its ``type``."""
+    if value is None or obj(value, key).get("type") != "json_schema":
+        return response_format(value, key)
+    name(value, "name", key)
+    string(value, "description", key)
+    boolean(value, "strict", key)  # the answer always follows the schema
+    return pb.OutputConstraint(json_schema=schema_text(value.get("schema"), f"{key}.schema"))
 
 
 def arguments(body: dict[str, Any], field: str, prefix: str) -> str:
