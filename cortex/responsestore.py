@@ -27,6 +27,7 @@ class Kept:
     conversation: list[pb.ChatMessage]
     size: int
     at: float  # the store's clock when it was kept
+    owner: bytes  # the digest of the API key that made it (b"" without keys)
 
 
 class ResponseStore:
@@ -44,33 +45,38 @@ class ResponseStore:
         return len(self._kept)
 
     def put(
-        self, id: str, response: dict[str, Any], conversation: list[pb.ChatMessage], size: int
+        self,
+        id: str,
+        response: dict[str, Any],
+        conversation: list[pb.ChatMessage],
+        size: int,
+        owner: bytes = b"",
     ) -> None:
-        """Keep ``response`` (``size``: its bytes as JSON) and its conversation under ``id``;
-        the oldest go to stay within the bounds. One larger than ``max_bytes`` is not kept."""
+        """Keep ``response`` (``size``: its bytes as JSON) and its conversation under ``id``,
+        for ``owner`` alone; the oldest go to stay within the bounds. One larger than
+        ``max_bytes`` is not kept."""
         size += sum(m.ByteSize() for m in conversation)
         if self.config.max_stored == 0 or size > self.config.max_bytes:
             return
-        self.delete(id)
-        self._kept[id] = Kept(response, conversation, size, self._clock())
+        self.delete(id, owner)
+        self._kept[id] = Kept(response, conversation, size, self._clock(), owner)
         self.bytes += size
         self._expire()
         while len(self._kept) > self.config.max_stored or self.bytes > self.config.max_bytes:
             self._drop_oldest()
 
-    def get(self, id: str) -> Kept | None:
-        """The response kept under ``id``; ``None`` if unknown, deleted or older than
-        ``max_age``."""
+    def get(self, id: str, owner: bytes = b"") -> Kept | None:
+        """The response kept under ``id`` for ``owner``; ``None`` if unknown, another's,
+        deleted or older than ``max_age``."""
         self._expire()
-        return self._kept.get(id)
+        kept = self._kept.get(id)
+        return kept if kept is not None and kept.owner == owner else None
 
-    def delete(self, id: str) -> bool:
-        """Forget ``id``; whether it was kept (and not expired)."""
-        self._expire()
-        kept = self._kept.pop(id, None)
-        if kept is None:
+    def delete(self, id: str, owner: bytes = b"") -> bool:
+        """Forget ``id``; whether ``owner`` had it kept (and not expired)."""
+        if self.get(id, owner) is None:
             return False
-        self.bytes -= kept.size
+        self.bytes -= self._kept.pop(id).size
         return True
 
     def _expire(self) -> None:

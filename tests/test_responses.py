@@ -164,7 +164,7 @@ BAD = [
     ("format-no-name", _body(text={"format": {"type": "json_schema", "schema": {}}}), "text.format.name"),
     ("format-schema", _body(text={"format": {"type": "json_schema", "name": "A", "schema": "x"}}), "text.format.schema"),
     ("format-with-auto-tools", _body(tools=[WEATHER], text={"format": {"type": "json_object"}}), "text.format"),
-    ("verbosity", _body(text={"verbosity": "low"}), "verbosity"),
+    ("verbosity", _body(text={"verbosity": "low"}), "text.verbosity"),
     ("max-output-0", _body(max_output_tokens=0), "max_output_tokens"),
     ("max-output-huge", _body(max_output_tokens=10**6), "max_output_tokens"),
     ("temperature-3", _body(temperature=3), "temperature"),
@@ -309,11 +309,13 @@ def test_the_store_keeps_within_count_bytes_and_age() -> None:
     store.put("d", {"id": "d"}, message, 3990)
     assert store.get("b") is None and store.get("c") is None and store.get("d")  # bytes
     assert store.delete("d") and not store.delete("d") and store.bytes == 0
-    store.put("e", {"id": "e"}, message, 10)
+    store.put("e", {"id": "e"}, message, 10, owner=b"key-a")
+    assert store.get("e") is None and store.get("e", b"key-b") is None
+    assert not store.delete("e", b"key-b") and store.get("e", b"key-a") is not None
     now[0] = 9.9
-    assert store.get("e") is not None
+    assert store.get("e", b"key-a") is not None
     now[0] = 10.0
-    assert store.get("e") is None and len(store) == 0 and store.bytes == 0
+    assert store.get("e", b"key-a") is None and len(store) == 0 and store.bytes == 0
 
 
 # ---- end to end: the real model behind a real neuron and cortex ----
@@ -503,24 +505,33 @@ async def test_retrieve_delete_then_404_and_unknown_ids_are_404(cortex: CortexPr
     assert error.value.param == "previous_response_id"  # type: ignore[attr-defined]
 
 
-async def test_kept_responses_expire_after_max_age(
+async def test_kept_responses_are_their_keys_own_and_expire_after_max_age(
     shared_neuron: NeuronProcess, tmp_path: Any
 ) -> None:
     process = CortexProcess(
         tmp_path / "cortex",
-        cortex_config([shared_neuron], responses={"max_age": 2.0}),
+        cortex_config([shared_neuron], responses={"max_age": 2.0}, auth={"keys": ["ka", "kb"]}),
         models=[catalogue_model(DEMO_ID, pinned=True)],
     ).start()
     try:
         await process.wait_ready()
-        sdk = client(process)
-        response = await sdk.responses.create(model=DEMO_ID, input="Hi", max_output_tokens=2)
+        owner = openai.AsyncOpenAI(base_url=process.api_url, api_key="ka", max_retries=0)
+        other = openai.AsyncOpenAI(base_url=process.api_url, api_key="kb", max_retries=0)
+        response = await owner.responses.create(model=DEMO_ID, input="Hi", max_output_tokens=2)
         created = time.monotonic()
-        assert (await sdk.responses.retrieve(response.id)).id == response.id
+        assert (await owner.responses.retrieve(response.id)).id == response.id
+        with pytest.raises(openai.NotFoundError):  # another key's response is not there
+            await other.responses.retrieve(response.id)
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.delete(response.id)
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.create(
+                model=DEMO_ID, input="Hi", previous_response_id=response.id, max_output_tokens=2
+            )
         deadline = created + 30
         while True:
             try:
-                await sdk.responses.retrieve(response.id)
+                await owner.responses.retrieve(response.id)
             except openai.NotFoundError:
                 break
             assert time.monotonic() < deadline, "the response was never forgotten"

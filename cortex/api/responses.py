@@ -25,6 +25,7 @@ from cortex.api import GATEWAY, Gateway, fields, gateway_of
 from cortex.api.errors import error_body
 from cortex.api.openai import merge_calls
 from cortex.api.relay import Outcome, checked, read_body, relay
+from cortex.auth import KEY
 from cortex.errors import BadRequest, CortexError, ResponseNotFound
 from cortex.responsestore import ResponseStore
 from helexa.neuron.v1 import neuron_pb2 as pb
@@ -102,7 +103,9 @@ class Parsed:
     user: str | None = None
 
 
-def parse(gateway: Gateway, store: ResponseStore, body: dict[str, Any]) -> Parsed:
+def parse(
+    gateway: Gateway, store: ResponseStore, body: dict[str, Any], owner: bytes = b""
+) -> Parsed:
     name = fields.model(body)
     _refuse(body)
     previous = body.get("previous_response_id")
@@ -112,7 +115,7 @@ def parse(gateway: Gateway, store: ResponseStore, body: dict[str, Any]) -> Parse
             raise BadRequest(
                 "'previous_response_id' must be a response's id", param="previous_response_id"
             )
-        kept = store.get(previous)
+        kept = store.get(previous, owner)
         if kept is None:
             raise ResponseNotFound(
                 f"Previous response with id '{previous}' not found (never stored, deleted, "
@@ -136,8 +139,8 @@ def parse(gateway: Gateway, store: ResponseStore, body: dict[str, Any]) -> Parse
     text = body.get("text")
     given_format = None
     if text is not None:
-        fields.obj(text, "text")
-        fields.refuse(text, {"verbosity": "verbosity is not served"})
+        if fields.obj(text, "text").get("verbosity") is not None:
+            raise BadRequest("'text.verbosity' is not supported", param="text.verbosity")
         given_format = text.get("format")
     output = fields.text_format(given_format)
     fields.constrain(request, tools, choice, parallel, output, "text.format")
@@ -321,9 +324,10 @@ class Reply:
     """How a response looks, whole and as the Responses event sequence: the relay's
     ``Dialect`` for ``/v1/responses``. A finished response is kept when asked to be."""
 
-    def __init__(self, parsed: Parsed, store: ResponseStore) -> None:
+    def __init__(self, parsed: Parsed, store: ResponseStore, owner: bytes = b"") -> None:
         self.parsed = parsed
         self.store = store
+        self.owner = owner
         self.id = f"resp_{uuid.uuid4().hex}"
         self.model = parsed.model
         self.generate = parsed.generate
@@ -402,7 +406,7 @@ class Reply:
                 )
         conversation = [*self.parsed.conversation, answer]
         size = len(json.dumps(body, separators=(",", ":")))
-        self.store.put(self.id, body, conversation, size)
+        self.store.put(self.id, body, conversation, size, self.owner)
 
     def _message_item(self, text: str, status: str) -> dict[str, Any]:
         return {
@@ -560,13 +564,14 @@ def _text_part(text: str) -> dict[str, Any]:
 async def create(request: web.Request) -> web.StreamResponse:
     gateway = gateway_of(request)
     store = request.app[STORE]
-    parsed = checked(parse, gateway, store, await read_body(request))
-    return await relay(request, gateway, Reply(parsed, store))
+    owner = request.get(KEY, b"")
+    parsed = checked(parse, gateway, store, await read_body(request), owner)
+    return await relay(request, gateway, Reply(parsed, store, owner))
 
 
 def _kept(request: web.Request) -> tuple[str, dict[str, Any]]:
     response_id = request.match_info["response_id"]
-    kept = request.app[STORE].get(response_id)
+    kept = request.app[STORE].get(response_id, request.get(KEY, b""))
     if kept is None:
         raise ResponseNotFound(f"Response with id '{response_id}' not found.")
     request["model_label"] = kept.response["model"]
@@ -580,5 +585,5 @@ async def retrieve(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     response_id, _ = _kept(request)
-    request.app[STORE].delete(response_id)
+    request.app[STORE].delete(response_id, request.get(KEY, b""))
     return web.json_response({"id": response_id, "object": "response", "deleted": True})
