@@ -615,3 +615,61 @@ def test_requests_and_answers_match_the_served_openapi_description() -> None:
     jsonschema.validate(reply.whole(calls), schema("Response"))
     text = Reply(parse(_gateway(), store, _body()), store)
     jsonschema.validate(text.whole(Outcome(text="Hi", finish_reason="stop")), schema("Response"))
+
+
+def test_any_json_in_the_responses_fields_parses_or_is_a_bad_request() -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from cortex.api.relay import checked
+
+    text = st.text(st.characters(exclude_categories=()), max_size=12)
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | text
+    anything = st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+        max_leaves=10,
+    )
+    part = st.fixed_dictionaries(
+        {"type": st.sampled_from(["input_text", "output_text", "input_image"]) | anything},
+        optional={"text": text | anything},
+    )
+    item = st.fixed_dictionaries(
+        {},
+        optional={
+            "type": st.sampled_from(["message", "function_call", "function_call_output"])
+            | anything,
+            "role": st.sampled_from(["user", "assistant", "developer"]) | anything,
+            "content": text | st.lists(part, max_size=2) | anything,
+            "call_id": st.sampled_from(["call_1", "call_2"]) | anything,
+            "name": text | anything, "arguments": st.just("{}") | text | anything,
+            "output": text | anything,
+        },
+    )  # fmt: skip
+    tool = st.fixed_dictionaries(
+        {"type": st.just("function") | anything, "name": st.from_regex(r"[a-z_]{1,8}", fullmatch=True) | anything},
+        optional={"parameters": anything, "strict": anything, "description": anything},
+    )  # fmt: skip
+    body = st.fixed_dictionaries(
+        {"model": st.just(DEMO_ID), "input": text | st.lists(item, min_size=1, max_size=4)},
+        optional={
+            "instructions": text | anything, "tools": st.lists(tool, max_size=2) | anything,
+            "tool_choice": st.sampled_from(["auto", "none", "required"]) | anything,
+            "text": st.fixed_dictionaries({"format": anything}) | anything,
+            "previous_response_id": text | anything, "store": anything, "stream": anything,
+            "metadata": anything, "max_output_tokens": anything, "temperature": anything,
+            "top_p": anything, "truncation": anything, "include": anything,
+            "background": anything, "reasoning": anything, "parallel_tool_calls": anything,
+        },
+    )  # fmt: skip
+
+    @settings(max_examples=500, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(body)
+    def check(body: dict[str, Any]) -> None:
+        try:
+            checked(parse, _gateway(), _store(), body)
+        except (BadRequest, ResponseNotFound) as e:
+            assert e.message and (e.param is None or isinstance(e.param, str))
+
+    check()

@@ -166,8 +166,9 @@ def parse(
         instructions=instructions,
         previous_response_id=previous,
         max_output_tokens=max_output_tokens,
-        temperature=request.temperature if request.HasField("temperature") else 1.0,
-        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        # As given (the proto's float32 would echo 0.7 as 0.699999988).
+        temperature=1.0 if body.get("temperature") is None else float(body["temperature"]),
+        top_p=1.0 if body.get("top_p") is None else float(body["top_p"]),
         parallel_tool_calls=True if parallel is None else parallel,
         tools=[_tool_object(t) for t in tools],
         tool_choice="auto" if body.get("tool_choice") is None else body["tool_choice"],
