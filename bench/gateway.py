@@ -15,7 +15,8 @@ and an SSE write of its own, the gateway's worst case.
 - requests/s: non-streaming requests at concurrency 1 and 64 (wrk), and at 64 through
   ``bench.bare_relay`` on the same core: a bare aiohttp handler making a grpc.aio call per
   request, what cortex did before ``GenerateMany``;
-- streamed tokens/s: 256-token SSE streams at concurrency 1 and 64 (wrk).
+- streamed tokens/s: 256-token SSE streams at concurrency 1 and 64 (wrk), and at 64 through
+  ``/v1/responses`` (its event sequence, each response kept), against chat completions'.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def body(max_tokens: int, stream: bool) -> dict[str, object]:
         "max_tokens": max_tokens,
         "stream": stream,
     }
+
+
+def responses_body(max_tokens: int, stream: bool) -> dict[str, object]:
+    """The same request through /v1/responses (kept, as by default)."""
+    return {"model": "standin", "input": "Hello", "max_output_tokens": max_tokens, "stream": stream}
 
 
 async def latency_direct(endpoint: str, n: int) -> list[float]:
@@ -230,6 +236,13 @@ async def run(seconds: int, samples: int, tokens_per_message: int) -> list[tuple
                     f"{rps * 256:,.0f}",
                 )
             )
+        rps = wrk(f"{cortex.url}/v1/responses", responses_body(256, True), 64, seconds, workdir)
+        rows.append(
+            (
+                "streamed tokens/s through /v1/responses, 256-token streams, concurrency 64",
+                f"{rps * 256:,.0f}",
+            )
+        )
     finally:
         cortex.stop()
         standin.terminate()

@@ -155,16 +155,20 @@ class KeyRing:
 
 
 KEYRING = web.AppKey("keyring", KeyRing)
+# The digest of the request's API key (absent when no keys are configured).
+KEY = "api_key_digest"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
 async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Inside the error middleware: its refusals become OpenAI envelopes there."""
+    """Inside the error middleware: its refusals become OpenAI envelopes there. The key's
+    digest is the request's ``KEY`` (what it owns, such as kept responses, is the key's)."""
     keyring = request.app[KEYRING]
     if not keyring.enabled or not request.path.startswith("/v1/"):
         return await handler(request)
-    async with keyring.admit(keyring.identify(request)):
+    digest = request[KEY] = keyring.identify(request)
+    async with keyring.admit(digest):
         return await handler(request)
 
 

@@ -181,6 +181,25 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class ResponsesConfig:
+    """The answers ``/v1/responses`` keeps for ``previous_response_id`` and retrieval."""
+
+    # At most this many kept; the oldest go first. 0 keeps none.
+    max_stored: int = 1000
+    # Seconds one is kept.
+    max_age: float = 3600.0
+    # Most bytes they take together (input and output items as JSON).
+    max_bytes: int = field(default=256 << 20, metadata={"unit": "bytes"})
+
+    def check_config(self, key: str) -> None:
+        if self.max_stored < 0:
+            raise ConfigError(f"{key}.max_stored: must not be negative (0 keeps none)")
+        _check_positive(self.max_age, f"{key}.max_age")
+        if self.max_bytes < 1024:
+            raise ConfigError(f"{key}.max_bytes: must be at least 1KiB")
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """Who may call the API (/v1): keys given inline and/or in a keys file, and per-key limits.
 
@@ -220,6 +239,7 @@ class CortexConfig:
     fleet: FleetConfig = field(default_factory=FleetConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    responses: ResponsesConfig = field(default_factory=ResponsesConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
 

@@ -44,6 +44,10 @@ class ModelNotFound(CortexError):
     """No model of that name is in the catalogue or loaded on a healthy neuron."""
 
 
+class ResponseNotFound(CortexError):
+    """No kept response has that id (never made, not stored, expired or deleted)."""
+
+
 class NoCapacity(CortexError):
     """No healthy neuron can serve the model now (all down, draining, full); retry later.
 

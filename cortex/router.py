@@ -25,6 +25,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -292,9 +293,15 @@ class Router:
 
     # ---- generation ----
 
-    async def open(self, model_id: str, request: pb.GenerateRequest) -> Stream:
+    async def open(
+        self,
+        model_id: str,
+        request: pb.GenerateRequest,
+        param: Callable[[str], str] | None = None,
+    ) -> Stream:
         """Send ``request`` to a neuron and return once its first message is there to take,
-        trying others until one gets that far."""
+        trying others until one gets that far. A field the neuron refuses is a 400 naming it
+        as ``param`` says (OpenAI chat's names by default)."""
         timeouts = self.config.timeouts
         self._admit(model_id)
         tried: set[str] = set()
@@ -343,7 +350,7 @@ class Router:
                 else:
                     code, details = e.code, e.details
             if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise _bad_request(details)
+                raise _bad_request(details, param or openai_param)
             broke_before = any(c in _BROKEN for c, _ in failures)
             if code not in _RETRYABLE or (code in _BROKEN and broke_before):
                 raise NeuronFailed(
@@ -411,10 +418,10 @@ def openai_param(field: str) -> str:
     return field
 
 
-def _bad_request(details: str) -> BadRequest:
+def _bad_request(details: str, name: Callable[[str], str]) -> BadRequest:
     """The neuron's INVALID_ARGUMENT ("field: why") as a 400 naming the client's field."""
     field, sep, why = details.partition(":")
     if not sep:
         return BadRequest(details)
-    param = openai_param(field)
+    param = name(field)
     return BadRequest(param + sep + why, param=param)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import aiohttp
 import grpc
 import tomli_w
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -468,3 +469,44 @@ class Many:
 
 def _is_last(event: pb.GenerateEvent) -> bool:
     return event.HasField("error") or bool(event.response.finish_reason)
+
+
+async def leave_stream_and_see_it_cancelled(
+    cortex: CortexProcess, neuron: NeuronProcess, path: str, body: dict[str, Any], event: bytes
+) -> None:
+    """Stream ``body`` from ``path``, leave after three lines starting with ``event``, and
+    wait until the neuron counts the generation cancelled (nothing left running) and cortex
+    counts a 499 on the route."""
+
+    def cancelled() -> float:
+        text = neuron.metrics()
+        return metric_value(text, "helexa_neuron_requests_total", finish_reason="cancelled")
+
+    before = cancelled()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(cortex.url + path, json=body) as r:
+            assert r.status == 200
+            seen = 0
+            async for line in r.content:
+                seen += line.startswith(event)
+                if seen >= 3:
+                    break
+        # Leaving the block closes the connection mid-stream.
+    await _poll(lambda: cancelled() > before, 60, "the neuron never saw the generation cancelled")
+    running = metric_value(neuron.metrics(), "helexa_neuron_requests_running", model=DEMO_ID)
+    assert running == 0
+    await _poll(
+        lambda: metric_value(
+            cortex.metrics(), "helexa_gateway_requests_total", route=path, status="499"
+        ),
+        10,
+        "the disconnect was not counted as 499",
+    )
+
+
+async def _poll(condition: Callable[[], object], within: float, what: str) -> None:
+    """``until`` for a condition that asks a daemon over HTTP: every 50 ms."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)

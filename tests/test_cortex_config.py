@@ -73,6 +73,7 @@ def test_example_configs_document_every_key(tmp_path: Path) -> None:
         "retry_after", "retry_after_max", "max_tokens", "max_body", "keys", "keys_file",
         "allow_unauthenticated", "max_concurrent", "requests_per_minute", "drain_timeout",
         "token", "token_file", "ca_file", "cert_file", "key_file", "server_name",
+        "max_stored", "max_age", "max_bytes",
     ]:  # fmt: skip
         assert f"{key} =" in cortex_text, key
     models_text = (ROOT / "configs/models.example.toml").read_text()
@@ -99,6 +100,10 @@ def test_example_configs_document_every_key(tmp_path: Path) -> None:
         ("[fleet]\nkeepalive_time = 1", "", "fleet.keepalive_time"),
         ("[timeouts]\nstall = 0", "", "timeouts.stall"),
         ("[timeouts]\nqueue = 0", "", "timeouts.queue"),
+        ("[responses]\nmax_stored = -1", "", "responses.max_stored"),
+        ("[responses]\nmax_age = 0", "", "responses.max_age"),
+        ("[responses]\nmax_bytes = '1KB'", "", "responses.max_bytes"),
+        ("[responses]\nkeep = 5", "", "responses.keep: unknown key"),
         ("[timeouts]\nretry_after = 10\nretry_after_max = 5", "", "timeouts.retry_after_max"),
         ("[[neurons]]\nname = 'a'\nendpoint = 'nowhere'", "", "neurons[0].endpoint"),
         ("[[neurons]]\nendpoint = 'h:1'", "", "neurons[0].name: required key is missing"),

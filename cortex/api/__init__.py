@@ -1,7 +1,7 @@
 """cortex's HTTP surface: the aiohttp application, its error middleware and the probes.
 
-Handlers per API surface live beside this module (``openai``); they parse, call the router
-and write. Every failure of any handler becomes OpenAI's error envelope in the middleware,
+Handlers per API surface live beside this module (``openai``, ``responses``); they parse,
+and ``relay`` calls the router and writes. Every failure of any handler becomes OpenAI's error envelope in the middleware,
 through ``cortex.api.errors``.
 """
 
@@ -151,7 +151,7 @@ async def ready(request: web.Request) -> web.Response:
 def build_app(
     gateway: Gateway, keyring: KeyRing, connections: Connections | None = None
 ) -> web.Application:
-    from cortex.api import openai, openapi
+    from cortex.api import openai, openapi, responses
 
     app = web.Application(
         middlewares=[_errors, require_key], client_max_size=gateway.config.limits.max_body
@@ -163,4 +163,5 @@ def build_app(
     app.router.add_get("/ready", ready)
     app.router.add_get("/openapi.json", openapi.openapi)
     openai.add_routes(app)
+    responses.add_routes(app)
     return app

@@ -156,27 +156,25 @@ def tools(value: Any, key: str = "tools") -> list[pb.Tool]:
     out: list[pb.Tool] = []
     seen: set[str] = set()
     for i, item in enumerate(items(value, key, "tools", MAX_TOOLS)):
-        where = f"{key}[{i}].function"
-        function = _function(item, f"{key}[{i}]")
-        tool_name = name(function, "name", where)
-        if tool_name in seen:
-            raise BadRequest(
-                f"'{where}.name': the tool name {tool_name!r} is listed twice",
-                param=f"{where}.name",
-            )
-        seen.add(tool_name)
-        parameters = function.get("parameters")
-        boolean(function, "strict", where)  # calls always follow the schema
-        out.append(
-            pb.Tool(
-                name=tool_name,
-                description=string(function, "description", where),
-                parameters=""
-                if parameters is None
-                else schema_text(parameters, f"{where}.parameters"),
-            )
-        )
+        out.append(_tool(_function(item, f"{key}[{i}]"), f"{key}[{i}].function", seen))
     return out
+
+
+def _tool(function: dict[str, Any], where: str, seen: set[str]) -> pb.Tool:
+    """One function's ``name`` (not in ``seen``), ``description``, ``parameters``, ``strict``."""
+    tool_name = name(function, "name", where)
+    if tool_name in seen:
+        raise BadRequest(
+            f"'{where}.name': the tool name {tool_name!r} is listed twice", param=f"{where}.name"
+        )
+    seen.add(tool_name)
+    parameters = function.get("parameters")
+    boolean(function, "strict", where)  # calls always follow the schema
+    return pb.Tool(
+        name=tool_name,
+        description=string(function, "description", where),
+        parameters="" if parameters is None else schema_text(parameters, f"{where}.parameters"),
+    )
 
 
 def tool_choice(value: Any, names: list[str], key: str = "tool_choice") -> pb.ToolChoice | None:
@@ -258,6 +256,37 @@ def response_format(value: Any, key: str = "response_format") -> pb.OutputConstr
     )
 
 
+def constrain(
+    request: pb.GenerateRequest,
+    tools: list[pb.Tool],
+    choice: pb.ToolChoice | None,
+    parallel: bool | None,
+    output: pb.OutputConstraint | None,
+    output_key: str,
+) -> None:
+    """Parsed tools, tool choice, parallel calls and output format into ``request``;
+    ``output_key`` names the format's field, refused with tools left free to be called."""
+    if tools:
+        request.tools.extend(tools)
+        if choice is not None:
+            request.tool_choice.CopyFrom(choice)
+        if parallel is not None:
+            request.parallel_tool_calls = parallel
+    if output is None:
+        return
+    mode = request.tool_choice.mode
+    if tools and mode == pb.TOOL_CHOICE_MODE_AUTO:
+        # The answer is text or calls: the neuron cannot hold the text to a format and leave
+        # calls free at once.
+        raise BadRequest(
+            f"'{output_key}' with 'tools' is served only with tool_choice 'none', "
+            "'required' or a named function, not 'auto'",
+            param=output_key,
+        )
+    if not tools or mode == pb.TOOL_CHOICE_MODE_NONE:  # forced calls leave no text to format
+        request.output.CopyFrom(output)
+
+
 def logit_bias(value: Any, key: str = "logit_bias") -> dict[int, float]:
     """Token ids (as strings) to biases of -100 to 100."""
     if value is None:
@@ -290,3 +319,98 @@ def refuse(body: dict[str, Any], unsupported: dict[str, str]) -> None:
     for field, why in unsupported.items():
         if body.get(field) is not None:
             raise BadRequest(f"'{field}' is not supported: {why}", param=field)
+
+
+# ---- the model, the length, sampling ----
+
+
+def model(body: dict[str, Any]) -> str:
+    """The ``model`` a client names (an id or an alias; the router resolves it)."""
+    value = body.get("model")
+    if not isinstance(value, str) or not value:
+        raise BadRequest("'model' is required: a non-empty string", param="model")
+    return value
+
+
+def max_tokens(body: dict[str, Any], key: str, limit: int) -> int | None:
+    """A bound on the answer's tokens: 1 to ``limit`` (``[limits] max_tokens``)."""
+    value = integer(body, key)
+    if value is None:
+        return None
+    if value < 1:
+        raise BadRequest(f"'{key}' must be at least 1, got {value}", param=key)
+    if value > limit:
+        raise BadRequest(f"'{key}' must be at most {limit}, got {value}", param=key)
+    return value
+
+
+def sampling(body: dict[str, Any], request: pb.GenerateRequest) -> None:
+    """``temperature`` (0 to 2) and ``top_p`` (above 0, to 1) into ``request``."""
+    temperature = number(body, "temperature", 0.0, 2.0)
+    if temperature is not None:
+        request.temperature = temperature
+    top_p = number(body, "top_p", 0.0, 1.0)
+    if top_p is not None:
+        if top_p == 0:
+            raise BadRequest("'top_p' must be greater than 0", param="top_p")
+        request.top_p = top_p
+
+
+# ---- the Responses API's shapes: flat tools, tool choice and format ----
+
+
+def flat_tools(value: Any, key: str = "tools") -> list[pb.Tool]:
+    """Responses' ``tools``: ``{"type": "function", "name", ...}`` each; a hosted tool (web
+    search, file search, code interpreter, computer use, MCP, ...) is refused by its type."""
+    out: list[pb.Tool] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items(value, key, "tools", MAX_TOOLS)):
+        where = f"{key}[{i}]"
+        kind = obj(item, where).get("type")
+        if kind != "function":
+            raise BadRequest(
+                f"'{where}.type': {kind!r} tools are not served (hosted tools run on OpenAI's "
+                "service); only 'function' tools, which the client runs",
+                param=f"{where}.type",
+            )
+        out.append(_tool(item, where, seen))
+    return out
+
+
+def flat_tool_choice(
+    value: Any, names: list[str], key: str = "tool_choice"
+) -> pb.ToolChoice | None:
+    """``auto``, ``none``, ``required`` or ``{"type": "function", "name"}`` naming one of
+    ``names``; ``None`` when not given."""
+    if value is None or isinstance(value, str):
+        return tool_choice(value, names, key)
+    kind = obj(value, key).get("type")
+    if kind != "function":
+        raise BadRequest(
+            f"'{key}.type' must be 'function' (the only kind of tool served), got {kind!r}",
+            param=f"{key}.type",
+        )
+    chosen = string(value, "name", key, required=True)
+    if chosen not in names:
+        raise BadRequest(
+            f"'{key}' names the function {chosen!r}, which is not among 'tools'", param=key
+        )
+    return pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_FUNCTION, function=chosen)
+
+
+def text_format(value: Any, key: str = "text.format") -> pb.OutputConstraint | None:
+    """Responses' ``text.format``: ``response_format``'s kinds, a ``json_schema``'s ``name``,
+    ``schema`` (an object), ``description`` and ``strict`` beside its ``type``."""
+    if value is None or obj(value, key).get("type") != "json_schema":
+        return response_format(value, key)
+    name(value, "name", key)
+    string(value, "description", key)
+    boolean(value, "strict", key)  # the answer always follows the schema
+    return pb.OutputConstraint(json_schema=schema_text(value.get("schema"), f"{key}.schema"))
+
+
+def arguments(body: dict[str, Any], field: str, prefix: str) -> str:
+    """A call's arguments: a JSON object as text."""
+    text = string(body, field, prefix, required=True)
+    _arguments_object(text, at(prefix, field))
+    return text

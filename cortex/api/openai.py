@@ -1,53 +1,31 @@
 """The OpenAI-compatible surface: chat completions, completions and models.
 
-Handlers parse and validate the body (a wrong field is a 400 naming it), ask the router to open
-a stream of ``GenerateResponse`` messages, and write JSON or SSE. The opening (placement,
-retries, the first message) runs on its own task while keep-alive comments go out; then the
-handler takes the messages straight from the generation's buffer: each SSE write carries
-everything that arrived while the previous write was in flight (the first token goes out at
-once), keep-alive comments are sent while no token comes, and a stream with no token for
-``timeouts.stall`` ends with an error event. When the client disconnects, aiohttp cancels the
-handler (``handler_cancellation``), which closes the stream and so cancels the generation on
-the neuron, which stops generating.
+Handlers parse and validate the body (a wrong field is a 400 naming it) and hand ``Answer``,
+which says how chat and completion answers look, to ``cortex.api.relay``: it opens the
+generation, waits with keep-alives, and writes the JSON or SSE.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from cortex import metrics
 from cortex.api import Gateway, fields, gateway_of
 from cortex.api.errors import error_body
-from cortex.errors import (
-    BadRequest,
-    BodyTimeout,
-    BodyTooLarge,
-    CortexError,
-    NeuronFailed,
-    StreamStalled,
-)
-from cortex.router import Stream
+from cortex.api.relay import Outcome, checked, read_body, relay
+from cortex.errors import BadRequest, CortexError
+from cortex.router import openai_param
 from helexa.neuron.v1 import neuron_pb2 as pb
-
-log = logging.getLogger(__name__)
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _ROLES["tool"] = "tool"
-_FINISH = {
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
-}
 MAX_STOP = 16
 MAX_COMPLETION_LOGPROBS = 5
 # Fields of OpenAI's chat API that cortex does not serve: refused by name, never ignored.
@@ -65,7 +43,6 @@ _COMPLETION_UNSUPPORTED = {
     "parallel_tool_calls": "tools are served on /v1/chat/completions",
     "response_format": "output formats are served on /v1/chat/completions",
 }
-KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 
 
@@ -111,63 +88,20 @@ class Parsed:
     include_usage: bool
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    limit = request.client_max_size
-    if (request.content_length or 0) > limit:
-        raise _too_large(limit)
-    within = gateway_of(request).config.timeouts.body
-    try:
-        async with asyncio.timeout(within):
-            raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(limit) from None
-    except TimeoutError:
-        raise BodyTimeout(
-            f"The request body did not arrive within timeouts.body ({within:g} s)"
-        ) from None
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"The request body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise BadRequest("The request body is not valid JSON: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object")
-    return body
-
-
-def _too_large(limit: int) -> BodyTooLarge:
-    return BodyTooLarge(f"The request body is larger than the limit of {limit} bytes")
-
-
 def _common(gateway: Gateway, body: dict[str, Any], request: pb.GenerateRequest) -> Parsed:
     """The fields chat and completions share; fills ``request`` and resolves the model."""
-    name = body.get("model")
-    if not isinstance(name, str) or not name:
-        raise BadRequest("'model' is required: a non-empty string", param="model")
+    name = fields.model(body)
     n = fields.integer(body, "n")
     if n is not None and n != 1:
         raise BadRequest(f"'n' must be 1 (one choice per request), got {n}", param="n")
     limit = gateway.config.limits.max_tokens
     request.max_tokens_limit = limit  # also bounds a request that leaves max_tokens out
     for key in ("max_completion_tokens", "max_tokens"):
-        value = fields.integer(body, key)
-        if value is None:
-            continue
-        if value < 1:
-            raise BadRequest(f"'{key}' must be at least 1, got {value}", param=key)
-        if value > limit:
-            raise BadRequest(f"'{key}' must be at most {limit}, got {value}", param=key)
-        request.max_tokens = value
-        break
-    temperature = fields.number(body, "temperature", 0.0, 2.0)
-    if temperature is not None:
-        request.temperature = temperature
-    top_p = fields.number(body, "top_p", 0.0, 1.0)
-    if top_p is not None:
-        if top_p == 0:
-            raise BadRequest("'top_p' must be greater than 0", param="top_p")
-        request.top_p = top_p
+        value = fields.max_tokens(body, key, limit)
+        if value is not None:
+            request.max_tokens = value
+            break
+    fields.sampling(body, request)
     for key in ("presence_penalty", "frequency_penalty"):
         penalty = fields.number(body, key, -2.0, 2.0)
         if penalty is not None:
@@ -294,25 +228,7 @@ def _tools(body: dict[str, Any], request: pb.GenerateRequest) -> None:
     choice = fields.tool_choice(body.get("tool_choice"), [t.name for t in tools])
     parallel = fields.boolean(body, "parallel_tool_calls")
     output = fields.response_format(body.get("response_format"))
-    if tools:
-        request.tools.extend(tools)
-        if choice is not None:
-            request.tool_choice.CopyFrom(choice)
-        if parallel is not None:
-            request.parallel_tool_calls = parallel
-    if output is None:
-        return
-    mode = request.tool_choice.mode
-    if tools and mode == pb.TOOL_CHOICE_MODE_AUTO:
-        # The answer is text or calls: the neuron cannot hold the text to a format and leave
-        # calls free at once.
-        raise BadRequest(
-            "'response_format' with 'tools' is served only with tool_choice 'none', "
-            "'required' or a named function, not 'auto'",
-            param="response_format",
-        )
-    if not tools or mode == pb.TOOL_CHOICE_MODE_NONE:  # forced calls leave no text to format
-        request.output.CopyFrom(output)
+    fields.constrain(request, tools, choice, parallel, output, "response_format")
 
 
 def parse_completion(gateway: Gateway, body: dict[str, Any]) -> Parsed:
@@ -345,31 +261,6 @@ def parse_completion(gateway: Gateway, body: dict[str, Any]) -> Parsed:
 
 
 # ---- answering ----
-
-
-@dataclass
-class Outcome:
-    """What a generation came to: its finish and usage, and for a whole answer everything."""
-
-    text: str = ""
-    finish_reason: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    tool_calls: list[pb.ToolCallDelta] = field(default_factory=list)
-    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
-
-
-def _absorb(outcome: Outcome, message: pb.GenerateResponse) -> str:
-    """Fold one message's finish and usage into ``outcome``; returns its text."""
-    if message.finish_reason == pb.FINISH_REASON_CANCELLED:
-        raise NeuronFailed("the neuron cancelled the generation (it is shutting down)")
-    if message.finish_reason:
-        outcome.finish_reason = _FINISH.get(message.finish_reason, "stop")
-        outcome.prompt_tokens = message.usage.prompt_tokens
-        outcome.completion_tokens = message.usage.completion_tokens
-        outcome.cached_tokens = message.usage.cached_prompt_tokens
-    return message.text
 
 
 def _usage(outcome: Outcome) -> dict[str, Any]:
@@ -422,14 +313,17 @@ def _chat_logprobs(tokens: list[pb.TokenLogprob]) -> dict[str, Any]:
 
 
 class Answer:
-    """How one surface (chat or completions) shapes its JSON and its SSE chunks."""
+    """How one surface (chat or completions) shapes its JSON and its SSE chunks: the relay's
+    ``Dialect`` for them."""
 
     def __init__(self, kind: str, parsed: Parsed) -> None:
         self.chat = kind == "chat"
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.parsed = parsed
-        generate = parsed.generate
+        self.model = parsed.model
+        self.generate = generate = parsed.generate
+        self.stream = parsed.stream
         self.logprobs = generate.logprobs
         # Whether messages may carry more than text (else each write is a text chunk).
         self.rich = generate.logprobs or bool(generate.tools)
@@ -516,6 +410,23 @@ class Answer:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return _sse({**self._base(kind), "choices": [], "usage": _usage(outcome)})
 
+    def param(self, field: str) -> str:
+        return openai_param(field)
+
+    def opening(self) -> bytes:
+        return b""
+
+    delta = delta_chunk
+
+    def ending(self, outcome: Outcome) -> bytes:
+        end = self.chunk(None if self.chat else "", outcome.finish_reason)
+        if self.parsed.include_usage:
+            end += self.usage_chunk(outcome)
+        return end + DONE
+
+    def failure(self, error: CortexError) -> bytes:
+        return _sse(error_body(error)) + DONE
+
     def _logprobs(self, tokens: list[pb.TokenLogprob]) -> dict[str, Any]:
         if self.chat:
             return _chat_logprobs(tokens)
@@ -543,184 +454,17 @@ def _sse(body: dict[str, Any]) -> bytes:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gateway = gateway_of(request)
-    parsed = _parse(parse_chat, gateway, await _body(request))
-    return await _answer(request, gateway, Answer("chat", parsed))
+    parsed = _parse(parse_chat, gateway, await read_body(request))
+    return await relay(request, gateway, Answer("chat", parsed))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     gateway = gateway_of(request)
-    parsed = _parse(parse_completion, gateway, await _body(request))
-    return await _answer(request, gateway, Answer("completion", parsed))
+    parsed = _parse(parse_completion, gateway, await read_body(request))
+    return await relay(request, gateway, Answer("completion", parsed))
 
 
 def _parse(
     parse: Callable[[Gateway, dict[str, Any]], Parsed], gateway: Gateway, body: dict[str, Any]
 ) -> Parsed:
-    try:
-        return parse(gateway, body)
-    except UnicodeEncodeError:  # JSON may escape a lone surrogate; protobuf strings cannot hold it
-        raise BadRequest(
-            "The request holds a string that is not valid Unicode (a lone surrogate such as "
-            "\\ud800)"
-        ) from None
-
-
-def constraint(request: pb.GenerateRequest) -> str | None:
-    """What the neuron holds the output to: ``json_object``, ``json_schema``, ``tools``."""
-    output = request.output.WhichOneof("kind")
-    if output is not None:
-        return output
-    if request.tools and request.tool_choice.mode != pb.TOOL_CHOICE_MODE_NONE:
-        return "tools"
-    return None
-
-
-async def _answer(request: web.Request, gateway: Gateway, answer: Answer) -> web.StreamResponse:
-    parsed = answer.parsed
-    request["model_label"] = parsed.model
-    parsed.generate.request_id = answer.id
-    kind = constraint(parsed.generate)
-    if kind is not None:
-        metrics.CONSTRAINED.labels(kind=kind).inc()
-    arrived = time.monotonic()
-    opening = gateway.router.open(parsed.model, parsed.generate)
-    if not parsed.stream:
-        return await _whole(gateway, answer, opening)
-    return await _stream(request, gateway, answer, asyncio.create_task(opening), arrived)
-
-
-async def _whole(
-    gateway: Gateway, answer: Answer, opening: Coroutine[Any, Any, Stream]
-) -> web.Response:
-    """The answer as one JSON body. Its tokens come held together (``message_interval``), so
-    there is no first-token time."""
-    timeouts = gateway.config.timeouts
-    # Before the first message a placement may run (bounded by timeouts.load).
-    within = timeouts.load + timeouts.stall
-    try:
-        async with asyncio.timeout(within):  # cancels the opening, and so the generation
-            stream = await opening
-    except TimeoutError:
-        raise StreamStalled(f"no token from the neuron within {within:g} seconds") from None
-    loop = asyncio.get_running_loop()
-    outcome = Outcome()
-    parts: list[str] = []
-    try:
-        while True:
-            for message in stream.take():
-                parts.append(_absorb(outcome, message))
-                outcome.tool_calls.extend(message.tool_calls)
-                outcome.logprobs.extend(message.logprobs)
-            if outcome.finish_reason:
-                outcome.text = "".join(parts)
-                return web.json_response(answer.whole(outcome))
-            if not await stream.wait(loop.time() + timeouts.stall):
-                raise StreamStalled(f"no token from the neuron within {timeouts.stall:g} seconds")
-    finally:
-        stream.close()
-
-
-async def _stream(
-    request: web.Request,
-    gateway: Gateway,
-    answer: Answer,
-    opening: asyncio.Task[Stream],
-    arrived: float,
-) -> web.StreamResponse:
-    """The answer as SSE. Each write carries every message that came while the last one was
-    in flight; the response opens with the first message, or with the first keep-alive."""
-    timeouts = gateway.config.timeouts
-    loop = asyncio.get_running_loop()
-    response: web.StreamResponse | None = None
-    stalled = StreamStalled(f"no token from the neuron for {timeouts.stall:g} seconds")
-    try:
-        # Until the first message a placement may run (bounded by timeouts.load).
-        deadline = loop.time() + timeouts.load + timeouts.stall
-        while True:
-            await asyncio.wait((opening,), timeout=min(timeouts.keepalive, deadline - loop.time()))
-            if opening.done():
-                break
-            if loop.time() >= deadline:
-                return await _fail(answer, response, stalled)
-            response = response or await _begin(request)
-            await response.write(KEEPALIVE)
-        try:
-            stream = opening.result()
-        except CortexError as e:
-            return await _fail(answer, response, e)
-        metrics.TIME_TO_FIRST_TOKEN.labels(model=answer.parsed.model).observe(
-            time.monotonic() - arrived
-        )
-        outcome = Outcome()
-        first = True
-        last_token = last_write = loop.time()
-        while True:
-            try:
-                messages = stream.take()
-                text = "".join([_absorb(outcome, message) for message in messages])
-            except CortexError as e:
-                return await _fail(answer, response, e)
-            if messages:
-                last_token = loop.time()
-                out = [answer.delta_chunk(text, messages, first)]
-                first = False
-                if outcome.finish_reason:
-                    out.append(answer.chunk(None if answer.chat else "", outcome.finish_reason))
-                    if answer.parsed.include_usage:
-                        out.append(answer.usage_chunk(outcome))
-                    out.append(DONE)
-                response = response or await _begin(request)
-                joined = b"".join(out)
-                if joined:
-                    await response.write(joined)
-                    last_write = loop.time()
-                if outcome.finish_reason:
-                    await response.write_eof()
-                    return response
-            until = min(last_write + timeouts.keepalive, last_token + timeouts.stall)
-            if await stream.wait(until):
-                continue
-            if loop.time() >= last_token + timeouts.stall:
-                return await _fail(answer, response, stalled)
-            response = response or await _begin(request)
-            await response.write(KEEPALIVE)
-            last_write = loop.time()
-    finally:
-        if opening.done():
-            _close_opened(opening)
-        else:  # the client left first: the opening stops, or closes what it opened
-            opening.cancel()
-            opening.add_done_callback(_close_opened)
-
-
-def _close_opened(opening: asyncio.Task[Stream]) -> None:
-    if not opening.cancelled() and opening.exception() is None:
-        opening.result().close()
-
-
-async def _begin(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
-    await response.prepare(request)
-    return response
-
-
-async def _fail(
-    answer: Answer, response: web.StreamResponse | None, error: CortexError
-) -> web.StreamResponse:
-    """End the answer with ``error``: its HTTP status if nothing was sent yet, else an error
-    event."""
-    if response is None:
-        raise error
-    log.warning(
-        "stream failed request_id=%s model=%s error=%s",
-        answer.id, answer.parsed.model, error.message,
-    )  # fmt: skip
-    await response.write(_sse(error_body(error)) + DONE)
-    await response.write_eof()
-    return response
+    return checked(parse, gateway, body)

@@ -1,8 +1,8 @@
 """The API's own OpenAPI 3.1 description, served at ``/openapi.json``.
 
-Written by hand for what cortex really accepts (the fields ``cortex.api.openai`` reads; an
-OpenAI field cortex does not serve is a 400 naming it, any other field is ignored) and
-answers; a test keeps its paths equal to the routes cortex serves.
+Written by hand for what cortex really accepts (the fields ``cortex.api.openai`` and
+``cortex.api.responses`` read; an OpenAI field cortex does not serve is a 400 naming it, any
+other field is ignored) and answers; a test keeps its paths equal to the routes cortex serves.
 """
 
 from __future__ import annotations
@@ -232,6 +232,238 @@ def _answer(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_TEXT_CONTENT = {
+    "oneOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "text"],
+                "properties": {
+                    "type": {"enum": ["input_text", "output_text"]},
+                    "text": {"type": "string"},
+                },
+            },
+            "description": "Text parts only: input_image, input_file and input_audio are a 400",
+        },
+    ]
+}
+_FLAT_FUNCTION = _obj(
+    {
+        "type": {"const": "function"},
+        "name": _NAME,
+        "description": {"type": "string"},
+        "parameters": {"type": "object", "description": "A JSON schema"},
+        "strict": {"type": "boolean", "description": "Calls always follow the schema"},
+    },
+    "type",
+    "name",
+)
+_CALL_ITEM = {
+    "type": "object",
+    "required": ["type", "call_id", "name", "arguments"],
+    "properties": {
+        "type": {"const": "function_call"},
+        "id": {"type": "string"},
+        "call_id": {"type": "string"},
+        "name": {"type": "string"},
+        "arguments": {"type": "string", "description": "A JSON object, as text"},
+        "status": {"enum": ["in_progress", "completed", "incomplete"]},
+    },
+}
+_RESPONSES: dict[str, Any] = {
+    "ResponseRequest": {
+        "type": "object",
+        "required": ["model", "input"],
+        "properties": {
+            "model": _SAMPLING["model"],
+            "input": {
+                "description": "A user message, or items: messages, the function calls of "
+                "an earlier answer and their outputs (function_call_output answers a "
+                "call_id). Other item types (reasoning, item_reference, hosted tools' "
+                "calls) are a 400",
+                "oneOf": [
+                    {"type": "string", "minLength": 1},
+                    {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 2048,
+                        "items": {
+                            "oneOf": [
+                                {
+                                    "type": "object",
+                                    "required": ["role", "content"],
+                                    "properties": {
+                                        "type": {"const": "message"},
+                                        "role": {
+                                            "enum": ["user", "system", "developer", "assistant"]
+                                        },
+                                        "content": _TEXT_CONTENT,
+                                    },
+                                },
+                                _CALL_ITEM,
+                                {
+                                    "type": "object",
+                                    "required": ["type", "call_id", "output"],
+                                    "properties": {
+                                        "type": {"const": "function_call_output"},
+                                        "call_id": {"type": "string"},
+                                        "output": _TEXT_CONTENT,
+                                    },
+                                },
+                            ]
+                        },
+                    },
+                ],
+            },
+            "instructions": {"type": "string", "description": "The system message"},
+            "previous_response_id": {
+                "type": "string",
+                "description": "Continue a kept response: its input and output come before "
+                "'input' (its instructions do not); unknown or expired: 404",
+            },
+            "store": {
+                "type": "boolean",
+                "default": True,
+                "description": "Keep the answer for previous_response_id and GET, within "
+                "[responses] max_stored, max_age and max_bytes",
+            },
+            "max_output_tokens": _SAMPLING["max_tokens"],
+            "temperature": _SAMPLING["temperature"],
+            "top_p": _SAMPLING["top_p"],
+            "stream": _SAMPLING["stream"],
+            "tools": {
+                "type": "array",
+                "maxItems": 128,
+                "items": _FLAT_FUNCTION,
+                "description": "Function tools only: hosted tools (web_search, file_search, "
+                "code_interpreter, computer use, mcp, ...) are a 400",
+            },
+            "tool_choice": {
+                "oneOf": [
+                    {"enum": ["auto", "none", "required"]},
+                    _obj(
+                        {"type": {"const": "function"}, "name": {"type": "string"}}, "type", "name"
+                    ),
+                ],
+                "default": "auto",
+            },
+            "parallel_tool_calls": _TOOLS["parallel_tool_calls"],
+            "text": {
+                "type": "object",
+                "properties": {
+                    "format": {
+                        "description": "With tools and tool_choice auto, only text (else 400)",
+                        "oneOf": [
+                            _obj({"type": {"enum": ["text", "json_object"]}}, "type"),
+                            _obj(
+                                {
+                                    "type": {"const": "json_schema"},
+                                    "name": _NAME,
+                                    "schema": {"type": "object"},
+                                    "description": {"type": "string"},
+                                    "strict": {"type": "boolean"},
+                                },
+                                "type",
+                                "name",
+                                "schema",
+                            ),
+                        ],
+                    }
+                },
+            },
+            "metadata": {
+                "type": "object",
+                "maxProperties": 16,
+                "additionalProperties": {"type": "string", "maxLength": 512},
+            },
+            "user": {"type": "string"},
+            "truncation": {"const": "disabled"},
+            "background": {"const": False},
+        },
+    },
+    "Response": {
+        "type": "object",
+        "required": ["id", "object", "created_at", "status", "model", "output", "usage"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "response"},
+            "created_at": {"type": "integer"},
+            "completed_at": {"type": ["integer", "null"]},
+            "status": {
+                "enum": ["completed", "incomplete", "failed"],
+                "description": "incomplete: cut by max_output_tokens or the model's context",
+            },
+            "incomplete_details": {
+                "type": ["object", "null"],
+                "properties": {"reason": {"const": "max_output_tokens"}},
+            },
+            "error": {"type": ["object", "null"]},
+            "model": {"type": "string"},
+            "previous_response_id": {"type": ["string", "null"]},
+            "output": {
+                "type": "array",
+                "items": {
+                    "oneOf": [
+                        {
+                            "type": "object",
+                            "required": ["id", "type", "role", "status", "content"],
+                            "properties": {
+                                "id": {"type": "string"},
+                                "type": {"const": "message"},
+                                "role": {"const": "assistant"},
+                                "status": {"enum": ["completed", "incomplete"]},
+                                "content": {
+                                    "type": "array",
+                                    "items": _obj(
+                                        {
+                                            "type": {"const": "output_text"},
+                                            "text": {"type": "string"},
+                                            "annotations": {"type": "array"},
+                                        },
+                                        "type",
+                                        "text",
+                                    ),
+                                },
+                            },
+                        },
+                        _CALL_ITEM,
+                    ]
+                },
+            },
+            "usage": {
+                "type": ["object", "null"],
+                "properties": {
+                    "input_tokens": {"type": "integer"},
+                    "output_tokens": {"type": "integer"},
+                    "total_tokens": {"type": "integer"},
+                    "input_tokens_details": {
+                        "type": "object",
+                        "properties": {
+                            "cached_tokens": {
+                                "type": "integer",
+                                "description": "Of input_tokens, those the neuron's prefix "
+                                "cache held",
+                            },
+                            "cache_write_tokens": {"type": "integer"},
+                        },
+                    },
+                    "output_tokens_details": {
+                        "type": "object",
+                        "properties": {"reasoning_tokens": {"const": 0}},
+                    },
+                },
+            },
+        },
+    },
+    "ResponseDeleted": _obj(
+        {"id": {"type": "string"}, "object": {"const": "response"}, "deleted": {"const": True}},
+        "id",
+        "object",
+        "deleted",
+    ),
+}
 _SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -339,6 +571,7 @@ _SCHEMAS: dict[str, Any] = {
         },
     },
     "Probe": {"type": "object", "properties": {"status": {"type": "string"}}},
+    **_RESPONSES,
 }
 
 
@@ -372,6 +605,37 @@ DOCUMENT: dict[str, Any] = {
             "Chat completion", "ChatCompletionRequest", "ChatCompletion"
         ),
         "/v1/completions": _generation("Text completion", "CompletionRequest", "Completion"),
+        "/v1/responses": _generation(
+            "A response (OpenAI's Responses API). With stream: true, server-sent events "
+            "(event: TYPE) from response.created to response.completed or "
+            "response.incomplete, each with a rising sequence_number; a failure after the "
+            "first is an error event, then response.failed",
+            "ResponseRequest",
+            "Response",
+        ),
+        "/v1/responses/{response_id}": {
+            **_get(
+                "A kept response",
+                "Response",
+                **{"401": _ERROR, "404": {**_ERROR, "description": "Unknown, expired or deleted"}},
+            ),
+            "delete": {
+                "summary": "Forget a kept response",
+                "responses": {
+                    "200": _json(_ref("ResponseDeleted"), "Deleted"),
+                    "401": _ERROR,
+                    "404": {**_ERROR, "description": "Unknown, expired or deleted"},
+                },
+            },
+            "parameters": [
+                {
+                    "name": "response_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            ],
+        },
         "/v1/models": _get("Every model cortex serves", "ModelList", **{"401": _ERROR}),
         "/v1/models/{model}": {
             **_get("One model, by id or alias", "Model", **{"401": _ERROR, "404": _ERROR}),
