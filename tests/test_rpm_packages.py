@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 from pathlib import Path
@@ -182,6 +183,9 @@ def test_install_venv_installs_torch_from_its_index_only_for_neuron(
         f"venv -m pip install --upgrade-strategy only-if-needed -r {requirements}",
         "venv -m pip check",
     ]
+    # What the virtualenv was made from, for the package's restart after an upgrade.
+    stamp = (tmp_path / "venv/.requirements.sha256").read_text().strip()
+    assert stamp == hashlib.sha256(requirements.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("program", PROGRAMS)
@@ -194,7 +198,8 @@ def test_scriptlets_create_the_user_and_manage_the_unit(
             r"^(\w+) scriptlet \(using /bin/sh\):\n(.*?)(?=^\w+ scriptlet|\Z)", scripts, re.S | re.M
         )
     )
-    assert set(sections) == {"preinstall", "postinstall", "preuninstall", "postuninstall"}
+    expected = {"preinstall", "postinstall", "preuninstall", "postuninstall"}
+    assert set(sections) == expected | ({"posttrans"} if program == "cortex" else set())
     # Built here without Fedora's macros: the fallbacks, with the sysusers file inlined.
     assert (
         f"systemd-sysusers --replace=/usr/lib/sysusers.d/{program}.conf -" in sections["preinstall"]
@@ -203,9 +208,14 @@ def test_scriptlets_create_the_user_and_manage_the_unit(
     assert f"systemctl --no-reload preset {program}.service" in sections["postinstall"]
     assert f"systemctl --no-reload disable --now {program}.service" in sections["preuninstall"]
     assert "systemctl daemon-reload" in sections["postuninstall"]
-    # An upgrade restarts cortex (seconds), never the neuron (a reload of every model).
-    restarts = f"try-restart {program}.service" in sections["postuninstall"]
-    assert restarts == (program == "cortex")
+    # An upgrade restarts cortex (seconds), never the neuron (a reload of every model), and
+    # cortex only after the transaction, when its virtualenv matches the new requirements.
+    assert "try-restart" not in sections["postuninstall"]
+    if program == "cortex":
+        posttrans = sections["posttrans"]
+        assert "try-restart cortex.service" in posttrans
+        assert ".requirements.sha256" in posttrans
+        assert "/usr/share/helexa-cortex/requirements.txt" in posttrans
     for body in sections.values():
         subprocess.run(["sh", "-n"], input=body, text=True, check=True)
 
@@ -214,8 +224,7 @@ def test_scriptlets_create_the_user_and_manage_the_unit(
 def test_spec_uses_fedora_systemd_macros_where_they_exist(program: str) -> None:
     """With systemd-rpm-macros' macros defined (stand-ins here), the spec calls them."""
     require_tools("rpmspec")
-    postun = "systemd_postun_with_restart" if program == "cortex" else "systemd_postun"
-    stand_ins = ["sysusers_create_compat", "systemd_post", "systemd_preun", postun]
+    stand_ins = ["sysusers_create_compat", "systemd_post", "systemd_preun", "systemd_postun"]
     defines = [arg for m in stand_ins for arg in ("--define", f"{m}() FEDORA_{m} %*")]
     parsed = subprocess.run(
         ["rpmspec", "-P", "--define", f"_sourcedir {ROOT}/deploy/sysusers", *defines, f"rpm/{program}.spec"],
@@ -224,4 +233,6 @@ def test_spec_uses_fedora_systemd_macros_where_they_exist(program: str) -> None:
     assert f"FEDORA_sysusers_create_compat {ROOT}/deploy/sysusers/{program}.conf" in parsed
     for macro in stand_ins[1:]:
         assert f"FEDORA_{macro} {program}.service" in parsed
-    assert "systemctl" not in parsed.split("%files")[0].split("%pre\n", 1)[1]
+    # Only the restart after the transaction is the spec's own (no macro does it).
+    scriptlets = parsed.split("%files")[0].split("%pre\n", 1)[1].split("%posttrans")[0]
+    assert "systemctl" not in scriptlets
