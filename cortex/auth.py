@@ -2,7 +2,9 @@
 
 Keys are held only as SHA-256 digests and compared in constant time against every key (no early
 exit); a key's text is never logged, put in a metric or an error message. A request to /v1
-names its key in ``Authorization: Bearer KEY`` or ``x-api-key: KEY``; a missing or unknown key is
+names its key in ``Authorization: Bearer KEY`` or ``x-api-key: KEY``. A key may name the models it
+may use (``KEY MODEL...``, in the config or the file): others are as if they did not exist to
+it (404), so it can make the fleet load none of them. A missing or unknown key is
 a 401, a key over ``max_concurrent`` or ``requests_per_minute`` a 429 with ``Retry-After``. A
 request holds its concurrency slot until its handler ends: a stream's last byte, or the client
 going away (which cancels the handler). /health and /ready are never checked: they are probes.
@@ -26,6 +28,7 @@ from aiohttp import web
 from cortex import metrics
 from cortex.config import AuthConfig, CortexConfig
 from cortex.errors import RateLimited, Unauthorized
+from cortex.router import KEY_MODELS
 from helexa.configfile import ConfigError, is_loopback
 from helexa.secretfiles import check_secret, read_lines
 
@@ -52,6 +55,8 @@ class KeyRing:
     def __init__(self, config: AuthConfig) -> None:
         self.config = config
         self._digests: list[bytes] = []
+        # The models each key may use (and so place); None: any.
+        self._models: dict[bytes, frozenset[str] | None] = {}
         self._use: dict[bytes, _KeyUse] = {}
         self._reloads: set[asyncio.Task[None]] = set()
 
@@ -68,21 +73,31 @@ class KeyRing:
         self._use_keys(self._read())
         return self.count
 
-    def _read(self) -> list[bytes]:
-        keys = list(self.config.keys)
+    def _read(self) -> dict[bytes, frozenset[str] | None]:
+        lines = [(line, f"auth.keys[{i}]") for i, line in enumerate(self.config.keys)]
         if self.config.keys_file:
             from_file = read_lines(self.config.keys_file, "auth.keys_file")
             if not from_file:
                 raise ConfigError(f"auth.keys_file: {self.config.keys_file} holds no key")
-            for i, key in enumerate(from_file):
-                check_secret(key, f"auth.keys_file (key {i + 1} of the file)")
-            keys += from_file
-        return list(dict.fromkeys(_digest(k) for k in keys))
+            lines += [
+                (line, f"auth.keys_file (key {i + 1} of the file)")
+                for i, line in enumerate(from_file)
+            ]
+        keys: dict[bytes, frozenset[str] | None] = {}
+        for line, where in lines:
+            key, models = parse_key(line, where)
+            keys.setdefault(_digest(key), models)
+        return keys
 
-    def _use_keys(self, digests: list[bytes]) -> None:
+    def _use_keys(self, keys: dict[bytes, frozenset[str] | None]) -> None:
         # Keys that stay keep their counts; a removed key's in-flight requests still finish.
-        self._use = {d: self._use.get(d, _KeyUse()) for d in digests}
-        self._digests = digests
+        self._use = {d: self._use.get(d, _KeyUse()) for d in keys}
+        self._digests = list(keys)
+        self._models = keys
+
+    def models_of(self, digest: bytes) -> frozenset[str] | None:
+        """The models the key may use; None: any."""
+        return self._models.get(digest)
 
     def reload_soon(self) -> None:
         """SIGHUP: re-read the keys file off the loop; a bad file keeps the keys in use."""
@@ -95,12 +110,12 @@ class KeyRing:
             log.info("SIGHUP: no auth.keys_file to reload keys=%d", len(self._digests))
             return
         try:
-            digests = await asyncio.to_thread(self._read)
+            keys = await asyncio.to_thread(self._read)
         except ConfigError as e:
             log.error("api keys not reloaded, keeping keys=%d error=%s", len(self._digests), e)
             return
-        self._use_keys(digests)
-        log.info("api keys reloaded keys=%d keys_file=%s", len(digests), self.config.keys_file)
+        self._use_keys(keys)
+        log.info("api keys reloaded keys=%d keys_file=%s", len(keys), self.config.keys_file)
 
     def identify(self, request: web.Request) -> bytes:
         """The digest of the request's key; ``Unauthorized`` if it has none we accept."""
@@ -154,6 +169,13 @@ class KeyRing:
             use.active -= 1
 
 
+def parse_key(line: str, where: str) -> tuple[str, frozenset[str] | None]:
+    """A key, then (optionally, after whitespace) the models it may use: ``KEY [MODEL...]``."""
+    key, *models = line.split()
+    check_secret(key, where)
+    return key, frozenset(models) if models else None
+
+
 KEYRING = web.AppKey("keyring", KeyRing)
 # The digest of the request's API key (absent when no keys are configured).
 KEY = "api_key_digest"
@@ -168,6 +190,7 @@ async def require_key(request: web.Request, handler: Handler) -> web.StreamRespo
     if not keyring.enabled or not request.path.startswith("/v1/"):
         return await handler(request)
     digest = request[KEY] = keyring.identify(request)
+    KEY_MODELS.set(keyring.models_of(digest))  # the router serves this task only those
     async with keyring.admit(digest):
         return await handler(request)
 

@@ -219,8 +219,8 @@ class AuthConfig:
         return bool(self.keys or self.keys_file)
 
     def check_config(self, key: str) -> None:
-        for i, k in enumerate(self.keys):
-            check_secret(k, f"{key}.keys[{i}]")
+        for i, k in enumerate(self.keys):  # "KEY" or "KEY MODEL...": the models it may use
+            check_secret(k.split()[0] if k.strip() else "", f"{key}.keys[{i}]")
         for name in ("max_concurrent", "requests_per_minute"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key}.{name}: must not be negative (0 means no limit)")

@@ -22,6 +22,7 @@ measured from how fast the model's queue drains (``cortex.drain``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import re
 import time
@@ -38,6 +39,12 @@ from cortex.multiplex import Failed, Generation
 from helexa.neuron.v1 import neuron_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+# The models the current request's API key may use (its ids or aliases); None: any. Set by
+# the key check for the request's task (cortex.auth).
+KEY_MODELS: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar(
+    "key_models", default=None
+)
 
 # Failures of a generation before its first message that another neuron may not share.
 _RETRYABLE = {
@@ -116,16 +123,22 @@ class Router:
     # ---- names ----
 
     def resolve(self, name: str) -> str:
-        """The model id a client's name means; ``ModelNotFound`` when nothing serves it."""
+        """The model id a client's name means; ``ModelNotFound`` when nothing serves it, or
+        when the request's API key may not use it (``KEY_MODELS``)."""
         entry = self.catalogue.find(name)
-        if entry is not None:
-            return entry.id
-        if any(n.routable and n.has_ready(name) for n in self.fleet.neurons):
-            return name
-        raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+        model_id = entry.id if entry is not None else name
+        if entry is None and not any(n.routable and n.has_ready(name) for n in self.fleet.neurons):
+            raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+        if not self._key_may_use(model_id):
+            raise ModelNotFound(
+                f"The model '{name}' does not exist or this API key may not use it",
+                param="model",
+            )
+        return model_id
 
     def model_ids(self) -> list[str]:
-        """Every model in the catalogue, then every other model READY on an up neuron."""
+        """Every model in the catalogue, then every other model READY on an up neuron (those
+        the request's API key may use)."""
         ids = [m.id for m in self.catalogue.models]
         loaded = {
             m.id
@@ -134,7 +147,14 @@ class Router:
             for m in n.models.values()
             if m.state == "READY"
         }
-        return ids + sorted(loaded - set(ids))
+        return [m for m in ids + sorted(loaded - set(ids)) if self._key_may_use(m)]
+
+    def _key_may_use(self, model_id: str) -> bool:
+        allowed = KEY_MODELS.get()
+        if allowed is None:
+            return True
+        ids = {(e.id if (e := self.catalogue.find(name)) else name) for name in allowed}
+        return model_id in ids
 
     # ---- choosing a neuron ----
 

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 
+from helexa.neuron.v1 import neuron_pb2 as pb
+from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from tests.harness import (
     DEMO_ID,
     CortexProcess,
@@ -255,5 +258,57 @@ async def test_without_keys_on_loopback_the_log_says_the_api_is_open_to_this_hos
         assert "no API keys: the API takes requests without a key" in process.log()
         assert "api_keys=none" in process.log() and "WARNING" not in process.log()
         assert (await _get_models(process, {}))[0] == 200
+    finally:
+        process.stop()
+
+
+async def test_a_key_limited_to_models_sees_and_places_no_other(
+    shared_neuron: NeuronProcess, tmp_path: Path
+) -> None:
+    await shared_neuron.wait_serving()
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"file-key-smol {DEMO_ID}\n")
+    config = cortex_config(
+        [shared_neuron], auth={"keys": ["inline-key-all", "inline-key-none nothing-here"]}
+    )
+    config["auth"]["keys_file"] = str(keys_file)
+    process = CortexProcess(
+        tmp_path / "cortex",
+        config,
+        # "elsewhere" would be placed (loaded) on the neuron by a request for it.
+        models=[catalogue_model(DEMO_ID), catalogue_model("elsewhere", dtype="bfloat16")],
+    ).start()
+    try:
+        await process.wait_ready()
+        listed = {}
+        for key in ("inline-key-all", "file-key-smol", "inline-key-none"):
+            status, body, _ = await _get_models(process, _bearer(key))
+            assert status == 200
+            listed[key] = {m["id"] for m in body["data"]}
+        assert listed == {
+            "inline-key-all": {DEMO_ID, "elsewhere"},
+            "file-key-smol": {DEMO_ID},
+            "inline-key-none": set(),
+        }
+        async with aiohttp.ClientSession() as session:
+            body = {**_chat(), "model": "elsewhere"}
+            async with session.post(
+                process.api_url + "/chat/completions", json=body, headers=_bearer("file-key-smol")
+            ) as r:
+                assert r.status == 404
+                assert "may not use it" in (await r.json())["error"]["message"]
+            async with session.get(
+                process.api_url + "/models/elsewhere", headers=_bearer("file-key-smol")
+            ) as r:
+                assert r.status == 404
+            async with session.post(
+                process.api_url + "/chat/completions",
+                json=_chat(),
+                headers=_bearer("file-key-smol"),
+            ) as r:
+                assert r.status == 200
+        async with grpc.aio.insecure_channel(shared_neuron.endpoint) as channel:
+            held = await pb_grpc.NeuronStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
+        assert "elsewhere" not in {m.id for m in held.models}  # never placed
     finally:
         process.stop()
