@@ -124,7 +124,7 @@ def test_example_configs_document_every_key(tmp_path: Path) -> None:
         ),
         ("listen = ", "", "not valid TOML"),
         ("[auth]\napi_keys = ['k']", "", "auth.api_keys: unknown key"),
-        ("[auth]\nkeys = ['two words']", "", "auth.keys[0]"),
+        ("[auth]\nkeys = ['   ']", "", "auth.keys[0]"),
         ("[auth]\nkeys = ['']", "", "auth.keys[0]"),
         ("[auth]\nmax_concurrent = -1", "", "auth.max_concurrent"),
         ("[auth]\nrequests_per_minute = 'many'", "", "auth.requests_per_minute"),
