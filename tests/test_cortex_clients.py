@@ -70,6 +70,7 @@ async def test_headers_trickled_past_timeouts_header_lose_the_connection(
     answer = await _trickle(reader, writer, b"a")
     assert answer == b""  # closed, nothing said: it never made a request
     assert time.monotonic() - started < 6
+    print(f"\nheaders trickled: connection closed after {time.monotonic() - started:.1f} s")
     writer.close()
 
 
@@ -84,6 +85,7 @@ async def test_a_body_trickled_past_timeouts_body_is_a_408(guarded: CortexProces
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"timeouts.body" in answer or b"timeouts.body" in await reader.read(4096)
     assert time.monotonic() - started < 6
+    print(f"\nbody trickled: 408 after {time.monotonic() - started:.1f} s")
     writer.close()
 
 
@@ -133,10 +135,16 @@ async def test_a_huge_body_never_stalls_the_streams_running_beside_it(
     await asyncio.sleep(0.5)
     # 300,000 messages in 8 MiB: refused by count, not parsed message by message.
     huge = {"model": "scripted", "messages": [{"role": "user", "content": "x"}] * 300_000}
+    sent = time.monotonic()
     async with aiohttp.ClientSession() as session:
         async with session.post(guarded.url + "/v1/chat/completions", json=huge) as r:
             assert r.status == 400
             assert "at most 2048 messages" in (await r.json())["error"]["message"]
+    answered = time.monotonic() - sent
     await ticking
     assert len(gaps) > 20
     assert max(gaps) < 1.0, max(gaps)
+    print(
+        f"\nhuge body: 300,000 messages refused in {answered:.2f} s; the stream beside it: "
+        f"{len(gaps)} writes, largest gap {max(gaps) * 1000:.0f} ms"
+    )
