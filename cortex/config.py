@@ -133,6 +133,9 @@ class TimeoutsConfig:
     body: float = 30.0
     # A connection with no request for this long is closed.
     idle: float = 75.0
+    # A write to a client that does not complete within this many seconds (it stopped
+    # reading) drops the client and stops its generation.
+    write: float = 30.0
 
     def check_config(self, key: str) -> None:
         for name in (
@@ -145,6 +148,7 @@ class TimeoutsConfig:
             "header",
             "body",
             "idle",
+            "write",
         ):
             _check_positive(getattr(self, name), f"{key}.{name}")
         if self.retry_after < 1:

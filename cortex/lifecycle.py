@@ -27,6 +27,9 @@ from helexa.signals import dump_stacks_on_sigusr1, stop_event_on_signals
 
 log = logging.getLogger(__name__)
 
+# Seconds cut streams have to write their error event once the drain's bound has passed.
+CUT_GRACE = 2.0
+
 
 async def serve(
     config: CortexConfig, catalogue: Catalogue, keyring: KeyRing, links: dict[str, Link]
@@ -90,4 +93,7 @@ async def _drain(gateway: Gateway, config: CortexConfig) -> None:
     )
     if not await gateway.wait_idle(config.shutdown.drain_timeout):
         log.warning("drain timeout passed, cutting in_flight=%d", gateway.active)
+        # Each cut stream ends with an error event (and [DONE]), not a bare close.
+        gateway.cut()
+        await gateway.wait_idle(CUT_GRACE)
     log.info("drained seconds=%.2f", time.monotonic() - started)

@@ -34,6 +34,9 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 # takes (64 MiB), so a burst of large prompts never makes one message a neuron refuses (and
 # the call break); one request alone is bounded by limits.max_body, at most this.
 MESSAGE_BYTES = 16 << 20
+# Messages a generation holds that nobody has taken; past it the generation stops (its reader
+# is gone or stuck: a client's writes are bounded by timeouts.write, so this is a backstop).
+MAX_BUFFERED = 1 << 16
 # A call that ended with these: the neuron (or the way to it) is gone, not the call broken.
 _NEURON_GONE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -167,6 +170,9 @@ class Generation:
             self._accepted = True
         elif kind == "response":
             self.request = None
+            if len(self._messages) >= MAX_BUFFERED:  # nobody takes them: a bound on memory
+                self._stop(Failed(grpc.StatusCode.RESOURCE_EXHAUSTED, "nobody reads the answer"))
+                return
             self._messages.append(event.response)
             if event.response.finish_reason:
                 self._end()

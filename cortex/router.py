@@ -33,7 +33,7 @@ import grpc
 from cortex import metrics
 from cortex.config import Catalogue, CatalogueModel, CortexConfig
 from cortex.drain import DrainRate
-from cortex.errors import BadRequest, ModelNotFound, NeuronFailed, NoCapacity
+from cortex.errors import BadRequest, CortexError, ModelNotFound, NeuronFailed, NoCapacity
 from cortex.fleet import Fleet, ModelView, NeuronState
 from cortex.multiplex import Failed, Generation
 from helexa.neuron.v1 import neuron_pb2 as pb
@@ -389,7 +389,7 @@ class Stream:
     """A generation that has begun on a neuron: ``take`` its messages as they come (the one
     with a finish reason is the last), ``wait`` for more, and ``close`` it when done with it."""
 
-    __slots__ = ("_closed", "_finished", "_router", "generation", "model_id", "neuron")
+    __slots__ = ("_closed", "_cut", "_finished", "_router", "generation", "model_id", "neuron")
 
     def __init__(
         self, router: Router, neuron: NeuronState, model_id: str, generation: Generation
@@ -399,9 +399,19 @@ class Stream:
         self.model_id = model_id
         self.generation = generation
         self._finished = self._closed = False
+        self._cut: CortexError | None = None
+
+    def cut(self, error: CortexError) -> None:
+        """End the stream here with ``error`` (cortex's drain past its bound): the generation
+        stops on the neuron, and the next ``take`` raises ``error``."""
+        if self._cut is None and not self._finished:
+            self._cut = error
+            self.generation.cancel()  # wakes a waiter
 
     def take(self) -> list[pb.GenerateResponse]:
         """What came since the last take; ``NeuronFailed`` once the generation failed."""
+        if self._cut is not None:
+            raise self._cut
         try:
             messages = self.generation.take()
         except Failed as e:

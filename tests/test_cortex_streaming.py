@@ -38,6 +38,7 @@ BURST_TOKEN = "x" * 32768
 class ScriptedNeuron(pb_grpc.NeuronServicer):
     """Generates by the user message: "delay" waits before its first token, "stall" stops
     after one, "midfail" fails after one, "burst" sends many at once, "tick" one every 20 ms for 3 s,
+    "flood" 32 KiB tokens until cancelled,
     "poison" breaks the
     neuron (INTERNAL) before any; with ``refuse`` it fails before any."""
 
@@ -88,6 +89,10 @@ class ScriptedNeuron(pb_grpc.NeuronServicer):
         if self.refuse:
             raise Scripted(grpc.StatusCode.UNAVAILABLE, "scripted: refusing")
         try:
+            if cue == "flood":  # 32 KiB tokens, every 10 ms, until cancelled
+                while True:
+                    yield pb.GenerateResponse(text=BURST_TOKEN, tokens=1)
+                    await asyncio.sleep(0.01)
             if cue == "tick":  # a token every 20 ms for 3 s
                 for _ in range(150):
                     yield pb.GenerateResponse(text="t", tokens=1)
@@ -306,6 +311,10 @@ async def test_drain_timeout_cuts_a_stream_that_will_not_end_and_exits_zero(
     try:
         cortex.send(signal.SIGTERM)
         await _wait_not_ready(cortex, session)
+        # The cut stream ends with an error event and [DONE], not a bare close.
+        rest = await asyncio.wait_for(stream.content.read(), 30)
+        assert b'"code":"shutting_down"' in rest.replace(b" ", b""), rest
+        assert rest.rstrip().endswith(b"data: [DONE]")
         assert await asyncio.to_thread(cortex.wait_exit, 60) == 0
         assert "drain timeout passed" in cortex.log()
         deadline = asyncio.get_running_loop().time() + 10
@@ -495,6 +504,38 @@ async def test_requests_past_max_concurrent_are_refused_with_retry_after(tmp_pat
             while await _chat(session, cortex, "hi") != 200:
                 assert asyncio.get_running_loop().time() < deadline, "no room after they left"
                 await asyncio.sleep(0.05)
+    finally:
+        cortex.stop()
+        await neuron.server.stop(None)
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_its_generation_stops(
+    tmp_path: Path,
+) -> None:
+    neuron = await ScriptedNeuron().start()
+    cortex = CortexProcess(
+        tmp_path,
+        cortex_config([neuron], timeouts={"write": 1.0}),  # type: ignore[list-item]
+    ).start()
+    try:
+        await cortex.wait_ready()
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "flood"}], "stream": True}
+
+        def small_window(addr_info: Any) -> socket.socket:
+            family, kind, proto, _, _ = addr_info
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # fixed: never grows
+            return sock
+
+        connector = aiohttp.TCPConnector(socket_factory=small_window)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+                await r.content.readline()
+                # An endless answer of 3 MiB/s, soon more than the socket buffers hold, and
+                # no more reads.
+                await until(lambda: "flood" in neuron.cancelled, 30, "the generation went on")
+                assert "stopped reading" in cortex.log()
     finally:
         cortex.stop()
         await neuron.server.stop(None)

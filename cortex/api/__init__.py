@@ -27,7 +27,7 @@ from cortex.config import Catalogue, CortexConfig
 from cortex.connections import Connections
 from cortex.errors import CortexError, NoCapacity, ShuttingDown
 from cortex.fleet import Fleet
-from cortex.router import Router
+from cortex.router import Router, Stream
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,19 @@ class Gateway:
     active: int = 0
     # Unix seconds when this gateway (and its catalogue) came up: the models' ``created``.
     started: int = field(default_factory=lambda: int(time.time()))
+    # The streams being relayed now, for the drain to cut past its bound (``cut``).
+    streams: set[Stream] = field(default_factory=set)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self._idle.set()
+
+    def cut(self) -> None:
+        """End every stream being relayed with an error event (the drain's bound passed)."""
+        for stream in list(self.streams):
+            stream.cut(
+                ShuttingDown("cortex is shutting down: the answer was cut at its drain's bound")
+            )
 
     async def wait_idle(self, within: float) -> bool:
         """Wait until no API request is running; False if ``within`` seconds pass first."""

@@ -14,10 +14,11 @@ stream and so cancels the generation on the neuron, which stops generating.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -228,6 +229,7 @@ async def _stream(
             stream = opening.result()
         except CortexError as e:
             return await sse.fail(e)
+        gateway.streams.add(stream)
         metrics.TIME_TO_FIRST_TOKEN.labels(model=dialect.model).observe(time.monotonic() - arrived)
         outcome = Outcome()
         first = True
@@ -257,6 +259,8 @@ async def _stream(
             last_write = loop.time()
     finally:
         if opening.done():
+            if not opening.cancelled() and opening.exception() is None:
+                gateway.streams.discard(opening.result())
             _close_opened(opening)
         else:  # the client left first: the opening stops, or closes what it opened
             opening.cancel()
@@ -271,13 +275,14 @@ def _close_opened(opening: asyncio.Task[Stream]) -> None:
 class _Events:
     """The SSE response, begun on its first write, which opens with ``head()``."""
 
-    __slots__ = ("_opened", "dialect", "request", "response")
+    __slots__ = ("_opened", "dialect", "request", "response", "within")
 
     def __init__(self, request: web.Request, dialect: Dialect) -> None:
         self.request = request
         self.dialect = dialect
         self.response: web.StreamResponse | None = None
         self._opened = False
+        self.within = request.app[GATEWAY].config.timeouts.write
 
     def head(self) -> bytes:
         """The dialect's opening the first time (before what the first write carries, so an
@@ -300,13 +305,37 @@ class _Events:
             await self.response.prepare(self.request)
         if not data:
             return False
-        await self.response.write(data)
+        await self._send(data)
         return True
 
     async def end(self) -> web.StreamResponse:
         assert self.response is not None
-        await self.response.write_eof()
+        async with self._bounded():
+            await self.response.write_eof()
         return self.response
+
+    async def _send(self, data: bytes) -> None:
+        assert self.response is not None
+        async with self._bounded():
+            await self.response.write(data)
+
+    @contextlib.asynccontextmanager
+    async def _bounded(self) -> AsyncIterator[None]:
+        """A write that does not complete within ``timeouts.write`` (a client that stopped
+        reading, its socket buffers full) drops the client: its handler ends as if it had
+        gone, so its generation stops and its slots free."""
+        try:
+            async with asyncio.timeout(self.within):
+                yield
+        except TimeoutError:
+            metrics.REJECTIONS.labels(reason="write_timeout").inc()
+            log.info(
+                "dropping a client that stopped reading request_id=%s model=%s",
+                self.dialect.id, self.dialect.model,
+            )  # fmt: skip
+            if self.request.transport is not None:
+                self.request.transport.abort()
+            raise asyncio.CancelledError from None
 
     async def fail(self, error: CortexError) -> web.StreamResponse:
         """End the answer with ``error``: its HTTP status if nothing was sent yet, else the
@@ -317,5 +346,5 @@ class _Events:
             "stream failed request_id=%s model=%s error=%s",
             self.dialect.id, self.dialect.model, error.message,
         )  # fmt: skip
-        await self.response.write(self.dialect.failure(error))
+        await self._send(self.dialect.failure(error))
         return await self.end()
