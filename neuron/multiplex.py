@@ -58,9 +58,12 @@ class _Session:
             return
         unsent.text += response.text
         unsent.tokens += response.tokens
+        unsent.tool_calls.extend(response.tool_calls)
+        unsent.logprobs.extend(response.logprobs)
         if response.finish_reason:
             unsent.finish_reason = response.finish_reason
             unsent.usage.CopyFrom(response.usage)
+            unsent.stop_sequence = response.stop_sequence
 
     def take(self) -> pb.GenerateManyResponse:
         """Everything in the outbox, as one message."""

@@ -186,6 +186,25 @@ class NeuronService(pb_grpc.NeuronServicer):
             async for response in responses:
                 yield response
 
+    async def CountTokens(
+        self, request: pb.GenerateRequest, context: Any
+    ) -> pb.CountTokensResponse:
+        try:
+            _, prompt_ids, _ = await self._prepared(request)
+        except NeuronError as e:
+            await _abort(context, e)
+        return pb.CountTokensResponse(input_tokens=len(prompt_ids))
+
+    async def _prepared(
+        self, request: pb.GenerateRequest
+    ) -> tuple[ModelEngine, list[int], SamplingParams]:
+        """The engine for ``request`` and its prompt and parameters, as Generate runs them."""
+        if self.draining:
+            raise ShuttingDown("the neuron is shutting down and takes no new requests")
+        engine = await self.registry.engine_for(_required_model(request))
+        prompt_ids, params = await prepare(engine, request)
+        return engine, prompt_ids, params
+
     async def _generation(
         self, request: pb.GenerateRequest
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
@@ -193,20 +212,23 @@ class NeuronService(pb_grpc.NeuronServicer):
         self.active_generations += 1
         self._drained.clear()
         try:
-            if self.draining:
-                raise ShuttingDown("the neuron is shutting down and takes no new requests")
-            engine = await self.registry.engine_for(_required_model(request))
-            prompt_ids, params = await prepare(engine, request)
+            engine, prompt_ids, params = await self._prepared(request)
             request_id = request.request_id or uuid.uuid4().hex
             queue_timeout = _seconds(request, "queue_timeout", "no bound")
             interval = _seconds(request, "message_interval", "a stream")
             # The engine refuses (queue full, queue timeout, model going away) before any chunk.
             chunks = engine.stream(prompt_ids, params, request_id, queue_timeout, interval)
+            first = True
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
                     if chunk.finish_reason == ERROR:
                         raise GenerationFailed(chunk.error)
-                    yield _response(chunk)
+                    response = _response(chunk)
+                    if first:  # the prompt's usage, for APIs that announce it first
+                        response.usage.prompt_tokens = chunk.prompt_tokens
+                        response.usage.cached_prompt_tokens = chunk.cached_tokens
+                        first = False
+                    yield response
         finally:
             self.active_generations -= 1
             if self.active_generations == 0:
@@ -488,6 +510,7 @@ def _response(chunk: Chunk) -> pb.GenerateResponse:
             entry.top.add(token=token, logprob=logprob, bytes=raw)
     if chunk.finish_reason is not None:
         response.finish_reason = _FINISH[chunk.finish_reason]
+        response.stop_sequence = chunk.stop_sequence
         response.usage.prompt_tokens = chunk.prompt_tokens
         response.usage.completion_tokens = chunk.completion_tokens
         response.usage.cached_prompt_tokens = chunk.cached_tokens

@@ -40,6 +40,7 @@ class Chunk:
     tool_calls: list[CallDelta] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     cached_tokens: int = 0
+    stop_sequence: str = ""  # the last chunk: the stop string that ended the sequence
 
     def then(self, later: Chunk) -> Chunk:
         """This chunk and ``later`` as one."""
@@ -53,6 +54,7 @@ class Chunk:
             _merge_calls(self.tool_calls, later.tool_calls),
             self.logprobs + later.logprobs,
             later.cached_tokens,
+            later.stop_sequence,
         )
 
 
@@ -89,9 +91,10 @@ class Output:
         if stops and new_text:
             window = max(len(s) for s in stops) + len(new_text)
             start = max(0, len(seq.text) - window)
-            hits = [p for p in (seq.text.find(s, start) for s in stops) if p >= 0]
+            hits = [(p, s) for p, s in ((seq.text.find(s, start), s) for s in stops) if p >= 0]
             if hits:
-                seq.text = seq.text[: min(hits)]
+                at, seq.stop_sequence = min(hits)
+                seq.text = seq.text[:at]
                 return STOP
         position = len(seq.prompt_ids) + len(seq.generated)
         if len(seq.generated) >= seq.params.max_tokens or position >= self.max_context:
@@ -115,6 +118,7 @@ class Output:
         chunk.finish_reason, chunk.error = reason, error
         chunk.prompt_tokens, chunk.completion_tokens = len(seq.prompt_ids), len(seq.generated)
         chunk.cached_tokens = seq.cached_tokens
+        chunk.stop_sequence = seq.stop_sequence
         self._send(seq, chunk)
 
     def _chunk(self, seq: Sequence, text: str, final: bool = False) -> Chunk:
@@ -124,6 +128,7 @@ class Output:
         if seq.reader is not None:
             text, calls = seq.reader.feed(text, final)
         chunk = Chunk(text, seq.unsent_tokens, tool_calls=calls, logprobs=seq.unsent_logprobs)
+        chunk.prompt_tokens, chunk.cached_tokens = len(seq.prompt_ids), seq.cached_tokens
         seq.unsent_tokens, seq.unsent_logprobs = 0, []
         return chunk
 

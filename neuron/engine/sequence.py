@@ -64,6 +64,7 @@ class Sequence:
     reader: CallReader | None = None  # where tool calls are read out of the text
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens the prefix cache held
+    stop_sequence: str = ""  # the stop string that ended it, if one did
     arrived_at: float = field(default_factory=time.monotonic)
     first_token_at: float = 0.0
     last_token_at: float = 0.0

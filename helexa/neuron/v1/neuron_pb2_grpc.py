@@ -64,6 +64,11 @@ class NeuronStub:
                 request_serializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateManyRequest.SerializeToString,
                 response_deserializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateManyResponse.FromString,
                 _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/helexa.neuron.v1.Neuron/CountTokens',
+                request_serializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.CountTokensResponse.FromString,
+                _registered_method=True)
 
 
 class NeuronServicer:
@@ -120,6 +125,14 @@ class NeuronServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountTokens(self, request, context):
+        """The tokens of a request's input, rendered and tokenised exactly as Generate would (the
+        chat template, the tools it shows); nothing is generated. Fails as Generate would.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NeuronServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +165,11 @@ def add_NeuronServicer_to_server(servicer, server):
                     servicer.GenerateMany,
                     request_deserializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateManyRequest.FromString,
                     response_serializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateManyResponse.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateRequest.FromString,
+                    response_serializer=helexa_dot_neuron_dot_v1_dot_neuron__pb2.CountTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +334,33 @@ class Neuron:
             '/helexa.neuron.v1.Neuron/GenerateMany',
             helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateManyRequest.SerializeToString,
             helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/helexa.neuron.v1.Neuron/CountTokens',
+            helexa_dot_neuron_dot_v1_dot_neuron__pb2.GenerateRequest.SerializeToString,
+            helexa_dot_neuron_dot_v1_dot_neuron__pb2.CountTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,
