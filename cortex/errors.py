@@ -1,7 +1,7 @@
 """The failures cortex reports to API clients, each one a thing they can act on.
 
-They are turned into HTTP statuses and OpenAI's error envelope in exactly one place:
-``cortex.api.errors``.
+They are turned into HTTP statuses and each API's error envelope (OpenAI's, Anthropic's) in
+exactly one place: ``cortex.api.errors``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ class BodyTimeout(CortexError):
 
 class Unauthorized(CortexError):
     """A missing or unknown API key."""
+
+
+class Forbidden(CortexError):
+    """Not permitted: a neuron refuses to load the model's source (its ``[loading]`` policy)."""
 
 
 class RateLimited(CortexError):

@@ -33,7 +33,14 @@ import grpc
 from cortex import metrics
 from cortex.config import Catalogue, CatalogueModel, CortexConfig
 from cortex.drain import DrainRate
-from cortex.errors import BadRequest, CortexError, ModelNotFound, NeuronFailed, NoCapacity
+from cortex.errors import (
+    BadRequest,
+    CortexError,
+    Forbidden,
+    ModelNotFound,
+    NeuronFailed,
+    NoCapacity,
+)
 from cortex.fleet import Fleet, ModelView, NeuronState
 from cortex.multiplex import Failed, Generation
 from helexa.neuron.v1 import neuron_pb2 as pb
@@ -264,6 +271,10 @@ class Router:
                 "placement failed model=%s neuron=%s code=%s error=%s",
                 entry.id, neuron.name, e.code().name, e.details(),
             )  # fmt: skip
+            if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+                raise Forbidden(
+                    f"neuron {neuron.name} may not load '{entry.id}': {e.details()}"
+                ) from e
             if e.code() in _CAPACITY:
                 raise NoCapacity(
                     f"neuron {neuron.name} cannot load '{entry.id}' now: {e.details()}"
@@ -331,16 +342,7 @@ class Router:
             try:
                 neuron = await self.acquire(model_id, tried)
             except NoCapacity as e:
-                if any(code not in _CAPACITY for code, _ in failures):
-                    code, details = failures[-1]
-                    raise NeuronFailed(
-                        f"the neuron failed the request: {code.name}: {details}"
-                    ) from None
-                message = e.message
-                if failures:
-                    code, details = failures[-1]
-                    message = f"no neuron can take the request now: {code.name}: {details}"
-                raise NoCapacity(message, self.retry_after(model_id)) from None
+                raise self._none_left(model_id, e, failures) from None
             if queue_deadline is None:
                 queue_deadline = time.monotonic() + timeouts.queue
             request.queue_timeout = queue_deadline - time.monotonic()
@@ -369,19 +371,58 @@ class Router:
                     details = f"did not take the request within {timeouts.accept:g} s"
                 else:
                     code, details = e.code, e.details
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise _bad_request(details, param or openai_param)
-            broke_before = any(c in _BROKEN for c, _ in failures)
-            if code not in _RETRYABLE or (code in _BROKEN and broke_before):
-                raise NeuronFailed(
-                    f"neuron {neuron.name} failed the request: {code.name}: {details}"
-                )
+            _raise_unless_retryable(neuron, code, details, failures, param)
             failures.append((code, details))
             metrics.RETRIES.labels(model=model_id, code=code.name).inc()
             log.warning(
                 "retrying on another neuron model=%s neuron=%s code=%s error=%s",
                 model_id, neuron.name, code.name, details,
             )  # fmt: skip
+            self.fleet.poke(neuron)
+
+    def _none_left(
+        self, model_id: str, error: NoCapacity, failures: list[tuple[grpc.StatusCode, str]]
+    ) -> CortexError:
+        """What a request ends with when no neuron (or none more) can take it."""
+        if any(code not in _CAPACITY for code, _ in failures):
+            code, details = failures[-1]
+            return NeuronFailed(f"the neuron failed the request: {code.name}: {details}")
+        message = error.message
+        if failures:
+            code, details = failures[-1]
+            message = f"no neuron can take the request now: {code.name}: {details}"
+        return NoCapacity(message, self.retry_after(model_id))
+
+    # ---- counting ----
+
+    async def count_tokens(
+        self,
+        model_id: str,
+        request: pb.GenerateRequest,
+        param: Callable[[str], str] | None = None,
+    ) -> int:
+        """The tokens of ``request``'s input as a neuron holding ``model_id`` renders it
+        (placing the model if none does), trying another while one is gone or busy; a field
+        the neuron refuses is named as ``open`` names it."""
+        tried: set[str] = set()
+        failures: list[tuple[grpc.StatusCode, str]] = []
+        while True:
+            try:
+                neuron = await self.acquire(model_id, tried)
+            except NoCapacity as e:
+                raise self._none_left(model_id, e, failures) from None
+            tried.add(neuron.name)
+            neuron.begin(model_id)  # not evicted while it counts
+            try:
+                # Rendering and a tool schema's first compile: bounded as a stall is.
+                reply = await neuron.stub.CountTokens(request, timeout=self.config.timeouts.stall)
+                return int(reply.input_tokens)
+            except grpc.aio.AioRpcError as e:
+                code, details = e.code(), e.details() or ""
+            finally:
+                neuron.end(model_id)
+            _raise_unless_retryable(neuron, code, details, failures, param)
+            failures.append((code, details))
             self.fleet.poke(neuron)
 
 
@@ -436,6 +477,23 @@ class Stream:
         self.neuron.end(self.model_id)
         if self._finished:
             self._router.drain.finished(self.model_id)
+
+
+def _raise_unless_retryable(
+    neuron: NeuronState,
+    code: grpc.StatusCode,
+    details: str,
+    failures: list[tuple[grpc.StatusCode, str]],
+    param: Callable[[str], str] | None,
+) -> None:
+    """A neuron's refusal that another neuron would share is the client's to see: a field it
+    refuses (named as ``param`` says), or a failure not worth another try (one that broke a
+    neuron, after one already did)."""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        raise _bad_request(details, param or openai_param)
+    broke_before = any(c in _BROKEN for c, _ in failures)
+    if code not in _RETRYABLE or (code in _BROKEN and broke_before):
+        raise NeuronFailed(f"neuron {neuron.name} failed the request: {code.name}: {details}")
 
 
 def openai_param(field: str) -> str:

@@ -22,6 +22,7 @@ import pytest
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from tests.harness import (
+    DEMO_GGUF,
     CortexProcess,
     NeuronProcess,
     catalogue_model,
@@ -50,7 +51,8 @@ async def small_fleet(
             catalogue_model("y", **SMALL),
             catalogue_model("z", **SMALL),
             catalogue_model("huge", memory="100GiB"),
-            {"id": "broken", "path": "/nonexistent/model.gguf", "memory": "1MiB"},
+            {"id": "broken", "path": str(DEMO_GGUF.parent / "missing.gguf"), "memory": "1MiB"},
+            {"id": "forbidden", "path": "/nonexistent/model.gguf", "memory": "1MiB"},
         ],
     ).start()
     try:
@@ -108,11 +110,16 @@ async def test_placement_evicts_least_recently_used_unpinned_idle_model(
             assert (await r.json())["error"]["code"] == "no_capacity"
     assert await _held(neuron) == {"pinned", "z", "y"}
 
-    # A load the neuron fails (no such file): 502 naming the neuron's reason.
+    # A load the neuron fails (no such file where it may read): 502 naming the neuron's reason;
+    # a source outside the neuron's [loading] policy: 403 (its PERMISSION_DENIED).
+    refusals = [
+        ("broken", 502, "neuron_failed", "missing.gguf"),
+        ("forbidden", 403, "model_not_permitted", "/nonexistent/model.gguf"),
+    ]
     async with aiohttp.ClientSession() as session:
-        body = {"model": "broken", "messages": [{"role": "user", "content": "Hi"}]}
-        async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
-            assert r.status == 502
-            error = (await r.json())["error"]
-            assert error["code"] == "neuron_failed"
-            assert "/nonexistent/model.gguf" in error["message"]
+        for model, status, code, named in refusals:
+            body = {"model": model, "messages": [{"role": "user", "content": "Hi"}]}
+            async with session.post(cortex.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == status, model
+                error = (await r.json())["error"]
+                assert error["code"] == code and named in error["message"]

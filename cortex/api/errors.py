@@ -11,6 +11,7 @@ from cortex.errors import (
     BodyTimeout,
     BodyTooLarge,
     CortexError,
+    Forbidden,
     ModelNotFound,
     NeuronFailed,
     NoCapacity,
@@ -25,6 +26,7 @@ from cortex.errors import (
 _STATUS: dict[type[CortexError], tuple[int, str, str | None]] = {
     BadRequest: (400, "invalid_request_error", None),
     Unauthorized: (401, "invalid_request_error", "invalid_api_key"),
+    Forbidden: (403, "permission_error", "model_not_permitted"),
     RateLimited: (429, "requests", "rate_limit_exceeded"),
     BodyTooLarge: (413, "invalid_request_error", "request_too_large"),
     BodyTimeout: (408, "invalid_request_error", "request_timeout"),
