@@ -16,7 +16,8 @@ and an SSE write of its own, the gateway's worst case.
   ``bench.bare_relay`` on the same core: a bare aiohttp handler making a grpc.aio call per
   request, what cortex did before ``GenerateMany``;
 - streamed tokens/s: 256-token SSE streams at concurrency 1 and 64 (wrk), and at 64 through
-  ``/v1/responses`` (its event sequence, each response kept), against chat completions'.
+  ``/v1/responses`` (its event sequence, each response kept) and Anthropic's ``/v1/messages``
+  (its event sequence), against chat completions'.
 """
 
 from __future__ import annotations
@@ -236,13 +237,19 @@ async def run(seconds: int, samples: int, tokens_per_message: int) -> list[tuple
                     f"{rps * 256:,.0f}",
                 )
             )
-        rps = wrk(f"{cortex.url}/v1/responses", responses_body(256, True), 64, seconds, workdir)
-        rows.append(
-            (
-                "streamed tokens/s through /v1/responses, 256-token streams, concurrency 64",
-                f"{rps * 256:,.0f}",
+        # The same streams through the other surfaces' event sequences (the chat body is
+        # also a valid /v1/messages body).
+        for route, streamed in (
+            ("responses", responses_body(256, True)),
+            ("messages", body(256, True)),
+        ):
+            rps = wrk(f"{cortex.url}/v1/{route}", streamed, 64, seconds, workdir)
+            rows.append(
+                (
+                    f"streamed tokens/s through /v1/{route}, 256-token streams, concurrency 64",
+                    f"{rps * 256:,.0f}",
+                )
             )
-        )
     finally:
         cortex.stop()
         standin.terminate()

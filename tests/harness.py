@@ -85,6 +85,19 @@ def endless(model: str = DEMO_ID, max_tokens: int = 4000) -> pb.GenerateRequest:
     )
 
 
+def stub_gateway(max_tokens: int = 4096, stall: float = 30.0) -> Any:
+    """What a surface's parser reads of the gateway (limits, the stall timeout, the router's
+    names), without processes: every model name resolves to itself."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        config=SimpleNamespace(
+            limits=SimpleNamespace(max_tokens=max_tokens), timeouts=SimpleNamespace(stall=stall)
+        ),
+        router=SimpleNamespace(resolve=lambda name: name),
+    )
+
+
 # Every daemon a test started, so a failing test can show what they were doing (conftest).
 STARTED: list[Daemon] = []
 

@@ -261,6 +261,15 @@ async def test_openapi_lists_exactly_the_routes_cortex_serves(cortex: CortexProc
         "/v1/chat/completions": _chat(max_tokens=1),
         "/v1/completions": {"model": DEMO_ID, "prompt": "Hi", "max_tokens": 1},
         "/v1/responses": respond,
+        "/v1/messages": {
+            "model": DEMO_ID,
+            "max_tokens": 1,
+            "messages": [{"role": "user", "content": "Hi"}],
+        },
+        "/v1/messages/count_tokens": {
+            "model": DEMO_ID,
+            "messages": [{"role": "user", "content": "Hi"}],
+        },
     }
     async with aiohttp.ClientSession() as session:
         for method, path in sorted(listed):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -27,7 +26,7 @@ from cortex.api.openai import Answer, Outcome, Parsed, parse_chat, parse_complet
 from cortex.errors import BadRequest
 from cortex.router import openai_param
 from helexa.neuron.v1 import neuron_pb2 as pb
-from tests.harness import DEMO_ID, CortexProcess, NeuronProcess, metric_value
+from tests.harness import DEMO_ID, CortexProcess, NeuronProcess, metric_value, stub_gateway
 
 WEATHER = {
     "type": "function",
@@ -65,15 +64,6 @@ CALL = {
 }
 
 
-def _gateway() -> Any:
-    return SimpleNamespace(
-        config=SimpleNamespace(
-            limits=SimpleNamespace(max_tokens=4096), timeouts=SimpleNamespace(stall=30.0)
-        ),
-        router=SimpleNamespace(resolve=lambda name: name),
-    )
-
-
 def _chat(**extra: Any) -> dict[str, Any]:
     return {"model": DEMO_ID, "messages": [{"role": "user", "content": "Hi"}], **extra}
 
@@ -96,7 +86,7 @@ def test_tools_tool_choice_and_history_become_the_proto() -> None:
         tool_choice={"type": "function", "function": {"name": "get_time"}},
         parallel_tool_calls=False,
     )
-    request = parse_chat(_gateway(), body).generate
+    request = parse_chat(stub_gateway(), body).generate
     assert [t.name for t in request.tools] == ["get_weather", "get_time"]
     assert json.loads(request.tools[0].parameters) == WEATHER["function"]["parameters"]  # type: ignore[index]
     assert request.tools[0].description == "The current weather in a city"
@@ -118,14 +108,14 @@ def test_tools_tool_choice_and_history_become_the_proto() -> None:
      ("required", pb.TOOL_CHOICE_MODE_REQUIRED)],
 )  # fmt: skip
 def test_tool_choice_modes(choice: str, mode: int) -> None:
-    request = parse_chat(_gateway(), _chat(tools=[WEATHER], tool_choice=choice)).generate
+    request = parse_chat(stub_gateway(), _chat(tools=[WEATHER], tool_choice=choice)).generate
     assert request.tool_choice.mode == mode
 
 
 def test_output_formats_logprobs_penalties_and_bias_become_the_proto() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     request = parse_chat(
-        _gateway(),
+        stub_gateway(),
         _chat(
             response_format={
                 "type": "json_schema",
@@ -142,17 +132,17 @@ def test_output_formats_logprobs_penalties_and_bias_become_the_proto() -> None:
     assert request.logprobs and request.top_logprobs == 3
     assert request.presence_penalty == 0.5 and request.frequency_penalty == -1
     assert dict(request.logit_bias) == {42: -100.0, 7: 2.5}
-    plain = parse_chat(_gateway(), _chat(response_format={"type": "json_object"})).generate
+    plain = parse_chat(stub_gateway(), _chat(response_format={"type": "json_object"})).generate
     assert plain.output.json_object
-    text = parse_chat(_gateway(), _chat(response_format={"type": "text"})).generate
+    text = parse_chat(stub_gateway(), _chat(response_format={"type": "text"})).generate
     assert not text.HasField("output") and not text.HasField("presence_penalty")
     # response_format with tools is fine when the text cannot be a call (tool_choice none),
     # and moot when the answer must be one.
     none = _chat(tools=[WEATHER], tool_choice="none", response_format={"type": "json_object"})
-    assert parse_chat(_gateway(), none).generate.output.json_object
+    assert parse_chat(stub_gateway(), none).generate.output.json_object
     forced = _chat(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"})
-    assert not parse_chat(_gateway(), forced).generate.HasField("output")
-    completion = parse_completion(_gateway(), {"model": DEMO_ID, "prompt": "x", "logprobs": 2})
+    assert not parse_chat(stub_gateway(), forced).generate.HasField("output")
+    completion = parse_completion(stub_gateway(), {"model": DEMO_ID, "prompt": "x", "logprobs": 2})
     assert completion.generate.logprobs and completion.generate.top_logprobs == 2
 
 
@@ -220,7 +210,7 @@ BAD_COMPLETIONS = [
 @pytest.mark.parametrize(("body", "param"), [pytest.param(*c[1:], id=c[0]) for c in BAD_FIELDS])
 def test_bad_chat_field_is_refused_naming_it(body: dict[str, Any], param: str) -> None:
     with pytest.raises(BadRequest) as error:
-        parse_chat(_gateway(), body)
+        parse_chat(stub_gateway(), body)
     assert error.value.param == param
     assert error.value.message
 
@@ -230,7 +220,7 @@ def test_bad_chat_field_is_refused_naming_it(body: dict[str, Any], param: str) -
 )
 def test_bad_completion_field_is_refused_naming_it(extra: dict[str, Any], param: str) -> None:
     with pytest.raises(BadRequest) as error:
-        parse_completion(_gateway(), {"model": DEMO_ID, "prompt": "x", **extra})
+        parse_completion(stub_gateway(), {"model": DEMO_ID, "prompt": "x", **extra})
     assert error.value.param == param
 
 
@@ -244,8 +234,8 @@ def test_fields_openai_accepts_and_we_serve_are_not_refused() -> None:
         audio=None,
         response_format={"type": "text"},
     )
-    parse_chat(_gateway(), body)
-    parse_completion(_gateway(), {"model": DEMO_ID, "prompt": "x", "echo": False, "best_of": 1})
+    parse_chat(stub_gateway(), body)
+    parse_completion(stub_gateway(), {"model": DEMO_ID, "prompt": "x", "echo": False, "best_of": 1})
 
 
 @pytest.mark.parametrize(
@@ -811,7 +801,7 @@ def test_any_json_in_the_agents_fields_parses_or_is_a_bad_request() -> None:
         from cortex.api.openai import _parse
 
         try:
-            _parse(parse_chat, _gateway(), body)
+            _parse(parse_chat, stub_gateway(), body)
         except BadRequest as e:
             assert e.message and (e.param is None or isinstance(e.param, str))
 

@@ -33,8 +33,8 @@ from tests.harness import (
     catalogue_model,
     cortex_config,
     leave_stream_and_see_it_cancelled,
+    stub_gateway,
 )
-from tests.test_openai_agents import _gateway
 
 EVENT = TypeAdapter(ResponseStreamEvent)
 # The chat surface's tool in Responses' flat shape.
@@ -73,7 +73,7 @@ def test_instructions_and_input_items_become_the_chat() -> None:
         temperature=0.5,
         top_p=0.9,
     )  # fmt: skip
-    parsed = parse(_gateway(), _store(), body)
+    parsed = parse(stub_gateway(), _store(), body)
     request = parsed.generate
     roles = [(m.role, m.content) for m in request.chat.messages]
     assert roles == [
@@ -99,17 +99,17 @@ def test_instructions_and_input_items_become_the_chat() -> None:
 def test_text_formats_become_the_output_constraint() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     text = {"format": {"type": "json_schema", "name": "A", "schema": schema, "strict": True}}
-    request = parse(_gateway(), _store(), _body(text=text)).generate
+    request = parse(stub_gateway(), _store(), _body(text=text)).generate
     assert json.loads(request.output.json_schema) == schema
-    plain = parse(_gateway(), _store(), _body(text={"format": {"type": "json_object"}}))
+    plain = parse(stub_gateway(), _store(), _body(text={"format": {"type": "json_object"}}))
     assert plain.generate.output.json_object
-    free = parse(_gateway(), _store(), _body(text={"format": {"type": "text"}}))
+    free = parse(stub_gateway(), _store(), _body(text={"format": {"type": "text"}}))
     assert not free.generate.HasField("output")
 
 
 def test_previous_response_id_prepends_its_input_and_output() -> None:
     store = _store()
-    first = parse(_gateway(), store, _body(input=ASK_WEATHER, tools=[WEATHER]))
+    first = parse(stub_gateway(), store, _body(input=ASK_WEATHER, tools=[WEATHER]))
     reply = Reply(first, store)
     reply.whole(
         Outcome(finish_reason="tool_calls", tool_calls=[
@@ -119,7 +119,9 @@ def test_previous_response_id_prepends_its_input_and_output() -> None:
     )  # fmt: skip
     answer = [{"type": "function_call_output", "call_id": "call_9", "output": "22 C"}]
     second = parse(
-        _gateway(), store, _body(previous_response_id=reply.id, input=answer, instructions="Hi!")
+        stub_gateway(),
+        store,
+        _body(previous_response_id=reply.id, input=answer, instructions="Hi!"),
     )
     messages = second.generate.chat.messages
     assert [m.role for m in messages] == ["system", "user", "assistant", "tool"]
@@ -128,7 +130,7 @@ def test_previous_response_id_prepends_its_input_and_output() -> None:
     )
     assert messages[3].tool_call_id == "call_9"
     with pytest.raises(ResponseNotFound) as error:
-        parse(_gateway(), store, _body(previous_response_id="resp_nope"))
+        parse(stub_gateway(), store, _body(previous_response_id="resp_nope"))
     assert error.value.param == "previous_response_id"
 
 
@@ -187,14 +189,14 @@ BAD = [
 @pytest.mark.parametrize(("body", "param"), [pytest.param(*c[1:], id=c[0]) for c in BAD])
 def test_bad_field_is_refused_naming_it(body: dict[str, Any], param: str) -> None:
     with pytest.raises(BadRequest) as error:
-        parse(_gateway(), _store(), body)
+        parse(stub_gateway(), _store(), body)
     assert error.value.param == param
     assert error.value.message
 
 
 def test_fields_openai_accepts_and_we_serve_are_not_refused() -> None:
     parse(
-        _gateway(),
+        stub_gateway(),
         _store(),
         _body(
             background=False, truncation="disabled", include=[], top_logprobs=0, reasoning=None,
@@ -238,7 +240,7 @@ def test_streamed_events_are_the_sequence_the_sdk_assembles() -> None:
     from openai.lib.streaming.responses._responses import ResponseStreamState
 
     store = _store()
-    reply = Reply(parse(_gateway(), store, _body(tools=[WEATHER], stream=True)), store)
+    reply = Reply(parse(stub_gateway(), store, _body(tools=[WEATHER], stream=True)), store)
     raw = reply.opening()
     for i, message in enumerate(TEXT_THEN_CALL):
         raw += reply.delta(message.text, [message], first=i == 0)
@@ -267,7 +269,7 @@ def test_streamed_events_are_the_sequence_the_sdk_assembles() -> None:
 
 def test_whole_answer_is_the_sdks_response_and_cut_is_incomplete() -> None:
     store = _store()
-    reply = Reply(parse(_gateway(), store, _body(max_output_tokens=3, store=False)), store)
+    reply = Reply(parse(stub_gateway(), store, _body(max_output_tokens=3, store=False)), store)
     body = reply.whole(
         Outcome(text="Par", finish_reason="length", prompt_tokens=5, completion_tokens=3,
                 cached_tokens=4)
@@ -284,7 +286,7 @@ def test_whole_answer_is_the_sdks_response_and_cut_is_incomplete() -> None:
 
 def test_a_failure_after_the_stream_began_is_an_error_then_response_failed() -> None:
     store = _store()
-    reply = Reply(parse(_gateway(), store, _body(stream=True)), store)
+    reply = Reply(parse(stub_gateway(), store, _body(stream=True)), store)
     raw = reply.opening() + reply.delta("Hi", [pb.GenerateResponse(text="Hi")], first=True)
     raw += reply.failure(NeuronFailed("neuron n0 failed mid-stream"))
     events = _events(raw)
@@ -588,7 +590,7 @@ async def test_client_leaving_a_stream_cancels_the_generation_on_the_neuron(
     ],
 )
 def test_the_neurons_field_paths_become_responses_params(field: str, param: str) -> None:
-    reply = Reply(parse(_gateway(), _store(), _body()), _store())
+    reply = Reply(parse(stub_gateway(), _store(), _body()), _store())
     assert reply.param(field) == param
 
 
@@ -608,12 +610,12 @@ def test_requests_and_answers_match_the_served_openapi_description() -> None:
         text={"format": {"type": "json_object"}}, max_output_tokens=5, metadata={"k": "v"},
     )  # fmt: skip
     jsonschema.validate(body, schema("ResponseRequest"))
-    reply = Reply(parse(_gateway(), store, body), store)
+    reply = Reply(parse(stub_gateway(), store, body), store)
     calls = Outcome(finish_reason="tool_calls", tool_calls=[
         pb.ToolCallDelta(index=0, id="call_2", name="get_weather", arguments='{"city":"Nice"}')
     ])  # fmt: skip
     jsonschema.validate(reply.whole(calls), schema("Response"))
-    text = Reply(parse(_gateway(), store, _body()), store)
+    text = Reply(parse(stub_gateway(), store, _body()), store)
     jsonschema.validate(text.whole(Outcome(text="Hi", finish_reason="stop")), schema("Response"))
 
 
@@ -668,7 +670,7 @@ def test_any_json_in_the_responses_fields_parses_or_is_a_bad_request() -> None:
     @given(body)
     def check(body: dict[str, Any]) -> None:
         try:
-            checked(parse, _gateway(), _store(), body)
+            checked(parse, stub_gateway(), _store(), body)
         except (BadRequest, ResponseNotFound) as e:
             assert e.message and (e.param is None or isinstance(e.param, str))
 

@@ -1,7 +1,8 @@
 """cortex's HTTP surface: the aiohttp application, its error middleware and the probes.
 
-Handlers per API surface live beside this module (``openai``, ``responses``); they parse,
-and ``relay`` calls the router and writes. Every failure of any handler becomes OpenAI's error envelope in the middleware,
+Handlers per API surface live beside this module (``openai``, ``responses``, ``anthropic``);
+they parse, and ``relay`` calls the router and writes. Every failure of any handler becomes its
+surface's error envelope (Anthropic's on ``/v1/messages``, else OpenAI's) in the middleware,
 through ``cortex.api.errors``.
 """
 
@@ -17,10 +18,13 @@ from aiohttp import web
 
 from cortex import metrics
 from cortex.api.errors import (
+    anthropic_error_response,
+    anthropic_http_error_response,
+    anthropic_internal_error_response,
     error_response,
     http_error_response,
     internal_error_response,
-    status_of,
+    is_anthropic,
 )
 from cortex.auth import KEYRING, KeyRing, require_key
 from cortex.config import Catalogue, CortexConfig
@@ -91,6 +95,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def _answer(request: web.Request, handler: Handler, gateway: Gateway) -> web.StreamResponse:
     api = request.path.startswith("/v1/")
+    anthropic = is_anthropic(request.path)
     started = time.monotonic()
     status = "500"
     retry_after = gateway.config.timeouts.retry_after
@@ -118,18 +123,19 @@ async def _answer(request: web.Request, handler: Handler, gateway: Gateway) -> w
         status = str(response.status)
         return response
     except CortexError as e:
-        status = str(status_of(e))
+        refused = (anthropic_error_response if anthropic else error_response)(e, retry_after)
+        status = str(refused.status)
         log.info("request refused path=%s status=%s error=%s", request.path, status, e.message)
-        return error_response(e, retry_after)
+        return refused
     except web.HTTPException as e:
         status = str(e.status)
-        return http_error_response(e)
+        return (anthropic_http_error_response if anthropic else http_error_response)(e)
     except asyncio.CancelledError:
         status = "499"  # the client went away (nginx's name for it)
         raise
     except Exception:
         log.exception("unexpected error path=%s", request.path)
-        return internal_error_response()
+        return anthropic_internal_error_response() if anthropic else internal_error_response()
     finally:
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
@@ -160,7 +166,7 @@ async def ready(request: web.Request) -> web.Response:
 def build_app(
     gateway: Gateway, keyring: KeyRing, connections: Connections | None = None
 ) -> web.Application:
-    from cortex.api import openai, openapi, responses
+    from cortex.api import anthropic, openai, openapi, responses
 
     app = web.Application(
         middlewares=[_errors, require_key], client_max_size=gateway.config.limits.max_body
@@ -173,4 +179,5 @@ def build_app(
     app.router.add_get("/openapi.json", openapi.openapi)
     openai.add_routes(app)
     responses.add_routes(app)
+    anthropic.add_routes(app)
     return app

@@ -1,4 +1,6 @@
-"""The one place cortex's failures become HTTP statuses and OpenAI's error envelope."""
+"""The one place cortex's failures become HTTP statuses and error envelopes: OpenAI's
+(``{"error": {"message", "type", "param", "code"}}``) on its routes, Anthropic's
+(``{"type": "error", "error": {"type", "message"}}``) on ``/v1/messages``."""
 
 from __future__ import annotations
 
@@ -45,14 +47,18 @@ _RETRY_LATER = (NoCapacity, ShuttingDown)
 MESSAGE_CHARS = 1000
 
 
+def _cut(message: str) -> str:
+    if len(message) > MESSAGE_CHARS:
+        return f"{message[:MESSAGE_CHARS]}...({len(message) - MESSAGE_CHARS} more)"
+    return message
+
+
 def envelope(
     message: str, type_: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
-    if len(message) > MESSAGE_CHARS:
-        message = f"{message[:MESSAGE_CHARS]}...({len(message) - MESSAGE_CHARS} more)"
     if param is not None and len(param) > MESSAGE_CHARS:
         param = param[:MESSAGE_CHARS]
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return {"error": {"message": _cut(message), "type": type_, "param": param, "code": code}}
 
 
 def status_of(error: CortexError) -> int:
@@ -65,12 +71,19 @@ def error_body(error: CortexError) -> dict[str, Any]:
     return envelope(error.message, type_, error.param, code)
 
 
-def error_response(error: CortexError, retry_after: int) -> web.Response:
+def _retry_headers(error: CortexError, retry_after: int) -> dict[str, str] | None:
+    """``Retry-After`` for a failure that asks the client to come back (else None)."""
     if isinstance(error, NoCapacity) and error.retry_after is not None:
         retry_after = error.retry_after
-    headers = {"Retry-After": str(retry_after)} if isinstance(error, _RETRY_LATER) else None
     if isinstance(error, RateLimited):
-        headers = {"Retry-After": str(error.retry_after)}
+        retry_after = error.retry_after
+    elif not isinstance(error, _RETRY_LATER):
+        return None
+    return {"Retry-After": str(retry_after)}
+
+
+def error_response(error: CortexError, retry_after: int) -> web.Response:
+    headers = _retry_headers(error, retry_after)
     return web.json_response(error_body(error), status=status_of(error), headers=headers)
 
 
@@ -80,7 +93,12 @@ def http_error_response(error: web.HTTPException) -> web.Response:
     message = error.reason
     if error.status == 404:
         message = "Not found: no such route"
-    response = web.json_response(envelope(message, type_, None, None), status=error.status)
+    return _refusal(error, envelope(message, type_, None, None))
+
+
+def _refusal(error: web.HTTPException, body: dict[str, Any]) -> web.Response:
+    """aiohttp's refusal ``error`` answered with ``body`` (and, for a 405, its Allow)."""
+    response = web.json_response(body, status=error.status)
     if error.status == 405 and "Allow" in error.headers:
         response.headers["Allow"] = error.headers["Allow"]
     return response
@@ -89,4 +107,62 @@ def http_error_response(error: web.HTTPException) -> web.Response:
 def internal_error_response() -> web.Response:
     return web.json_response(
         envelope("internal error in cortex; see its log", "server_error"), status=500
+    )
+
+
+# ---- Anthropic's dialect ----
+
+ANTHROPIC_ROUTES = "/v1/messages"  # and what lies under it
+# (HTTP status, Anthropic error type). Anthropic has no 502 or 503: a neuron's failure is its
+# api_error, no capacity, a draining cortex and limits.max_concurrent its overloaded_error (529,
+# with Retry-After). It has no 408 type either: a body too slow is an invalid_request_error.
+_ANTHROPIC: dict[type[CortexError], tuple[int, str]] = {
+    BadRequest: (400, "invalid_request_error"),
+    Unauthorized: (401, "authentication_error"),
+    Forbidden: (403, "permission_error"),
+    ModelNotFound: (404, "not_found_error"),
+    ResponseNotFound: (404, "not_found_error"),
+    BodyTimeout: (408, "invalid_request_error"),
+    BodyTooLarge: (413, "request_too_large"),
+    RateLimited: (429, "rate_limit_error"),
+    NeuronFailed: (500, "api_error"),
+    StreamStalled: (504, "timeout_error"),
+    NoCapacity: (529, "overloaded_error"),
+    ShuttingDown: (529, "overloaded_error"),
+}
+
+
+def is_anthropic(path: str) -> bool:
+    """Whether ``path`` is one of Anthropic's routes, which answer in its envelope."""
+    return path == ANTHROPIC_ROUTES or path.startswith(ANTHROPIC_ROUTES + "/")
+
+
+def anthropic_envelope(type_: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": type_, "message": _cut(message)}}
+
+
+def anthropic_error_body(error: CortexError) -> dict[str, Any]:
+    """Anthropic's envelope for ``error`` (also what its SSE ``error`` event carries)."""
+    _, type_ = _ANTHROPIC.get(type(error), (500, "api_error"))
+    return anthropic_envelope(type_, error.message)
+
+
+def anthropic_error_response(error: CortexError, retry_after: int) -> web.Response:
+    status = _ANTHROPIC.get(type(error), (500, ""))[0]
+    headers = _retry_headers(error, retry_after)
+    return web.json_response(anthropic_error_body(error), status=status, headers=headers)
+
+
+def anthropic_http_error_response(error: web.HTTPException) -> web.Response:
+    """aiohttp's own refusals in Anthropic's envelope."""
+    type_ = {404: "not_found_error", 413: "request_too_large"}.get(
+        error.status, "invalid_request_error" if error.status < 500 else "api_error"
+    )
+    message = "Not found: no such route" if error.status == 404 else error.reason
+    return _refusal(error, anthropic_envelope(type_, message))
+
+
+def anthropic_internal_error_response() -> web.Response:
+    return web.json_response(
+        anthropic_envelope("api_error", "internal error in cortex; see its log"), status=500
     )

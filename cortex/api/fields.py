@@ -156,24 +156,27 @@ def tools(value: Any, key: str = "tools") -> list[pb.Tool]:
     out: list[pb.Tool] = []
     seen: set[str] = set()
     for i, item in enumerate(items(value, key, "tools", MAX_TOOLS)):
-        out.append(_tool(_function(item, f"{key}[{i}]"), f"{key}[{i}].function", seen))
+        out.append(function_tool(_function(item, f"{key}[{i}]"), f"{key}[{i}].function", seen))
     return out
 
 
-def _tool(function: dict[str, Any], where: str, seen: set[str]) -> pb.Tool:
-    """One function's ``name`` (not in ``seen``), ``description``, ``parameters``, ``strict``."""
+def function_tool(
+    function: dict[str, Any], where: str, seen: set[str], schema_key: str = "parameters"
+) -> pb.Tool:
+    """One function's ``name`` (not in ``seen``), ``description``, ``strict`` and its schema
+    under ``schema_key`` (Anthropic's ``input_schema``; absent: any object)."""
     tool_name = name(function, "name", where)
     if tool_name in seen:
         raise BadRequest(
             f"'{where}.name': the tool name {tool_name!r} is listed twice", param=f"{where}.name"
         )
     seen.add(tool_name)
-    parameters = function.get("parameters")
+    schema = function.get(schema_key)
     boolean(function, "strict", where)  # calls always follow the schema
     return pb.Tool(
         name=tool_name,
         description=string(function, "description", where),
-        parameters="" if parameters is None else schema_text(parameters, f"{where}.parameters"),
+        parameters="" if schema is None else schema_text(schema, f"{where}.{schema_key}"),
     )
 
 
@@ -314,6 +317,14 @@ def logit_bias(value: Any, key: str = "logit_bias") -> dict[int, float]:
     return out
 
 
+def stop_strings(value: Any, key: str, limit: int) -> list[str]:
+    """Stop sequences: a list of at most ``limit`` non-empty strings; [] when not given."""
+    stops = items(value, key, "stop sequences", limit)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise BadRequest(f"'{key}' must be a list of non-empty strings", param=key)
+    return stops
+
+
 def refuse(body: dict[str, Any], unsupported: dict[str, str]) -> None:
     """A 400 naming the first field of ``unsupported`` the body gives (not null), with why."""
     for field, why in unsupported.items():
@@ -344,9 +355,10 @@ def max_tokens(body: dict[str, Any], key: str, limit: int) -> int | None:
     return value
 
 
-def sampling(body: dict[str, Any], request: pb.GenerateRequest) -> None:
-    """``temperature`` (0 to 2) and ``top_p`` (above 0, to 1) into ``request``."""
-    temperature = number(body, "temperature", 0.0, 2.0)
+def sampling(body: dict[str, Any], request: pb.GenerateRequest, hottest: float = 2.0) -> None:
+    """``temperature`` (0 to ``hottest``: OpenAI's 2, Anthropic's 1) and ``top_p`` (above 0,
+    to 1) into ``request``."""
+    temperature = number(body, "temperature", 0.0, hottest)
     if temperature is not None:
         request.temperature = temperature
     top_p = number(body, "top_p", 0.0, 1.0)
@@ -373,7 +385,7 @@ def flat_tools(value: Any, key: str = "tools") -> list[pb.Tool]:
                 "service); only 'function' tools, which the client runs",
                 param=f"{where}.type",
             )
-        out.append(_tool(item, where, seen))
+        out.append(function_tool(item, where, seen))
     return out
 
 

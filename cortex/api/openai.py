@@ -19,7 +19,7 @@ from aiohttp import web
 
 from cortex.api import Gateway, fields, gateway_of
 from cortex.api.errors import error_body
-from cortex.api.relay import Outcome, checked, read_body, relay
+from cortex.api.relay import KEEPALIVE, Outcome, checked, read_body, relay
 from cortex.errors import BadRequest, CortexError
 from cortex.router import openai_param
 from helexa.neuron.v1 import neuron_pb2 as pb
@@ -315,6 +315,8 @@ def _chat_logprobs(tokens: list[pb.TokenLogprob]) -> dict[str, Any]:
 class Answer:
     """How one surface (chat or completions) shapes its JSON and its SSE chunks: the relay's
     ``Dialect`` for them."""
+
+    keepalive = KEEPALIVE
 
     def __init__(self, kind: str, parsed: Parsed) -> None:
         self.chat = kind == "chat"

@@ -1,8 +1,9 @@
 """The API's own OpenAPI 3.1 description, served at ``/openapi.json``.
 
-Written by hand for what cortex really accepts (the fields ``cortex.api.openai`` and
-``cortex.api.responses`` read; an OpenAI field cortex does not serve is a 400 naming it, any
-other field is ignored) and answers; a test keeps its paths equal to the routes cortex serves.
+Written by hand for what cortex really accepts (the fields ``cortex.api.openai``,
+``cortex.api.responses`` and ``cortex.api.anthropic`` read; a field cortex does not serve is a
+400 naming it, any other field is ignored) and answers; a test keeps its paths equal to the
+routes cortex serves.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ _RETRY_LATER = {
 _FAILURES = {
     "400": {**_ERROR, "description": "Malformed JSON or a bad field (param names it)"},
     "401": {**_ERROR, "description": "Missing or unknown API key (when keys are configured)"},
+    "403": {**_ERROR, "description": "The neurons may not load the model's source"},
     "404": {**_ERROR, "description": "Unknown model"},
     "413": {**_ERROR, "description": "Body larger than [limits] max_body"},
     "502": {**_ERROR, "description": "A neuron failed the request"},
@@ -598,7 +600,8 @@ DOCUMENT: dict[str, Any] = {
     "info": {
         "title": "helexa cortex",
         "version": __version__,
-        "description": "OpenAI-compatible gateway to a fleet of helexa neurons.",
+        "description": "OpenAI-compatible gateway to a fleet of helexa neurons, with "
+        "Anthropic's Messages API on /v1/messages.",
     },
     "paths": {
         "/v1/chat/completions": _generation(
@@ -657,6 +660,256 @@ DOCUMENT: dict[str, Any] = {
         },
     },
     "components": {"schemas": _SCHEMAS},
+}
+
+
+# ---- Anthropic's Messages API (/v1/messages) ----
+
+_A_ERROR = _json(_ref("AnthropicError"), "Anthropic's error envelope")
+_A_RETRY_LATER = {
+    **_A_ERROR,
+    "description": "overloaded_error: no capacity now (every neuron full or down), or cortex "
+    "draining, or at limits.max_concurrent",
+    "headers": _RETRY_LATER["headers"],
+}
+_A_FAILURES = {
+    "400": {**_A_ERROR, "description": "invalid_request_error: malformed JSON or a bad field "
+            "(the message names it)"},
+    "401": {**_A_ERROR, "description": "authentication_error: missing or unknown key "
+            "(x-api-key or Authorization: Bearer)"},
+    "403": {**_A_ERROR, "description": "permission_error: the neurons may not load the model's "
+            "source"},
+    "404": {**_A_ERROR, "description": "not_found_error: unknown model"},
+    "408": {**_A_ERROR, "description": "invalid_request_error: the body did not arrive within "
+            "timeouts.body"},
+    "413": {**_A_ERROR, "description": "request_too_large: body larger than [limits] max_body"},
+    "429": {**_A_ERROR, "description": "rate_limit_error: the key is over its limits",
+            "headers": _RETRY_LATER["headers"]},
+    "500": {**_A_ERROR, "description": "api_error: a neuron (or cortex) failed the request"},
+    "504": {**_A_ERROR, "description": "timeout_error: no token within timeouts.stall"},
+    "529": _A_RETRY_LATER,
+}  # fmt: skip
+_A_TEXT = _obj({"type": {"const": "text"}, "text": {"type": "string"}}, "type", "text")
+_A_TOOL_USE = _obj(
+    {"type": {"const": "tool_use"}, "id": {"type": "string"}, "name": {"type": "string"},
+     "input": {"type": "object"}},
+    "type", "id", "name", "input",
+)  # fmt: skip
+_A_TOOL_RESULT = _obj(
+    {
+        "type": {"const": "tool_result"},
+        "tool_use_id": {"type": "string", "description": "The id of an earlier tool_use block"},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _A_TEXT}]},
+        "is_error": {"type": "boolean"},
+    },
+    "type",
+    "tool_use_id",
+)
+_A_THINKING = _obj(
+    {"type": {"enum": ["thinking", "redacted_thinking"]}},
+    "type",
+)
+_A_CONVERSATION: dict[str, Any] = {
+    "model": _SAMPLING["model"],
+    "system": {
+        "oneOf": [{"type": "string"}, {"type": "array", "items": _A_TEXT}],
+        "description": "Text blocks may carry cache_control (accepted; the prefix cache is "
+        "automatic)",
+    },
+    "messages": {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": 2048,
+        "description": "The last turn is the user's (an assistant prefill is a 400)",
+        "items": _obj(
+            {
+                "role": {"enum": ["user", "assistant"]},
+                "content": {
+                    "description": "Text, tool_use (assistant) and tool_result (user) blocks; "
+                    "thinking blocks are dropped; image, document and other blocks are a 400",
+                    "oneOf": [
+                        {"type": "string"},
+                        {
+                            "type": "array",
+                            "items": {"oneOf": [_A_TEXT, _A_TOOL_USE, _A_TOOL_RESULT, _A_THINKING]},
+                        },
+                    ],
+                },
+            },
+            "role",
+            "content",
+        ),
+    },
+    "tools": {
+        "type": "array",
+        "maxItems": 128,
+        "description": "Custom tools only: a server tool (another type) is a 400",
+        "items": _obj(
+            {
+                "type": {"const": "custom"},
+                "name": _NAME,
+                "description": {"type": "string"},
+                "input_schema": {"type": "object", "description": "A JSON schema"},
+            },
+            "name",
+            "input_schema",
+        ),
+    },
+    "tool_choice": _obj(
+        {
+            "type": {"enum": ["auto", "any", "tool", "none"]},
+            "name": {"type": "string", "description": "With type tool: one of tools"},
+            "disable_parallel_tool_use": {"type": "boolean", "default": False},
+        },
+        "type",
+    ),
+    "output_config": {
+        "type": "object",
+        "properties": {
+            "format": _obj(
+                {"type": {"const": "json_schema"}, "schema": {"type": "object"}},
+                "type",
+                "schema",
+            ),
+            "effort": {"type": "string", "description": "Accepted without effect"},
+        },
+        "description": "With tools, format needs tool_choice none, any or tool (else 400)",
+    },
+    "thinking": {
+        "type": "object",
+        "properties": {"type": {"enum": ["enabled", "disabled", "adaptive"]}},
+        "description": "Accepted without effect: the model does not reason apart",
+    },
+    "cache_control": {"type": "object", "description": "Accepted without effect"},
+    "service_tier": {"type": "string", "description": "Accepted without effect"},
+    "speed": {"type": "string", "description": "Accepted without effect"},
+}
+_A_USAGE = _obj(
+    {
+        "input_tokens": {"type": "integer", "description": "Prompt tokens the cache did not hold"},
+        "cache_read_input_tokens": {
+            "type": "integer",
+            "description": "Prompt tokens the neuron's prefix cache held",
+        },
+        "cache_creation_input_tokens": {"type": "integer", "const": 0},
+        "output_tokens": {"type": "integer"},
+    },
+    "input_tokens",
+    "output_tokens",
+)
+_SCHEMAS.update(
+    {
+        "AnthropicError": _obj(
+            {
+                "type": {"const": "error"},
+                "error": _obj(
+                    {
+                        "type": {
+                            "enum": [
+                                "invalid_request_error",
+                                "authentication_error",
+                                "permission_error",
+                                "not_found_error",
+                                "request_too_large",
+                                "rate_limit_error",
+                                "api_error",
+                                "timeout_error",
+                                "overloaded_error",
+                            ]
+                        },
+                        "message": {"type": "string"},
+                    },
+                    "type",
+                    "message",
+                ),
+            },
+            "type",
+            "error",
+        ),
+        "MessagesRequest": _obj(
+            {
+                **_A_CONVERSATION,
+                "max_tokens": _SAMPLING["max_tokens"],
+                "temperature": {"type": "number", "minimum": 0, "maximum": 1, "default": 1},
+                "top_p": _SAMPLING["top_p"],
+                "top_k": {"type": "integer", "minimum": 0},
+                "stop_sequences": {
+                    "type": "array",
+                    "maxItems": 16,
+                    "items": {"type": "string", "minLength": 1},
+                },
+                "metadata": {"type": "object", "properties": {"user_id": {"type": "string"}}},
+                "stream": _SAMPLING["stream"],
+            },
+            "model",
+            "max_tokens",
+            "messages",
+        ),
+        "CountTokensRequest": _obj(_A_CONVERSATION, "model", "messages"),
+        "Message": _obj(
+            {
+                "id": {"type": "string", "pattern": "^msg_"},
+                "type": {"const": "message"},
+                "role": {"const": "assistant"},
+                "model": {"type": "string"},
+                "content": {"type": "array", "items": {"oneOf": [_A_TEXT, _A_TOOL_USE]}},
+                "stop_reason": {"enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use"]},
+                "stop_sequence": {"type": ["string", "null"]},
+                "usage": _A_USAGE,
+            },
+            "id",
+            "type",
+            "role",
+            "model",
+            "content",
+            "stop_reason",
+            "stop_sequence",
+            "usage",
+        ),
+        "MessageTokensCount": _obj({"input_tokens": {"type": "integer"}}, "input_tokens"),
+    }
+)
+_A_STREAM_EVENTS = (
+    "With stream: true, Anthropic's events: message_start, then per content block "
+    "content_block_start, content_block_delta (text_delta or input_json_delta) and "
+    "content_block_stop, then message_delta (stop_reason, usage) and message_stop; ping events "
+    "while the request waits (before message_start when no token has come); an error event "
+    "when the stream fails after it began"
+)
+_A_STREAM: dict[str, Any] = {
+    "description": _A_STREAM_EVENTS,
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+_A_HEADERS = [
+    {"name": "x-api-key", "in": "header", "schema": {"type": "string"},
+     "description": "The API key (or Authorization: Bearer KEY)"},
+    {"name": "anthropic-version", "in": "header", "schema": {"type": "string"},
+     "description": "Accepted; every version gets the same answers"},
+]  # fmt: skip
+_messages_ok = _json(_ref("Message"), f"The whole message (stream: false). {_A_STREAM_EVENTS}")
+_messages_ok["content"] |= _A_STREAM["content"]
+DOCUMENT["paths"]["/v1/messages"] = {
+    "post": {
+        "summary": "Anthropic Messages: a message, whole or streamed",
+        "parameters": _A_HEADERS,
+        "requestBody": {"required": True, **_json(_ref("MessagesRequest"), "MessagesRequest")},
+        "responses": {"200": _messages_ok, **_A_FAILURES},
+    }
+}
+DOCUMENT["paths"]["/v1/messages/count_tokens"] = {
+    "post": {
+        "summary": "The prompt's tokens under the model's template and tokenizer (tools "
+        "included), counted by a neuron",
+        "parameters": _A_HEADERS,
+        "requestBody": {
+            "required": True,
+            **_json(_ref("CountTokensRequest"), "CountTokensRequest"),
+        },
+        "responses": {
+            "200": _json(_ref("MessageTokensCount"), "The count"),
+            **{k: v for k, v in _A_FAILURES.items() if k not in ("504",)},
+        },
+    }
 }
 
 

@@ -5,8 +5,9 @@ A surface says only how its answers look (a ``Dialect``); the waiting is written
 The opening (placement, retries, the first message) runs on its own task while keep-alive
 comments go out; then the relay takes the messages straight from the generation's buffer:
 each SSE write carries everything that arrived while the previous write was in flight (the
-first token goes out at once), keep-alive comments are sent while no token comes, and a
-stream with no token for ``timeouts.stall`` ends with the surface's error event. When the
+first token goes out at once), the surface's keep-alives (SSE comments, or Anthropic's
+``ping`` events) are sent while no token comes, and a stream with no token for
+``timeouts.stall`` ends with the surface's error event. When the
 client disconnects, aiohttp cancels the handler (``handler_cancellation``), which closes the
 stream and so cancels the generation on the neuron, which stops generating.
 """
@@ -44,6 +45,7 @@ FINISH = {
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
+# An SSE comment: the OpenAI surfaces' keep-alive.
 KEEPALIVE = b": keep-alive\n\n"
 T = TypeVar("T")
 
@@ -108,6 +110,7 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    stop_sequence: str = ""  # the stop string that ended it, if one did
     tool_calls: list[pb.ToolCallDelta] = field(default_factory=list)
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)
 
@@ -121,6 +124,7 @@ def absorb(outcome: Outcome, message: pb.GenerateResponse) -> str:
         outcome.prompt_tokens = message.usage.prompt_tokens
         outcome.completion_tokens = message.usage.completion_tokens
         outcome.cached_tokens = message.usage.cached_prompt_tokens
+        outcome.stop_sequence = message.stop_sequence
     return message.text
 
 
@@ -131,6 +135,7 @@ class Dialect(Protocol):
     model: str
     generate: pb.GenerateRequest
     stream: bool
+    keepalive: bytes  # sent while no token comes (``KEEPALIVE``, or the surface's own event)
 
     def param(self, field: str) -> str:
         """The client's name of a request field the neuron named (``tools[2].parameters``)."""
@@ -141,7 +146,8 @@ class Dialect(Protocol):
         ...
 
     def opening(self) -> bytes:
-        """What a stream opens with, before its first keep-alive or token."""
+        """What a stream opens with, before its first keep-alive or token (b"": the first
+        ``delta`` opens it, and keep-alives may come before that)."""
         ...
 
     def delta(self, text: str, messages: list[pb.GenerateResponse], first: bool) -> bytes:
@@ -224,7 +230,7 @@ async def _stream(
                 break
             if loop.time() >= deadline:
                 return await sse.fail(stalled)
-            await sse.write(sse.head() + KEEPALIVE)
+            await sse.write(sse.head() + dialect.keepalive)
         try:
             stream = opening.result()
         except CortexError as e:
@@ -255,7 +261,7 @@ async def _stream(
                 continue
             if loop.time() >= last_token + timeouts.stall:
                 return await sse.fail(stalled)
-            await sse.write(sse.head() + KEEPALIVE)
+            await sse.write(sse.head() + dialect.keepalive)
             last_write = loop.time()
     finally:
         if opening.done():

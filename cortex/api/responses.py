@@ -24,7 +24,7 @@ from aiohttp import web
 from cortex.api import GATEWAY, Gateway, fields, gateway_of
 from cortex.api.errors import error_body
 from cortex.api.openai import merge_calls
-from cortex.api.relay import Outcome, checked, read_body, relay
+from cortex.api.relay import KEEPALIVE, Outcome, checked, read_body, relay
 from cortex.auth import KEY
 from cortex.errors import BadRequest, CortexError, ResponseNotFound
 from cortex.responsestore import ResponseStore
@@ -325,6 +325,8 @@ def _event(body: dict[str, Any]) -> bytes:
 class Reply:
     """How a response looks, whole and as the Responses event sequence: the relay's
     ``Dialect`` for ``/v1/responses``. A finished response is kept when asked to be."""
+
+    keepalive = KEEPALIVE
 
     def __init__(self, parsed: Parsed, store: ResponseStore, owner: bytes = b"") -> None:
         self.parsed = parsed
