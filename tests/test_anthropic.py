@@ -334,6 +334,15 @@ def test_answers_and_errors_match_the_served_openapi_description() -> None:
     jsonschema.validate(request, schema("MessagesRequest"))
 
 
+def test_anthropic_error_messages_are_cut_as_openais() -> None:
+    from cortex.api.errors import MESSAGE_CHARS, anthropic_error_body, error_body
+
+    long = BadRequest("x" * 5000)
+    message = anthropic_error_body(long)["error"]["message"]
+    assert message == error_body(long)["error"]["message"]
+    assert message.startswith("x" * MESSAGE_CHARS) and message.endswith("(4000 more)")
+
+
 # ---- end to end: the real model behind a real neuron and cortex ----
 
 
@@ -652,7 +661,8 @@ async def test_a_draining_cortex_answers_529_with_retry_after(
             async for _ in stream.text_stream:
                 break
             process.send(signal.SIGTERM)
-            await process.wait_log("draining")
+            # The drain's own line: the test's path, in the starting line, says "draining" too.
+            await process.wait_log("draining in_flight=")
             with pytest.raises(anthropic.OverloadedError) as error:
                 await sdk.messages.create(model=DEMO_ID, max_tokens=4, messages=QUESTION)  # type: ignore[arg-type]
             assert error.value.response.headers["Retry-After"].isdigit()

@@ -496,6 +496,11 @@ async def test_requests_past_max_concurrent_are_refused_with_retry_after(tmp_pat
                 assert r.status == 503
                 assert "Retry-After" in r.headers
                 assert "max_concurrent" in (await r.json())["error"]["message"]
+            # Anthropic's surface calls it overload.
+            messages = {**body, "max_tokens": 8}
+            async with session.post(cortex.url + "/v1/messages", json=messages) as r:
+                assert r.status == 529 and "Retry-After" in r.headers
+                assert (await r.json())["error"]["type"] == "overloaded_error"
             assert "hi" not in neuron.calls  # refused, never sent
             for response in held:
                 response.close()
