@@ -34,13 +34,28 @@ _TOO_MANY = (
 
 
 class Connections:
-    """The open connections, by transport and by client address."""
+    """The open connections, by transport and by client address. One sweep a second closes
+    those whose request's headers are late (a timer per request would cost every request)."""
 
     def __init__(self, header_timeout: float, per_address: int) -> None:
         self.header_timeout = header_timeout
         self.per_address = per_address
         self.by_transport: dict[Any, _Guarded] = {}
         self.by_address: Counter[str] = Counter()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def sweep(self) -> None:
+        """Close the connections whose request's headers took over ``header_timeout``."""
+        loop = asyncio.get_running_loop()
+        late = loop.time() - self.header_timeout
+        for guard in list(self.by_transport.values()):
+            if guard.waiting_since is not None and guard.waiting_since < late:
+                guard.too_slow()
+        self._sweeper = loop.call_later(min(1.0, self.header_timeout / 4), self.sweep)
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
     def protocol(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         """A protocol factory for ``loop.create_server``: ``inner``'s protocols, guarded."""
@@ -50,7 +65,7 @@ class Connections:
         guard = self.by_transport.get(transport)
         if guard is not None:
             guard.in_request = True
-            guard.disarm()
+            guard.waiting_since = None
 
     def finished(self, transport: Any) -> None:
         guard = self.by_transport.get(transport)
@@ -64,8 +79,9 @@ class _Guarded(asyncio.Protocol):
         self._inner = inner
         self._transport: Any = None
         self._address = ""
-        self._timer: asyncio.TimerHandle | None = None
         self.in_request = False
+        # When the bytes of a request whose headers are not all in began (None: none such).
+        self.waiting_since: float | None = None
 
     def connection_made(self, transport: Any) -> None:
         self._transport = transport
@@ -80,21 +96,21 @@ class _Guarded(asyncio.Protocol):
             self._inner = None
             return
         connections.by_transport[transport] = self
-        self._arm()
+        self.waiting_since = asyncio.get_running_loop().time()
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if self._inner is None:
             return
-        if not self.in_request and self._timer is None:
-            self._arm()  # the first bytes of the next request on this connection
+        if not self.in_request and self.waiting_since is None:
+            # The first bytes of the next request on this connection.
+            self.waiting_since = asyncio.get_running_loop().time()
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received() if self._inner is not None else None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.disarm()
         connections = self._connections
         connections.by_transport.pop(self._transport, None)
         connections.by_address[self._address] -= 1
@@ -111,19 +127,8 @@ class _Guarded(asyncio.Protocol):
         if self._inner is not None:
             self._inner.resume_writing()
 
-    def disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _arm(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._connections.header_timeout, self._too_slow)
-
-    def _too_slow(self) -> None:
-        self._timer = None
-        if self.in_request:
-            return
+    def too_slow(self) -> None:
+        self.waiting_since = None
         metrics.REJECTIONS.labels(reason="header_timeout").inc()
         log.info(
             "closing a connection whose request headers took over timeouts.header address=%s",
@@ -147,8 +152,13 @@ class GuardedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
+        self._connections.sweep()
         server = self._runner.server
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
             self._connections.protocol(server), self._host, self._port, reuse_address=True
         )
+
+    async def stop(self) -> None:
+        self._connections.stop()
+        await super().stop()

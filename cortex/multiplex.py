@@ -209,9 +209,8 @@ class _Call:
         # A call of its own for one generation sent again: it ends with that generation.
         self.alone = alone
         self._finishing = False
-        # Messages to write, each below MESSAGE_BYTES (a request larger alone goes alone).
-        self._outgoing: list[pb.GenerateManyRequest] = []
-        self._size = 0  # bytes of the last outgoing message
+        # What to write next: the starts and cancels queued since the last write.
+        self._outgoing = pb.GenerateManyRequest()
         self._wake = asyncio.Event()
         self._over = False
         self._rpc = stub.GenerateMany()
@@ -227,13 +226,12 @@ class _Call:
         """Queue ``generation``'s start under ``id``."""
         assert generation.request is not None
         self.generations[id] = generation
-        size = generation.request.ByteSize() + 16  # the Start's own fields, generously
-        self._message(size).start.add(id=id, request=generation.request)
+        self._outgoing.start.add(id=id, request=generation.request)
         self._wake.set()
 
     def cancel(self, id: int) -> None:
         if not self._over:
-            self._message(16).cancel.append(id)
+            self._outgoing.cancel.append(id)
             self._wake.set()
 
     def finish(self) -> None:
@@ -241,14 +239,6 @@ class _Call:
         call once its generations have)."""
         self._finishing = True
         self._wake.set()
-
-    def _message(self, size: int) -> pb.GenerateManyRequest:
-        """The outgoing message with room for ``size`` more bytes."""
-        if not self._outgoing or (self._size and self._size + size > MESSAGE_BYTES):
-            self._outgoing.append(pb.GenerateManyRequest())
-            self._size = 0
-        self._size += size
-        return self._outgoing[-1]
 
     async def close(self) -> None:
         self._rpc.cancel()
@@ -259,9 +249,9 @@ class _Call:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                messages, self._outgoing = self._outgoing, []
-                for message in messages:
-                    await self._rpc.write(message)
+                message, self._outgoing = self._outgoing, pb.GenerateManyRequest()
+                for part in _below_limit(message):
+                    await self._rpc.write(part)
                 if self._finishing:
                     await self._rpc.done_writing()
                     return
@@ -300,6 +290,24 @@ class _Call:
                 if generation not in again:
                     generation.fail(failure)
             ended(self, again)
+
+
+def _below_limit(message: pb.GenerateManyRequest) -> list[pb.GenerateManyRequest]:
+    """``message`` as messages of at most ``MESSAGE_BYTES`` each (a start larger alone goes
+    alone: limits.max_body keeps it below what a neuron takes). Sized only when it merges
+    starts: one start is within the bound by itself."""
+    if len(message.start) < 2 or message.ByteSize() <= MESSAGE_BYTES:
+        return [message]
+    parts = [pb.GenerateManyRequest(cancel=message.cancel)]
+    size = 0
+    for start in message.start:
+        bytes_ = start.ByteSize() + 8  # the field's tag and length, generously
+        if parts[-1].start and size + bytes_ > MESSAGE_BYTES:
+            parts.append(pb.GenerateManyRequest())
+            size = 0
+        parts[-1].start.append(start)
+        size += bytes_
+    return parts
 
 
 class Multiplexer:

@@ -57,8 +57,11 @@ async def read_body(request: web.Request) -> dict[str, Any]:
         raise _too_large(limit)
     within = request.app[GATEWAY].config.timeouts.body
     try:
-        async with asyncio.timeout(within):
+        if request.content.is_eof():  # all of it came with the headers: nothing to wait for
             raw = await request.read()
+        else:
+            async with asyncio.timeout(within):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
     except TimeoutError:
