@@ -325,6 +325,16 @@ class _Events:
 
     async def _send(self, data: bytes) -> None:
         assert self.response is not None
+        transport = self.request.transport
+        if (
+            transport is not None
+            and transport.get_write_buffer_size() + len(data)
+            <= transport.get_write_buffer_limits()[1]
+        ):
+            # Below the transport's high-water mark the write cannot wait on the client: no
+            # timer (one per write is the streaming path's cost).
+            await self.response.write(data)
+            return
         async with self._bounded():
             await self.response.write(data)
 
