@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -413,3 +414,25 @@ async def test_a_prompt_longer_than_the_context_can_hold_is_refused_before_token
     # Within what the context could hold, the real count decides.
     with pytest.raises(InvalidArgument, match="tokens; the model's context is 512"):
         await run(engine, pb.GenerateRequest(prompt="word " * 600))
+
+
+async def test_tokenising_never_waits_behind_the_default_thread_pool(make_engine: Any) -> None:
+    # Model loads hold the default pool's threads for seconds (downloads, weights): with every
+    # one of them busy, a request is still tokenised (and its grammar compiled) at once.
+    engine = make_engine()
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    busy = [loop.run_in_executor(None, release.wait, 60) for _ in range(64)]
+    try:
+        request = pb.GenerateRequest(
+            chat=user("Answer in JSON"),
+            max_tokens=4,
+            output=pb.OutputConstraint(json_schema=json.dumps(UNIT_SCHEMA)),
+        )
+        prepared = asyncio.ensure_future(run(engine, request))
+        done, _ = await asyncio.wait({prepared}, timeout=30)
+        assert done, "the request waited for the default thread pool"
+        assert len(prepared.result()[1]) >= 1
+    finally:
+        release.set()
+        await asyncio.gather(*busy)
