@@ -121,6 +121,15 @@ class ScriptedNeuron(pb_grpc.NeuronServicer):
             raise
 
 
+def small_window(addr_info: Any) -> socket.socket:
+    """A client socket whose receive buffer stays small: a client that stops reading soon
+    fills what the kernel holds for it."""
+    family, kind, proto, _, _ = addr_info
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # fixed: never grows
+    return sock
+
+
 class Scripted(Exception):
     """A scripted failure: the status the call (or the generation's error event) ends with."""
 
@@ -252,12 +261,6 @@ async def test_tokens_arriving_during_a_write_are_coalesced_into_one(
     goes out in one write, not one event per token."""
     cortex, _ = scripted
     body = {"model": MODEL, "messages": [{"role": "user", "content": "burst"}], "stream": True}
-
-    def small_window(addr_info: Any) -> socket.socket:
-        family, kind, proto, _, _ = addr_info
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # fixed: never grows
-        return sock
 
     connector = aiohttp.TCPConnector(socket_factory=small_window)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -525,12 +528,6 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_generation_stops(
     try:
         await cortex.wait_ready()
         body = {"model": MODEL, "messages": [{"role": "user", "content": "flood"}], "stream": True}
-
-        def small_window(addr_info: Any) -> socket.socket:
-            family, kind, proto, _, _ = addr_info
-            sock = socket.socket(family, kind, proto)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # fixed: never grows
-            return sock
 
         connector = aiohttp.TCPConnector(socket_factory=small_window)
         async with aiohttp.ClientSession(connector=connector) as session:

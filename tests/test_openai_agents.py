@@ -750,8 +750,9 @@ def test_answers_match_the_served_openapi_description() -> None:
     jsonschema.validate(request, schema("ChatCompletionRequest"))
 
 
-def test_any_json_in_the_agents_fields_parses_or_is_a_bad_request() -> None:
-    from hypothesis import HealthCheck, given, settings
+def small_json() -> tuple[Any, Any]:
+    """Hypothesis strategies for short strings and small JSON values of any shape, to send in
+    a surface's fields."""
     from hypothesis import strategies as st
 
     text = st.text(st.characters(exclude_categories=()), max_size=12)
@@ -761,6 +762,14 @@ def test_any_json_in_the_agents_fields_parses_or_is_a_bad_request() -> None:
         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
         max_leaves=10,
     )
+    return text, anything
+
+
+def test_any_json_in_the_agents_fields_parses_or_is_a_bad_request() -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    text, anything = small_json()
     tool = st.fixed_dictionaries(
         {"type": st.just("function") | anything,
          "function": st.fixed_dictionaries(

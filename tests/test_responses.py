@@ -625,13 +625,7 @@ def test_any_json_in_the_responses_fields_parses_or_is_a_bad_request() -> None:
 
     from cortex.api.relay import checked
 
-    text = st.text(st.characters(exclude_categories=()), max_size=12)
-    scalars = st.none() | st.booleans() | st.integers() | st.floats() | text
-    anything = st.recursive(
-        scalars,
-        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
-        max_leaves=10,
-    )
+    text, anything = agents.small_json()
     part = st.fixed_dictionaries(
         {"type": st.sampled_from(["input_text", "output_text", "input_image"]) | anything},
         optional={"text": text | anything},
