@@ -2,10 +2,12 @@
 
 cortex counts the generations it relays to their end, per model. The drain rate is those
 completions over the last ``WINDOW`` seconds (or since cortex started, if less) divided by
-that time. A client refused for want of room is told to come back when the requests queued
-ahead of it, plus its own, should have drained: ``Retry-After = ceil((queued + 1) / rate)``,
-clamped to ``1..most``. With no completion in the window there is nothing to measure, and the
-configured fallback is given instead.
+that time. Until the window holds ``MIN_COMPLETIONS`` (or cortex has run for a whole
+window) the rate is not known: one early answer over cortex's first second is no measure of
+a neuron that serves dozens at once, and must not refuse the burst behind it. A client
+refused for want of room is told to come back when the requests queued ahead of it, plus
+its own, should have drained: ``Retry-After = ceil((queued + 1) / rate)``,
+clamped to ``1..most``. With no rate known, the configured fallback is given instead.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 
 WINDOW = 60.0
+MIN_COMPLETIONS = 8
 
 
 class DrainRate:
@@ -35,13 +38,17 @@ class DrainRate:
         self._trim(done, now)
 
     def rate(self, model_id: str) -> float:
-        """Completions per second over the window; 0 when none was seen in it."""
+        """Completions per second over the window; 0 (not known) when it holds fewer than
+        ``MIN_COMPLETIONS`` and cortex has not yet run for a whole window."""
         now = self.clock()
         done = self._done.get(model_id)
         if not done:
             return 0.0
         self._trim(done, now)
-        span = max(1.0, min(self.window, now - self.started))
+        up = now - self.started
+        if len(done) < MIN_COMPLETIONS and up < self.window:
+            return 0.0
+        span = max(1.0, min(self.window, up))
         return len(done) / span
 
     def retry_after(self, model_id: str, queued: int, fallback: int, most: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cortex.config import Catalogue, CatalogueModel, FleetConfig
-from cortex.drain import DrainRate
+from cortex.drain import MIN_COMPLETIONS, DrainRate
 from cortex.fleet import UP, ModelView, NeuronState, channel_options
 from cortex.router import eviction_order, least_loaded
 
@@ -107,3 +107,26 @@ def test_retry_after_is_the_queue_over_the_measured_drain_rate_clamped() -> None
     assert drain.retry_after("other", queued=9, fallback=7, most=60) == 7
     now[0] += 120  # a window with no completion: back to the fallback
     assert drain.retry_after("m", queued=9, fallback=5, most=60) == 5
+
+
+def test_the_drain_rate_is_not_known_from_a_first_few_answers() -> None:
+    now = [100.0]
+    drain = DrainRate(window=60.0, clock=lambda: now[0])
+    # One answer in cortex's first fraction of a second is no measure: not a rate of 1/s,
+    # which would refuse a burst of 64 as a minute's work.
+    now[0] += 0.1
+    drain.finished("m")
+    assert drain.rate("m") == 0.0
+    assert drain.retry_after("m", queued=10, fallback=5, most=60) == 5
+    for _ in range(MIN_COMPLETIONS - 2):
+        now[0] += 0.01
+        drain.finished("m")
+    assert drain.rate("m") == 0.0  # one short of MIN_COMPLETIONS
+    now[0] += 0.01
+    drain.finished("m")
+    assert drain.rate("m") == MIN_COMPLETIONS  # over cortex's first second, at the least
+    # Up a whole window: even one completion in it is a measure.
+    slow = DrainRate(window=60.0, clock=lambda: now[0])
+    now[0] += 61
+    slow.finished("m")
+    assert slow.rate("m") == 1 / 60

@@ -21,6 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from cortex.drain import MIN_COMPLETIONS
 from cortex.multiplex import Multiplexer as CortexMultiplexer
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
@@ -38,7 +39,7 @@ BURST_TOKEN = "x" * 32768
 class ScriptedNeuron(pb_grpc.NeuronServicer):
     """Generates by the user message: "delay" waits before its first token, "stall" stops
     after one, "midfail" fails after one, "burst" sends many at once, "tick" one every 20 ms for 3 s,
-    "flood" 32 KiB tokens until cancelled,
+    "flood" 32 KiB tokens until cancelled, "spin" a small token every loop turn until cancelled,
     "poison" breaks the
     neuron (INTERNAL) before any; with ``refuse`` it fails before any."""
 
@@ -93,6 +94,10 @@ class ScriptedNeuron(pb_grpc.NeuronServicer):
                 while True:
                     yield pb.GenerateResponse(text=BURST_TOKEN, tokens=1)
                     await asyncio.sleep(0.01)
+            if cue == "spin":  # as fast as the loop turns, until cancelled
+                while True:
+                    yield pb.GenerateResponse(text="s", tokens=1)
+                    await asyncio.sleep(0)
             if cue == "tick":  # a token every 20 ms for 3 s
                 for _ in range(150):
                     yield pb.GenerateResponse(text="t", tokens=1)
@@ -220,6 +225,51 @@ async def test_client_leaving_before_the_first_token_cancels_the_generation(
         assert asyncio.get_running_loop().time() < deadline, "the generation was not cancelled"
         await asyncio.sleep(0.05)
     assert good.calls == ["delay"]
+
+
+async def test_clients_resetting_mid_stream_are_client_gone_not_server_errors(
+    scripted: tuple[CortexProcess, list[ScriptedNeuron]],
+) -> None:
+    """Clients that reset their connections while tokens pour out (wrk at the end of a run,
+    a killed agent): each is a client gone (499, its generation cancelled), never an
+    unexpected error with a traceback and a 500, whichever comes first to cortex, the reset
+    seen by a write or the handler's cancellation."""
+    cortex, (_, good) = scripted
+    host, port = cortex.url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "spin"}], "stream": True}
+    ).encode()
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
+        f"\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    clients = 32
+    for _ in range(3):
+        pairs = [await asyncio.open_connection(host, int(port)) for _ in range(clients)]
+        for _, writer in pairs:
+            writer.write(request)
+        for reader, _ in pairs:
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            await reader.readexactly(4096)  # tokens are pouring
+        for _, writer in pairs:  # all at once, with a reset (SO_LINGER 0), not a FIN
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            writer.transport.abort()
+    await until(
+        lambda: good.cancelled.count("spin") == 3 * clients, 10, "generations not cancelled"
+    )
+    await until(
+        lambda: (
+            metric_value(cortex.metrics(), "helexa_gateway_requests_total", status="499")
+            == 3 * clients
+        ),
+        10,
+        f"not every reset counted as a client gone:\n{cortex.log()[-3000:]}",
+    )
+    assert "unexpected error" not in cortex.log()
+    assert not metric_value(cortex.metrics(), "helexa_gateway_requests_total", status="500")
 
 
 async def test_failure_before_first_token_is_retried_on_another_neuron(
@@ -460,7 +510,7 @@ async def test_a_request_that_would_outwait_its_queue_timeout_is_refused_at_once
     try:
         await cortex.wait_ready()
         async with aiohttp.ClientSession() as session:
-            for _ in range(2):  # a drain rate to measure: two answers in the first seconds
+            for _ in range(MIN_COMPLETIONS):  # a drain rate to measure
                 assert await _chat(session, cortex, "hi") == 200
             # Streams that hold their slots: each one more queued, until the expected wait
             # (queued over the measured rate) passes timeouts.queue and the next is refused.

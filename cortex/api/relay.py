@@ -311,7 +311,10 @@ class _Events:
                     "X-Accel-Buffering": "no",
                 }
             )
-            await self.response.prepare(self.request)
+            try:
+                await self.response.prepare(self.request)
+            except ConnectionResetError:
+                raise self._gone() from None
         if not data:
             return False
         await self._send(data)
@@ -319,24 +322,38 @@ class _Events:
 
     async def end(self) -> web.StreamResponse:
         assert self.response is not None
-        async with self._bounded():
-            await self.response.write_eof()
+        try:
+            async with self._bounded():
+                await self.response.write_eof()
+        except ConnectionResetError:
+            raise self._gone() from None
         return self.response
 
     async def _send(self, data: bytes) -> None:
         assert self.response is not None
         transport = self.request.transport
-        if (
-            transport is not None
-            and transport.get_write_buffer_size() + len(data)
-            <= transport.get_write_buffer_limits()[1]
-        ):
-            # Below the transport's high-water mark the write cannot wait on the client: no
-            # timer (one per write is the streaming path's cost).
-            await self.response.write(data)
-            return
-        async with self._bounded():
-            await self.response.write(data)
+        try:
+            if (
+                transport is not None
+                and transport.get_write_buffer_size() + len(data)
+                <= transport.get_write_buffer_limits()[1]
+            ):
+                # Below the transport's high-water mark the write cannot wait on the client:
+                # no timer (one per write is the streaming path's cost).
+                await self.response.write(data)
+                return
+            async with self._bounded():
+                await self.response.write(data)
+        except ConnectionResetError:
+            raise self._gone() from None
+
+    def _gone(self) -> asyncio.CancelledError:
+        """The client reset or closed its connection and a write found it before aiohttp
+        cancelled the handler (which it does as the connection is lost): the handler ends
+        the same way, a client gone, its generation cancelled."""
+        if self.request.transport is not None:
+            self.request.transport.abort()
+        return asyncio.CancelledError()
 
     @contextlib.asynccontextmanager
     async def _bounded(self) -> AsyncIterator[None]:
