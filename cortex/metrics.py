@@ -99,6 +99,20 @@ CONSTRAINED = Counter(
     registry=REGISTRY,
 )
 
+STREAMED_TOKENS = Counter(
+    "helexa_gateway_streamed_tokens",
+    "Tokens of the streams cortex relayed to their end, by model",
+    ["model"],
+    registry=REGISTRY,
+)
+STREAM_WRITES = Counter(
+    "helexa_gateway_stream_writes",
+    "Writes to streaming clients (each one socket send of SSE events), by model: streamed "
+    "tokens over writes is how many tokens a write carried",
+    ["model"],
+    registry=REGISTRY,
+)
+
 
 def serve(address: str) -> None:
     """Serve /metrics on ``address`` (HOST:PORT) from a daemon thread."""

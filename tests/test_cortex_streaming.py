@@ -183,6 +183,24 @@ def _text(raw: bytes) -> str:
     return text
 
 
+async def test_a_stream_counts_its_writes_and_tokens(
+    scripted: tuple[CortexProcess, list[ScriptedNeuron]],
+) -> None:
+    """Tokens 20 ms apart go out a write each: the writes counted are the stream's own."""
+    cortex, _ = scripted
+    metrics = cortex.metrics()
+    writes = metric_value(metrics, "helexa_gateway_stream_writes_total", model=MODEL)
+    tokens = metric_value(metrics, "helexa_gateway_streamed_tokens_total", model=MODEL)
+    raw = await _stream(cortex, "tick")
+    assert _text(raw) == "t" * 150 + "Hello world"
+    metrics = cortex.metrics()
+    # 150 ticks, "Hello" and " world" (at once after it, so perhaps in one write with it).
+    written = metric_value(metrics, "helexa_gateway_stream_writes_total", model=MODEL) - writes
+    assert 151 <= written <= 152
+    # The scripted usage: two completion tokens.
+    assert metric_value(metrics, "helexa_gateway_streamed_tokens_total", model=MODEL) - tokens == 2
+
+
 async def test_keepalive_comments_while_waiting_for_the_first_token(
     scripted: tuple[CortexProcess, list[ScriptedNeuron]],
 ) -> None:

@@ -224,6 +224,7 @@ async def _stream(
     loop = asyncio.get_running_loop()
     sse = _Events(request, dialect)
     stalled = StreamStalled(f"no token from the neuron for {timeouts.stall:g} seconds")
+    outcome = Outcome()
     try:
         # Until the first message a placement may run (bounded by timeouts.load).
         deadline = loop.time() + timeouts.load + timeouts.stall
@@ -240,7 +241,6 @@ async def _stream(
             return await sse.fail(e)
         gateway.streams.add(stream)
         metrics.TIME_TO_FIRST_TOKEN.labels(model=dialect.model).observe(time.monotonic() - arrived)
-        outcome = Outcome()
         first = True
         last_token = last_write = loop.time()
         while True:
@@ -267,6 +267,9 @@ async def _stream(
             await sse.write(sse.head() + dialect.keepalive)
             last_write = loop.time()
     finally:
+        metrics.STREAM_WRITES.labels(model=dialect.model).inc(sse.writes)
+        if outcome.finish_reason:
+            metrics.STREAMED_TOKENS.labels(model=dialect.model).inc(outcome.completion_tokens)
         if opening.done():
             if not opening.cancelled() and opening.exception() is None:
                 gateway.streams.discard(opening.result())
@@ -284,7 +287,7 @@ def _close_opened(opening: asyncio.Task[Stream]) -> None:
 class _Events:
     """The SSE response, begun on its first write, which opens with ``head()``."""
 
-    __slots__ = ("_opened", "dialect", "request", "response", "within")
+    __slots__ = ("_opened", "dialect", "request", "response", "within", "writes")
 
     def __init__(self, request: web.Request, dialect: Dialect) -> None:
         self.request = request
@@ -292,6 +295,7 @@ class _Events:
         self.response: web.StreamResponse | None = None
         self._opened = False
         self.within = request.app[GATEWAY].config.timeouts.write
+        self.writes = 0
 
     def head(self) -> bytes:
         """The dialect's opening the first time (before what the first write carries, so an
@@ -331,6 +335,7 @@ class _Events:
 
     async def _send(self, data: bytes) -> None:
         assert self.response is not None
+        self.writes += 1
         transport = self.request.transport
         try:
             if (
