@@ -50,7 +50,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 
-from bench.loadgen import percentile
+from bench.loadgen import head_commit, percentile
 from cortex.multiplex import Multiplexer
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
@@ -173,14 +173,14 @@ def wrk(
         }
     )
     started = time.monotonic()
-    out = subprocess.run(
+    ran = subprocess.run(
         ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
          "--timeout", "10s", "-s", str(script), url],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    if "HELEXA-FAILED" in out.stderr:
-        print(out.stderr, file=sys.stderr)
-    out = out.stdout
+    if "HELEXA-FAILED" in ran.stderr:  # the first failed answers, to see why
+        print(ran.stderr, file=sys.stderr)
+    out = ran.stdout
     elapsed = time.monotonic() - started
     match = re.search(r"HELEXA answers=(\d+) tokens=(\d+) events=(\d+) bad=(\d+) socket=(\d+)", out)
     assert match, out
@@ -401,9 +401,7 @@ def main() -> None:
     args = parser.parse_args()
     if os.cpu_count() is None or os.cpu_count() < 2:  # type: ignore[operator]
         raise SystemExit("needs two cores: one for cortex, one for the load")
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = head_commit()
     workdir = Path(tempfile.mkdtemp(prefix="helexa-bench-gateway-"))
     try:
         whole = asyncio.run(whole_figures(args.seconds, args.samples, workdir))

@@ -2,34 +2,56 @@
 at 1, 4, 8 and 16 concurrent streams, against each server in turn in one run:
 
 - the bare forward step, KV cache of ~64 tokens, of transformers' forward and of neuron's
-  (the ceiling of the engine: what a step costs with no server, sampling or streaming);
+  (the ceiling of the engine: what a step costs with no server, sampling or streaming), and
+  transformers' ``generate_batch``, the continuous-batching path ``transformers serve
+  --continuous-batching`` runs, offline (its ceiling: no server, no streaming);
 - neuron over gRPC, and cortex → neuron over HTTP (what clients use);
 - ``transformers serve`` on the same materialised model files, with and without
   ``--continuous-batching``.
 
-    .venv/bin/python -m bench.generation [--concurrency 1,4,8,16] [--tokens 64]
+    .venv/bin/python -m bench.generation [--concurrency 1,4,8,16] [--tokens 64] [--rounds 3]
 
-Servers run one at a time so they never compete for the cores.
+Every server gets the same requests (``bench.loadgen``: the same bytes, by run tag and
+index), in the same dtype (``--dtype``, bfloat16 unless told: neuron's ``auto`` would pick
+float32 on a CPU without native bf16), for each of the two prompt sets (a shared chat
+template, and a system prompt of its own per request). Servers run one at a time, each
+started afresh per round so they never compete for the cores and no round reuses another's
+prefix cache; the rounds interleave the servers. The table gives each figure's median over
+the rounds with its range, and p99s only where there are 100 samples. A failed request (see
+``bench.loadgen``) is counted, shown, and fails the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import IO, Any
 
 import aiohttp
 import grpc
 
-from bench.loadgen import Summary, closed_loop, grpc_sender, openai_sender, table
+from bench.loadgen import (
+    PROMPT_SETS,
+    Send,
+    Summary,
+    closed_loop,
+    grpc_sender,
+    head_commit,
+    messages,
+    openai_sender,
+    percentile,
+)
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from tests.harness import (
     DEMO_GGUF,
@@ -98,38 +120,56 @@ def _transformers_step(model: Any, cache: Any, token: Any) -> Any:
     return model(input_ids=token, past_key_values=cache).logits[:, -1]
 
 
-async def measure(send_factory, concurrency: list[int], per_stream: int) -> list[Summary]:  # type: ignore[no-untyped-def]
-    send = send_factory()
-    # Warm up: first requests pay for lazy initialisation, and each stream's connection is
-    # opened here, not in its first measured request (clients keep theirs open).
-    await closed_loop(send, max(concurrency), 1)
-    return [await closed_loop(send, c, per_stream) for c in concurrency]
+def batch_ceiling(
+    model_dir: Path, batches: list[int], tokens: int, dtype_name: str
+) -> dict[int, float]:
+    """Tokens/s of transformers' ``generate_batch`` (its continuous batching, greedy) for a
+    batch of that many requests of the shared prompt set, at each batch size."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-
-async def bench_neuron(
-    concurrency: list[int], tokens: int, per_stream: int, workdir: Path
-) -> list[Summary]:
-    neuron = NeuronProcess(
-        workdir / "neuron", neuron_config([demo_model("bench")], max_batch_size=32, cpu_threads=0)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=getattr(torch, dtype_name)
+    ).eval()
+    config = GenerationConfig(
+        max_new_tokens=tokens, do_sample=False, eos_token_id=-1, pad_token_id=0
     )
+    ceiling = {}
+    for batch in [min(batches), *batches]:  # the first, again: a warm-up
+        inputs = [
+            tokenizer.apply_chat_template(
+                [{"role": r, "content": c} for r, c in messages("shared", f"b{batch}", i)],
+                add_generation_prompt=True,
+            )
+            for i in range(batch)
+        ]
+        started = time.perf_counter()
+        outputs = model.generate_batch(inputs, config, progress_bar=False)
+        seconds = time.perf_counter() - started
+        ceiling[batch] = sum(len(o.generated_tokens) for o in outputs.values()) / seconds
+    return ceiling
+
+
+Sender = Callable[[str], Send]  # the prompt set -> the sender of its requests
+
+
+@contextlib.asynccontextmanager
+async def neuron_server(args: argparse.Namespace, workdir: Path) -> AsyncIterator[Sender]:
+    neuron = NeuronProcess(workdir, _neuron_config(args))
     try:
         neuron.start()
         await neuron.wait_serving()
         async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
             stub = pb_grpc.NeuronStub(channel)
-            return await measure(
-                lambda: grpc_sender(stub, "bench", tokens), concurrency, per_stream
-            )
+            yield lambda prompt_set: grpc_sender(stub, "bench", args.tokens, None, prompt_set)
     finally:
         neuron.stop()
 
 
-async def bench_cortex(
-    concurrency: list[int], tokens: int, per_stream: int, workdir: Path
-) -> list[Summary]:
-    neuron = NeuronProcess(
-        workdir / "neuron-c", neuron_config([demo_model("bench")], max_batch_size=32, cpu_threads=0)
-    )
+@contextlib.asynccontextmanager
+async def cortex_server(args: argparse.Namespace, workdir: Path) -> AsyncIterator[Sender]:
+    neuron = NeuronProcess(workdir / "neuron", _neuron_config(args))
     cortex = CortexProcess(workdir / "cortex", cortex_config([neuron]), models=[])
     try:
         neuron.start()
@@ -137,111 +177,159 @@ async def bench_cortex(
         cortex.start()
         await cortex.wait_ready()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-            return await measure(
-                lambda: openai_sender(session, cortex.url, "bench", tokens),
-                concurrency,
-                per_stream,
+            yield lambda prompt_set: openai_sender(
+                session, cortex.url, "bench", args.tokens, prompt_set
             )
     finally:
         cortex.stop()
         neuron.stop()
 
 
-async def bench_transformers_serve(
-    model_dir: Path,
-    continuous: bool,
-    concurrency: list[int],
-    tokens: int,
-    per_stream: int,
-    workdir: Path,
-) -> list[Summary]:
-    port = free_port()
-    command = [
-        str(Path(sys.executable).with_name("transformers")), "serve", str(model_dir),
-        "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "bfloat16",
-        "--continuous-batching" if continuous else "--no-continuous-batching",
-    ]  # fmt: skip
-    proc, log = _start(command, workdir / f"transformers-serve-{continuous}.log")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-            deadline = time.monotonic() + 300
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"transformers serve did not start; see {log.name}")
-                try:
-                    async with session.get(f"{base}/health") as reply:
-                        if reply.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.5)
-            return await measure(
-                lambda: openai_sender(session, base, str(model_dir), tokens),
-                concurrency,
-                per_stream,
-            )
-    finally:
-        proc.terminate()
+def _neuron_config(args: argparse.Namespace) -> dict[str, Any]:
+    model = demo_model("bench", dtype=args.dtype)
+    return neuron_config([model], max_batch_size=32, cpu_threads=0)
+
+
+def transformers_server(model_dir: Path, continuous: bool) -> Any:
+    @contextlib.asynccontextmanager
+    async def serve(args: argparse.Namespace, workdir: Path) -> AsyncIterator[Sender]:
+        port = free_port()
+        command = [
+            str(Path(sys.executable).with_name("transformers")), "serve", str(model_dir),
+            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+            "--dtype", args.dtype,
+            "--continuous-batching" if continuous else "--no-continuous-batching",
+        ]  # fmt: skip
+        proc, log = _start(command, workdir / "transformers-serve.log")
+        base = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            timeout = aiohttp.ClientTimeout(total=600)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                deadline = time.monotonic() + 300
+                while True:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"transformers serve did not start; see {log.name}")
+                    try:
+                        async with session.get(f"{base}/health") as reply:
+                            if reply.status == 200:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                    await asyncio.sleep(0.5)
+                yield lambda prompt_set: openai_sender(
+                    session, base, str(model_dir), args.tokens, prompt_set
+                )
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+
+    return serve
+
+
+Key = tuple[str, str, int]  # prompt set, server, streams
+
+
+async def measure_rounds(
+    args: argparse.Namespace, servers: list[tuple[str, Any]], workdir: Path
+) -> dict[Key, list[Summary]]:
+    """Each server started afresh per round, one at a time, the rounds interleaving them;
+    within a start, a warm-up, then each prompt set at each concurrency."""
+    runs: dict[Key, list[Summary]] = {}
+    for round_ in range(args.rounds):
+        for number, (name, server) in enumerate(servers):
+            async with server(args, workdir / f"{number}-{round_}") as sender:
+                # First requests pay for lazy initialisation, and each stream's connection
+                # is opened here, not in its first measured request (clients keep theirs).
+                await closed_loop(sender("shared"), max(args.concurrency), 1, f"w{round_}")
+                for prompt_set in PROMPT_SETS:
+                    send = sender(prompt_set)
+                    for streams in args.concurrency:
+                        tag = f"{round_}-{streams}"  # the same requests for every server
+                        summary = await closed_loop(send, streams, args.per_stream, tag)
+                        runs.setdefault((prompt_set, name, streams), []).append(summary)
+    return runs
+
+
+def rounds_table(runs: dict[Key, list[Summary]]) -> str:
+    lines = [
+        "| prompts | server | streams | tok/s median (range) | TTFT p50 ms | TTFT p99 ms "
+        "| ITL p50 ms | ITL p99 ms | tokens/request | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (prompt_set, name, streams), summaries in runs.items():
+        rates = [s.tokens_per_second for s in summaries]
+        ttfts = [t for s in summaries for t in s.ttfts]
+        gaps = [g for s in summaries for g in s.gaps]
+        requests = sum(s.requests for s in summaries)
+        tokens = sum(s.tokens for s in summaries)
+        errors = sum(len(s.errors) for s in summaries)
+        ttft_p50 = statistics.median([percentile(s.ttfts, 50) for s in summaries])
+        itl_p50 = statistics.median([percentile(s.gaps, 50) for s in summaries])
+        lines.append(
+            f"| {prompt_set} | {name} | {streams} | {statistics.median(rates):.1f} "
+            f"({min(rates):.1f}-{max(rates):.1f}) | {1000 * ttft_p50:.0f} | {_p99(ttfts)} "
+            f"| {1000 * itl_p50:.1f} | {_p99(gaps)} | {tokens / max(requests, 1):.1f} "
+            f"| {errors or ''} |"
+        )
+    return "\n".join(lines)
+
+
+def _p99(samples: list[float]) -> str:
+    """The p99 in ms where there are samples enough to have one."""
+    return f"{1000 * percentile(samples, 99):.0f}" if len(samples) >= 100 else "-"
 
 
 def _start(command: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "wb")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log
 
 
-async def run(args: argparse.Namespace) -> str:
+async def run(args: argparse.Namespace) -> tuple[str, int]:
     from neuron.sources import materialise_gguf
 
     model_dir = materialise_gguf(DEMO_GGUF, SHARED_CACHE)
     workdir = Path(tempfile.mkdtemp(prefix="helexa-bench-generation-"))
-    rows: list[tuple[str, Summary]] = []
-    out = []
+    commit = head_commit()
+    out = [
+        f"commit {commit}; dtype {args.dtype}; {args.rounds} rounds; {args.tokens} tokens a "
+        f"request, {args.per_stream} requests a stream"
+    ]
+    servers: list[tuple[str, Any]] = [
+        ("neuron (gRPC)", neuron_server),
+        ("cortex → neuron", cortex_server),
+    ]
+    if not args.skip_transformers:
+        servers += [
+            ("transformers serve --continuous-batching", transformers_server(model_dir, True)),
+            ("transformers serve", transformers_server(model_dir, False)),
+        ]
     try:
         for engine in ("transformers", "neuron"):
-            ceiling = bare_step_ceiling(model_dir, args.concurrency, engine, "bfloat16")
+            ceiling = bare_step_ceiling(model_dir, args.concurrency, engine, args.dtype)
             out.append(
-                f"bare forward step ({engine}, bfloat16), tok/s: "
+                f"bare forward step ({engine}, {args.dtype}), tok/s: "
                 + ", ".join(f"{b} streams {v:.0f}" for b, v in ceiling.items())
             )
-        for name, summaries in [
-            (
-                "neuron (gRPC)",
-                await bench_neuron(args.concurrency, args.tokens, args.per_stream, workdir),
-            ),
-            (
-                "cortex → neuron",
-                await bench_cortex(args.concurrency, args.tokens, args.per_stream, workdir),
-            ),
-            (
-                "transformers serve --continuous-batching",
-                await bench_transformers_serve(
-                    model_dir, True, args.concurrency, args.tokens, args.per_stream, workdir
-                )
-                if not args.skip_transformers
-                else None,
-            ),
-            (
-                "transformers serve",
-                await bench_transformers_serve(
-                    model_dir, False, args.concurrency, args.tokens, args.per_stream, workdir
-                )
-                if not args.skip_transformers
-                else None,
-            ),
-        ]:
-            if summaries:
-                rows.extend((name, s) for s in summaries)
+        if not args.skip_transformers:
+            batched = batch_ceiling(model_dir, args.concurrency, args.tokens, args.dtype)
+            out.append(
+                f"transformers generate_batch (continuous batching, offline, {args.dtype}), "
+                "tok/s: " + ", ".join(f"{b} requests {v:.0f}" for b, v in batched.items())
+            )
+        runs = await measure_rounds(args, servers, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    out.append(table(rows))
-    return "\n\n".join(out)
+    out.append(rounds_table(runs))
+    failed = [e for summaries in runs.values() for s in summaries for e in s.errors]
+    if failed:
+        out.append(f"{len(failed)} requests FAILED, e.g.: {failed[0]}")
+    return "\n\n".join(out), len(failed)
 
 
 def main() -> None:
@@ -253,8 +341,13 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--per-stream", type=int, default=2, help="requests each stream sends")
+    parser.add_argument("--rounds", type=int, default=3, help="each server's runs, interleaved")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--skip-transformers", action="store_true")
-    print(asyncio.run(run(parser.parse_args())))
+    report, failed = asyncio.run(run(parser.parse_args()))
+    print(report)
+    if failed:
+        raise SystemExit("requests failed: the figures above are not to be trusted")
 
 
 if __name__ == "__main__":

@@ -2,20 +2,31 @@
 
 Clients for an OpenAI-compatible SSE endpoint (cortex, transformers serve) and for a neuron's
 gRPC ``Generate``. Each request records its time to first token, the gaps between the chunks
-that followed, and its completion tokens.
+that followed, its completion tokens and how it ended. A request that fails (a status, an
+error event, no finish reason, or fewer tokens than asked without a ``stop`` to explain them)
+is an error, counted apart from the figures.
+
+Requests are the same bytes for every server: request ``index`` of a run tagged ``tag`` has
+one text whoever receives it. Two prompt sets: ``shared`` (a user message only, so the chat
+template's default system prompt is a prefix every request shares, as for any chat client) and
+``unique`` (a system prompt of its own per request, so a prefix cache has almost nothing to
+reuse).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import grpc
 
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
@@ -31,13 +42,17 @@ PROMPTS = [
     "Explain how bread is made, step by step, in detail.",
 ]
 
-_serial = itertools.count()
+PROMPT_SETS = ("shared", "unique")
 
 
-def prompt(index: int) -> str:
-    """A user message no earlier request sent: a server's prefix cache can reuse the chat
-    template's system prompt, as for any chat client, but never a whole earlier prompt."""
-    return f"Request {next(_serial)}: {PROMPTS[index % len(PROMPTS)]}"
+def messages(prompt_set: str, tag: str, index: int) -> list[tuple[str, str]]:
+    """The (role, content) messages of request ``index`` in the run tagged ``tag``: never a
+    whole earlier prompt (tags differ between runs), the same for every server."""
+    user = ("user", f"Request {tag}-{index}: {PROMPTS[index % len(PROMPTS)]}")
+    if prompt_set == "shared":
+        return [user]
+    system = f"You are writer {tag}-{index}, who answers at length and in plain words."
+    return [("system", system), user]
 
 
 @dataclass
@@ -46,6 +61,24 @@ class Result:
     gaps: list[float]
     tokens: int
     seconds: float
+    error: str = ""  # why the request failed; "" when it did not
+
+
+def judged(result: Result, finish: str | None, max_tokens: int, exact: bool = True) -> Result:
+    """``result`` marked as an error unless it ended with a finish reason that explains its
+    tokens: ``length`` with all of them, or ``stop`` with no more (``exact``: its tokens were
+    counted by the server; text chunks alone only show that it finished)."""
+    if result.error:
+        return result
+    if finish is None:
+        result.error = "no finish reason"
+    elif not exact:
+        pass
+    elif finish == "length" and result.tokens != max_tokens:
+        result.error = f"finish length after {result.tokens} of {max_tokens} tokens"
+    elif finish not in ("length", "stop") or result.tokens > max_tokens:
+        result.error = f"finish {finish} after {result.tokens} of {max_tokens} tokens"
+    return result
 
 
 @dataclass
@@ -56,6 +89,7 @@ class Summary:
     seconds: float
     ttfts: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -72,6 +106,13 @@ class Summary:
         }
 
 
+def head_commit() -> str:
+    """The commit the figures were measured on (``+`` when the tree has changes)."""
+    run = functools.partial(subprocess.run, capture_output=True, text=True)
+    commit = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip() or "unknown"
+    return commit + ("+" if run(["git", "status", "--porcelain", "-uno"]).stdout else "")
+
+
 def percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -80,7 +121,7 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[index]
 
 
-Send = Callable[[int], Awaitable[Result]]
+Send = Callable[[str, int], Awaitable[Result]]
 
 
 class Arrivals:
@@ -101,35 +142,51 @@ class Arrivals:
         self.last = now
         self.chunks += 1
 
-    def result(self, tokens: int) -> Result:
-        return Result(self.first - self.started, self.gaps, tokens, self.last - self.started)
+    def result(self, tokens: int, error: str = "") -> Result:
+        return Result(self.first - self.started, self.gaps, tokens, self.last - self.started, error)
 
 
-async def closed_loop(send: Send, concurrency: int, per_stream: int) -> Summary:
-    """``concurrency`` streams, each sending ``per_stream`` requests one after another."""
+async def closed_loop(send: Send, concurrency: int, per_stream: int, tag: str = "") -> Summary:
+    """``concurrency`` streams, each sending ``per_stream`` requests one after another; the
+    requests are those of the run ``tag`` (a fresh one when empty)."""
+    tag = tag or f"r{next(_runs)}"
     results: list[Result] = []
 
     async def stream(index: int) -> None:
         for i in range(per_stream):
-            results.append(await send(index * per_stream + i))
+            results.append(await send(tag, index * per_stream + i))
 
     started = time.perf_counter()
     await asyncio.gather(*(stream(i) for i in range(concurrency)))
     seconds = time.perf_counter() - started
-    summary = Summary(concurrency, len(results), sum(r.tokens for r in results), seconds)
+    good = [r for r in results if not r.error]
+    summary = Summary(concurrency, len(good), sum(r.tokens for r in good), seconds)
     for r in results:
+        if r.error:
+            summary.errors.append(r.error)
+            continue
         summary.ttfts.append(r.ttft)
         summary.gaps.extend(r.gaps)
     return summary
 
 
+_runs = itertools.count()
+
+
 def openai_sender(
-    session: aiohttp.ClientSession, base_url: str, model: str, max_tokens: int
+    session: aiohttp.ClientSession,
+    base_url: str,
+    model: str,
+    max_tokens: int,
+    prompt_set: str = "shared",
 ) -> Send:
-    async def send(index: int) -> Result:
+    async def send(tag: str, index: int) -> Result:
         body = {
             "model": model,
-            "messages": [{"role": "user", "content": prompt(index)}],
+            "messages": [
+                {"role": role, "content": content}
+                for role, content in messages(prompt_set, tag, index)
+            ],
             "max_tokens": max_tokens,
             "temperature": 0,
             "stream": True,
@@ -137,21 +194,34 @@ def openai_sender(
         }
         arrivals = Arrivals()
         usage_tokens = 0
-        async with session.post(f"{base_url}/v1/chat/completions", json=body) as reply:
-            reply.raise_for_status()
-            async for raw in reply.content:
-                line = raw.strip()
-                if not line.startswith(b"data:") or line == b"data: [DONE]":
-                    continue
-                event: dict[str, Any] = json.loads(line[5:])
-                if event.get("usage"):
-                    usage_tokens = event["usage"].get("completion_tokens", 0)
-                choices = event.get("choices") or []
-                if choices and (choices[0].get("delta") or {}).get("content"):
-                    arrivals.chunk()
-        return arrivals.result(usage_tokens or arrivals.chunks)
+        finish: str | None = None
+        try:
+            async with session.post(f"{base_url}/v1/chat/completions", json=body) as reply:
+                if reply.status != 200:
+                    return arrivals.result(0, f"HTTP {reply.status}")
+                async for raw in reply.content:
+                    line = raw.strip()
+                    if not line.startswith(b"data:") or line == b"data: [DONE]":
+                        continue
+                    event: dict[str, Any] = json.loads(line[5:])
+                    if "error" in event:
+                        return arrivals.result(0, f"error event: {event['error']}")
+                    if event.get("usage"):
+                        usage_tokens = event["usage"].get("completion_tokens", 0)
+                    choices = event.get("choices") or []
+                    if choices and (choices[0].get("delta") or {}).get("content"):
+                        arrivals.chunk()
+                    if choices and choices[0].get("finish_reason"):
+                        finish = choices[0]["finish_reason"]
+        except (aiohttp.ClientError, TimeoutError) as e:
+            return arrivals.result(0, f"{type(e).__name__}: {e}")
+        exact = bool(usage_tokens)  # else only the text chunks were counted
+        return judged(arrivals.result(usage_tokens or arrivals.chunks), finish, max_tokens, exact)
 
     return send
+
+
+FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
 
 def grpc_sender(
@@ -159,26 +229,37 @@ def grpc_sender(
     model: str,
     max_tokens: int,
     output: pb.OutputConstraint | None = None,
+    prompt_set: str = "shared",
 ) -> Send:
     """Chat requests over Generate; ``output``: the constraint each answer is held to."""
 
-    async def send(index: int) -> Result:
-        message = pb.ChatMessage(role="user", content=prompt(index))
+    async def send(tag: str, index: int) -> Result:
+        chat = [
+            pb.ChatMessage(role=role, content=content)
+            for role, content in messages(prompt_set, tag, index)
+        ]
         request = pb.GenerateRequest(
             model=model,
-            chat=pb.ChatMessages(messages=[message]),
+            chat=pb.ChatMessages(messages=chat),
             max_tokens=max_tokens,
             temperature=0,
             output=output,
         )
         arrivals = Arrivals()
         tokens = 0
-        async for reply in stub.Generate(request, timeout=600):
-            if reply.text:
-                arrivals.chunk()
-            if reply.finish_reason:
-                tokens = reply.usage.completion_tokens
-        return arrivals.result(tokens)
+        finish: str | None = None
+        try:
+            async for reply in stub.Generate(request, timeout=600):
+                if reply.text:
+                    arrivals.chunk()
+                if reply.finish_reason:
+                    tokens = reply.usage.completion_tokens
+                    finish = FINISH.get(
+                        reply.finish_reason, pb.FinishReason.Name(reply.finish_reason)
+                    )
+        except grpc.aio.AioRpcError as e:
+            return arrivals.result(0, f"{e.code().name}: {e.details()}")
+        return judged(arrivals.result(tokens), finish, max_tokens)
 
     return send
 
