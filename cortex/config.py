@@ -204,6 +204,31 @@ class ResponsesConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """How a request for a model several neurons hold picks one (``cortex.affinity``)."""
+
+    # "cache_aware": the neuron that last served the longest beginning of the prompt, unless
+    # it is too busy; "least_loaded": always the neuron with the fewest requests for the model.
+    policy: str = "cache_aware"
+    # Requests for the model the cache's neuron may have beyond the least loaded one's.
+    balance_margin: int = 4
+    # Prompt beginnings remembered (about 100 bytes each); the least recently used go first.
+    prefix_entries: int = 200_000
+
+    @property
+    def cache_aware(self) -> bool:
+        return self.policy == "cache_aware"
+
+    def check_config(self, key: str) -> None:
+        if self.policy not in ("cache_aware", "least_loaded"):
+            raise ConfigError(f"{key}.policy: must be cache_aware or least_loaded")
+        if self.balance_margin < 0:
+            raise ConfigError(f"{key}.balance_margin: must not be negative")
+        if self.prefix_entries < 1:
+            raise ConfigError(f"{key}.prefix_entries: must be at least 1")
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """Who may call the API (/v1): keys given inline and/or in a keys file, and per-key limits.
 
@@ -244,6 +269,7 @@ class CortexConfig:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     responses: ResponsesConfig = field(default_factory=ResponsesConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
 

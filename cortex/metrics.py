@@ -99,6 +99,14 @@ CONSTRAINED = Counter(
     registry=REGISTRY,
 )
 
+PREFIX_ROUTES = Counter(
+    "helexa_gateway_prefix_routes",
+    "Requests routed by the cache_aware policy among several neurons, by result: cached (to "
+    "the neuron that last served the prompt's longest beginning), balanced (that neuron was "
+    "too busy: to the least loaded), unseen (no beginning known: to the least loaded)",
+    ["result"],
+    registry=REGISTRY,
+)
 STREAMED_TOKENS = Counter(
     "helexa_gateway_streamed_tokens",
     "Tokens of the streams cortex relayed to their end, by model",

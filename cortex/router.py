@@ -2,7 +2,9 @@
 
 Among up neurons with the model READY it takes the least loaded (in-flight and waiting as last
 polled, plus cortex's own in-flight requests there), ties broken by neuron name, so a choice
-never depends on dict or hash order. When no neuron has the model, it is placed: loaded on an
+never depends on dict or hash order; under ``[routing] policy = "cache_aware"`` (the default)
+a generation goes instead to the neuron that last served the longest beginning of its prompt,
+while that one is within ``balance_margin`` requests of the least loaded (``cortex.affinity``). When no neuron has the model, it is placed: loaded on an
 allowed up neuron with room, after evicting the least recently used unpinned idle model when
 none has room. Concurrent requests for a model being placed wait for that one placement. A
 generation that fails before its first message is retried on another neuron (one that broke
@@ -31,6 +33,7 @@ from collections.abc import Callable
 import grpc
 
 from cortex import metrics
+from cortex.affinity import PrefixIndex, prefix_keys
 from cortex.config import Catalogue, CatalogueModel, CortexConfig
 from cortex.drain import DrainRate
 from cortex.errors import (
@@ -120,6 +123,7 @@ class Router:
         self.catalogue = catalogue
         self._placing: dict[str, asyncio.Task[NeuronState]] = {}
         self.drain = DrainRate()
+        self.prefixes = PrefixIndex(config.routing.prefix_entries)
 
     async def close(self) -> None:
         tasks = list(self._placing.values())
@@ -165,14 +169,33 @@ class Router:
 
     # ---- choosing a neuron ----
 
-    async def acquire(self, model_id: str, exclude: set[str]) -> NeuronState:
-        """The neuron to send a request for ``model_id`` to, placing the model if needed."""
+    async def acquire(
+        self, model_id: str, exclude: set[str], request: pb.GenerateRequest | None = None
+    ) -> NeuronState:
+        """The neuron to send a request for ``model_id`` to, placing the model if needed:
+        the least loaded, or with ``request`` under the cache_aware policy, the one most
+        likely to hold its prompt's beginning unless that one is too busy (``affinity``)."""
         ready = [
             n
             for n in self.fleet.neurons
             if n.routable and n.name not in exclude and n.has_ready(model_id)
         ]
-        chosen = least_loaded([n for n in ready if not n.full(model_id)])
+        candidates = [n for n in ready if not n.full(model_id)]
+        chosen = least_loaded(candidates)
+        if chosen is not None and request is not None and self.config.routing.cache_aware:
+            keys = prefix_keys(request)
+            found = self.prefixes.holder(keys, {n.name for n in candidates})
+            if found is not None:
+                holder = next(n for n in candidates if n.name == found[0])
+                margin = self.config.routing.balance_margin
+                if holder.model_load(model_id) <= chosen.model_load(model_id) + margin:
+                    chosen = holder
+                metrics.PREFIX_ROUTES.labels(
+                    result="cached" if chosen is holder else "balanced"
+                ).inc()
+            else:
+                metrics.PREFIX_ROUTES.labels(result="unseen").inc()
+            self.prefixes.served(keys, chosen.name)
         if chosen is not None:
             return chosen
         if ready:
@@ -340,7 +363,7 @@ class Router:
         queue_deadline: float | None = None
         while True:
             try:
-                neuron = await self.acquire(model_id, tried)
+                neuron = await self.acquire(model_id, tried, request)
             except NoCapacity as e:
                 raise self._none_left(model_id, e, failures) from None
             if queue_deadline is None:

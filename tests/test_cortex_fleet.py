@@ -157,7 +157,11 @@ async def test_concurrent_requests_spread_across_both_neurons(
     cortex, neurons = fleet
     before = [_served(n) for n in neurons]
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-        statuses = await asyncio.gather(*(_chat(session, cortex) for _ in range(6)))
+        # Six conversations (not one prompt six times, which cache-aware routing keeps
+        # together up to [routing] balance_margin): each new, so each to the least loaded.
+        statuses = await asyncio.gather(
+            *(_chat(session, cortex, content=f"Say hello to guest {i}.") for i in range(6))
+        )
     assert statuses == [200] * 6
     after = [_served(n) for n in neurons]
     served = [a - b for a, b in zip(after, before, strict=True)]
@@ -172,8 +176,9 @@ async def test_sigkilled_neuron_is_marked_down_and_the_fleet_recovers(
     story = "Write a long story about a dragon."
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         # Mid-run: one stream on each neuron (the second goes to the less loaded one).
+        # Two conversations: cache-aware routing would keep one prompt's copies together.
         first = await _open(session, cortex, content=story, max_tokens=120)
-        second = await _open(session, cortex, content=story, max_tokens=120)
+        second = await _open(session, cortex, content=story + " Another.", max_tokens=120)
         n1.send(signal.SIGKILL)
         n1.wait_exit(30)
         # The stream on the dead neuron ends with an error event; the other one completes.
@@ -191,7 +196,9 @@ async def test_sigkilled_neuron_is_marked_down_and_the_fleet_recovers(
         n1.start()
         await n1.wait_serving()
         await _wait_up(cortex, ["n0", "n1"])
-        statuses = await asyncio.gather(*(_chat(session, cortex) for _ in range(4)))
+        statuses = await asyncio.gather(
+            *(_chat(session, cortex, content=f"Hello again, {i}.") for i in range(4))
+        )
         assert statuses == [200] * 4
         assert _served(n1) >= 1
     assert metric_value(cortex.metrics(), "helexa_gateway_neuron_up", neuron="n1") == 1
@@ -205,7 +212,7 @@ async def test_neuron_sigterm_lets_the_stream_finish_and_new_requests_go_elsewhe
     story = "Write a long story about a dragon."
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         on_n0 = await _open(session, cortex, content=story, max_tokens=60)
-        on_n1 = await _open(session, cortex, content=story, max_tokens=60)
+        on_n1 = await _open(session, cortex, content=story + " Another.", max_tokens=60)
         served_n0 = _served(n0)
         n1.send(signal.SIGTERM)
         statuses = []
