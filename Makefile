@@ -40,7 +40,7 @@ lint: $(VENV)/.installed
 # missing, so a rerun costs nothing; elsewhere (no apt-get, not root) they are named and the
 # tests that need them skip.
 SYSTEM_TOOLS := rpm:rpm rpmbuild:rpm rpmspec:rpm rpm2cpio:rpm2cpio cpio:cpio systemd-analyze:systemd \
-	promtool:prometheus openssl:openssl
+	promtool:prometheus prometheus:prometheus openssl:openssl
 
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do \
