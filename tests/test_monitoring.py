@@ -71,6 +71,7 @@ PANELS = [
     "Queue depth", "Neurons up", "Models loaded", "Device memory used",
     "Gateway requests per second", "Gateway time to first token", "Gateway request duration",
     "Neurons up (as cortex sees them)", "Placements and evictions", "Retries and rejections",
+    "Alerts",
 ]  # fmt: skip
 LATENCY_PANELS = [
     "Time to first token", "Inter-token latency", "Gateway time to first token",
