@@ -39,8 +39,8 @@ lint: $(VENV)/.installed
 # Tools the packaging tests use (command:Debian package). Installed only when a command is
 # missing, so a rerun costs nothing; elsewhere (no apt-get, not root) they are named and the
 # tests that need them skip.
-SYSTEM_TOOLS := rpm:rpm rpmbuild:rpm rpmspec:rpm rpm2cpio:rpm2cpio cpio:cpio systemd-analyze:systemd \
-	promtool:prometheus openssl:openssl
+SYSTEM_TOOLS := rpm:rpm rpmbuild:rpm rpmspec:rpm rpm2cpio:rpm2cpio cpio:cpio rpmlint:rpmlint \
+	systemd-analyze:systemd promtool:prometheus prometheus:prometheus openssl:openssl
 
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do \
@@ -55,9 +55,10 @@ system-deps:
 		echo "missing system packages:$$missing (tests that need them will skip)"; \
 	fi
 
-# helexa-cortex and helexa-neuron into build/rpm/RPMS/noarch (see rpm/*.spec).
-rpm: system-deps
-	scripts/build-rpms build/rpm
+# helexa-cortex and helexa-neuron into build/rpm/RPMS/noarch (see rpm/*.spec); the virtualenv's
+# Python writes the manual pages from the programs' help.
+rpm: $(VENV)/.installed system-deps
+	PYTHON=$(BIN)/python scripts/build-rpms build/rpm
 
 test: $(VENV)/.installed $(DEMO_GGUF) system-deps lint
 	$(BIN)/python -m pytest -q

@@ -7,6 +7,8 @@ slept for; ``stop()`` always leaves no process behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -15,9 +17,10 @@ import sys
 import time
 import tomllib
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +28,7 @@ from typing import Any, ClassVar
 import aiohttp
 import grpc
 import tomli_w
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cortex.neuronlink import Link, open_channel
@@ -414,6 +418,17 @@ class CortexProcess(Daemon):
         raise AssertionError(f"cortex {path} not 200 within {within}s:\n{self.log()}")
 
 
+@contextlib.asynccontextmanager
+async def serving(cortex: CortexProcess) -> AsyncIterator[CortexProcess]:
+    """``cortex`` started and ready; stopped on the way out, whatever happened."""
+    cortex.start()
+    try:
+        await cortex.wait_ready()
+        yield cortex
+    finally:
+        cortex.stop()
+
+
 def cortex_config(
     neurons: list[NeuronProcess],
     names: list[str] | None = None,
@@ -441,6 +456,99 @@ def cortex_config(
 def catalogue_model(model_id: str, memory: str = "350MB", **extra: Any) -> dict[str, Any]:
     """A models.toml entry for the demo GGUF under ``model_id`` (bf16: 335,385,216 bytes)."""
     return {"id": model_id, "path": str(DEMO_GGUF), "memory": memory, **extra}
+
+
+@dataclass
+class PrometheusProcess(Daemon):
+    """Debian's ``prometheus`` scraping cortex and neurons every second (jobs ``helexa-cortex``
+    and ``helexa-neuron``, as deploy/prometheus/prometheus.yml names them) with ``rule_files``
+    evaluated every second, its data in ``workdir``; asked through its HTTP API."""
+
+    name: ClassVar[str] = "prometheus"
+    workdir: Path
+    cortexes: list[CortexProcess]
+    neurons: list[NeuronProcess]
+    rule_files: list[Path] = field(default_factory=list)
+    listen: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
+    config: dict[str, Any] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "prometheus.yml"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.listen}"
+
+    def start(self) -> PrometheusProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        jobs = {"helexa-cortex": self.cortexes, "helexa-neuron": self.neurons}
+        self.config = {
+            "global": {
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "evaluation_interval": "1s",
+            },
+            "rule_files": [str(path) for path in self.rule_files],
+            "scrape_configs": [
+                {
+                    "job_name": job,
+                    "static_configs": [{"targets": [d.config["metrics_listen"] for d in daemons]}],
+                }
+                for job, daemons in jobs.items()
+                if daemons
+            ],
+        }
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    "prometheus",
+                    f"--config.file={self.config_path}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--web.listen-address={self.listen}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        STARTED.append(self)
+        return self
+
+    def api(self, path: str, **params: str) -> Any:
+        """``GET /api/v1/PATH?PARAMS``'s ``data``, after checking its status is success."""
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as reply:
+            body = json.loads(reply.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """The series an instant query of ``expr`` returns now."""
+        data = self.api("query", query=expr)
+        assert data["resultType"] == "vector", (expr, data)
+        return list(data["result"])
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """The alerts now pending or firing."""
+        return list(self.api("alerts")["alerts"])
+
+    async def wait_scraping(self, within: float = 60.0) -> None:
+        """Poll until every target answers its scrape (``up`` is 1 for each)."""
+        targets = sum(
+            len(sc["static_configs"][0]["targets"]) for sc in self.config["scrape_configs"]
+        )
+
+        def all_up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"prometheus exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                return len(self.query("up == 1")) == targets
+            except OSError:
+                return False
+
+        await until_polled(all_up, within, f"prometheus did not scrape every target:\n{self.log()}")
 
 
 class Many:
@@ -505,10 +613,12 @@ async def leave_stream_and_see_it_cancelled(
                 if seen >= 3:
                     break
         # Leaving the block closes the connection mid-stream.
-    await _poll(lambda: cancelled() > before, 60, "the neuron never saw the generation cancelled")
+    await until_polled(
+        lambda: cancelled() > before, 60, "the neuron never saw the generation cancelled"
+    )
     running = metric_value(neuron.metrics(), "helexa_neuron_requests_running", model=DEMO_ID)
     assert running == 0
-    await _poll(
+    await until_polled(
         lambda: metric_value(
             cortex.metrics(), "helexa_gateway_requests_total", route=path, status="499"
         ),
@@ -517,7 +627,7 @@ async def leave_stream_and_see_it_cancelled(
     )
 
 
-async def _poll(condition: Callable[[], object], within: float, what: str) -> None:
+async def until_polled(condition: Callable[[], object], within: float, what: str) -> None:
     """``until`` for a condition that asks a daemon over HTTP: every 50 ms."""
     deadline = time.monotonic() + within
     while not condition():

@@ -7,8 +7,10 @@ system-deps`` installs them where apt-get can).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +57,10 @@ def require_tools(*tools: str) -> None:
 def build(topdir: Path) -> dict[str, Package]:
     require_tools("rpmbuild", "rpm", "git")
     done = subprocess.run(
-        [str(ROOT / "scripts/build-rpms"), str(topdir)], capture_output=True, text=True
+        [str(ROOT / "scripts/build-rpms"), str(topdir)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},  # it writes the man pages with it
     )
     assert done.returncode == 0, f"build-rpms failed:\n{done.stdout}\n{done.stderr}"
     packages = {}

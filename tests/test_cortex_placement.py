@@ -29,6 +29,7 @@ from tests.harness import (
     cortex_config,
     metric_value,
     neuron_config,
+    serving,
 )
 
 # bf16, and a KV cache of 2 rows of 256 tokens (15 MB) reserved beside the weights.
@@ -54,12 +55,9 @@ async def small_fleet(
             {"id": "broken", "path": str(DEMO_GGUF.parent / "missing.gguf"), "memory": "1MiB"},
             {"id": "forbidden", "path": "/nonexistent/model.gguf", "memory": "1MiB"},
         ],
-    ).start()
-    try:
-        await cortex.wait_ready()
+    )
+    async with serving(cortex):
         yield cortex, neuron
-    finally:
-        cortex.stop()
 
 
 async def _ask(cortex: CortexProcess, model: str) -> None:

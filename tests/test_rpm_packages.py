@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import re
 import subprocess
@@ -29,6 +30,7 @@ EXPECTED_FILES = {
         "/usr/share/helexa-neuron/requirements.txt",
         "/usr/share/doc/helexa-neuron",
         "/usr/share/doc/helexa-neuron/README.md",
+        "/usr/share/man/man1/neuron.1.gz",
         "/usr/lib/helexa-neuron",
     },
     "cortex": {
@@ -47,6 +49,12 @@ EXPECTED_FILES = {
         "/usr/share/helexa-cortex/requirements.txt",
         "/usr/share/doc/helexa-cortex",
         "/usr/share/doc/helexa-cortex/README.md",
+        "/usr/share/man/man1/cortex.1.gz",
+        "/usr/share/helexa-cortex/prometheus",
+        "/usr/share/helexa-cortex/prometheus/prometheus.yml",
+        "/usr/share/helexa-cortex/prometheus/helexa-alerts.yml",
+        "/usr/share/helexa-cortex/grafana",
+        "/usr/share/helexa-cortex/grafana/helexa.json",
         "/usr/lib/helexa-cortex",
     },
 }
@@ -118,8 +126,10 @@ def test_cortex_configs_are_the_example_configs(unpacked: Path, name: str) -> No
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_package_provides_its_user_and_group(rpms: dict[str, Package], program: str) -> None:
     provides = rpms[program].query("--provides").splitlines()
-    assert f"user({program})" in provides
-    assert f"group({program})" in provides
+    # Versioned (rpmlint's unversioned-explicit-provides); an unversioned Requires matches them.
+    version = rpms[program].query("--qf", "%{VERSION}-%{RELEASE}")
+    assert f"user({program}) = {version}" in provides
+    assert f"group({program}) = {version}" in provides
     assert not [p for p in provides if OTHER[program] in p]
 
 
@@ -227,7 +237,7 @@ def test_spec_uses_fedora_systemd_macros_where_they_exist(program: str) -> None:
     stand_ins = ["sysusers_create_compat", "systemd_post", "systemd_preun", "systemd_postun"]
     defines = [arg for m in stand_ins for arg in ("--define", f"{m}() FEDORA_{m} %*")]
     parsed = subprocess.run(
-        ["rpmspec", "-P", "--define", f"_sourcedir {ROOT}/deploy/sysusers", *defines, f"rpm/{program}.spec"],
+        ["rpmspec", "-P", "--define", f"_sourcedir {ROOT}/deploy/sysusers", *defines, f"rpm/helexa-{program}.spec"],
         cwd=ROOT, check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     assert f"FEDORA_sysusers_create_compat {ROOT}/deploy/sysusers/{program}.conf" in parsed
@@ -236,3 +246,47 @@ def test_spec_uses_fedora_systemd_macros_where_they_exist(program: str) -> None:
     # Only the restart after the transaction is the spec's own (no macro does it).
     scriptlets = parsed.split("%files")[0].split("%pre\n", 1)[1].split("%posttrans")[0]
     assert "systemctl" not in scriptlets
+
+
+# Each program's commands, as its argparse parser names them.
+COMMANDS = {
+    "cortex": ["serve", "status", "check-config"],
+    "neuron": ["serve", "info", "check-config"],
+}
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_man_page_is_the_programs_own_help(unpacked: Path, program: str) -> None:
+    page = gzip.decompress((unpacked / f"usr/share/man/man1/{program}.1.gz").read_bytes()).decode()
+    assert page.startswith(f".TH {program.upper()} 1 ")
+    for command in COMMANDS[program]:
+        assert "\n.SS " + command.replace("-", "\\-") + "\n" in page  # roff escapes "-"
+    assert "\\-\\-config CONFIG" in page
+    if program == "cortex":
+        shipped = unpacked / "usr/share/helexa-cortex/prometheus"
+        assert (shipped / "helexa-alerts.yml").read_bytes() == (
+            ROOT / "deploy/prometheus/helexa-alerts.yml"
+        ).read_bytes()
+
+
+def test_rpmlint_finds_nothing_in_the_specs_and_packages(rpms: dict[str, Package]) -> None:
+    """Nothing but what rpm/rpmlint.toml filters: Fedora's own filters, and the few choices
+    it names with their reasons."""
+    require_tools("rpmlint")
+    topdir = rpms["cortex"].path.parents[2]
+    targets = [
+        *sorted((ROOT / "rpm").glob("*.spec")),
+        *(package.path for package in rpms.values()),
+        *sorted((topdir / "SRPMS").glob("*.src.rpm")),
+    ]
+    assert len(targets) == 6
+    # One run per file: given two source packages at once, rpmlint 2.4 takes the spec of one
+    # for a second spec of the other (multiple-specfiles).
+    for target in targets:
+        done = subprocess.run(
+            ["rpmlint", "-c", str(ROOT / "rpm/rpmlint.toml"), str(target)],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert " 0 errors, 0 warnings," in done.stdout, done.stdout
