@@ -5,13 +5,15 @@ One real load is watched, end to end: a real ``neuron serve`` process fetches th
 from a stand-in Hub (``tests.hubstub``, on a real socket) that lets the bytes through only as
 the test allows, so the download is held part-way while the test looks, then the neuron
 materialises it into a fresh cache (the dequantisation, tensor by tensor), loads the weights
-and makes the engine ready. ListModels is polled by a real gRPC client throughout; nothing
-here waits on a duration, only on what the neuron reports.
+and makes the engine ready. Then a safetensors repository of several files (the materialised
+demo model) is fetched the same way. ListModels is polled by a real gRPC client throughout;
+nothing here waits on a duration, only on what the neuron reports.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import signal
@@ -28,10 +30,11 @@ import pytest
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from neuron.loadprogress import LOG_EVERY
-from neuron.sources import file_sha256
+from neuron.sources import HUB_PATTERNS, file_sha256, materialise_gguf
 from tests.harness import (
     DEMO_GGUF,
     ROOT,
+    SHARED_CACHE,
     CortexProcess,
     NeuronProcess,
     cortex_config,
@@ -44,8 +47,9 @@ from tests.hubstub import HubStub
 REPO = "helexa-test/slow-gguf"
 GGUF = DEMO_GGUF.name
 MODEL = "slow-smollm2"
+SNAPSHOT_REPO = "helexa-test/slow-safetensors"
 CORTEX_STATUS = [sys.executable, "-m", "cortex.cli", "status"]
-STAGES = [
+STAGES: list[int] = [
     pb.LOAD_STAGE_DOWNLOADING,
     pb.LOAD_STAGE_MATERIALISING,
     pb.LOAD_STAGE_LOADING_WEIGHTS,
@@ -72,11 +76,6 @@ class WatchedLoad:
     log: str = ""
 
 
-async def _model(stub: pb_grpc.NeuronStub) -> pb.ModelStatus | None:
-    reply = await stub.ListModels(pb.ListModelsRequest(), timeout=10)
-    return next((m for m in reply.models if m.id == MODEL), None)
-
-
 def _watch(config: Path, lines: int) -> tuple[list[str], int]:
     """``cortex status --watch --json``: read ``lines`` documents, then Ctrl-C it."""
     proc = subprocess.Popen(
@@ -97,59 +96,113 @@ def _watch(config: Path, lines: int) -> tuple[list[str], int]:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-async def watched(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WatchedLoad]:
-    workdir = tmp_path_factory.mktemp("load-progress")
-    size = DEMO_GGUF.stat().st_size
+def _lfs(repo: str, file: Path) -> tuple[dict[str, Any], tuple[str, str], tuple[Path, str]]:
+    """``file`` as an LFS file of ``repo``: its sibling entry and what the stub serves."""
+    size, sha = file.stat().st_size, file_sha256(file)
     sibling = {
-        "rfilename": GGUF,
+        "rfilename": file.name,
         "size": size,
-        "blobId": "e" * 40,
-        "lfs": {"sha256": file_sha256(DEMO_GGUF), "size": size, "pointerSize": 134},
+        "blobId": hashlib.sha1(sha.encode()).hexdigest(),
+        "lfs": {"sha256": sha, "size": size, "pointerSize": 134},
     }
-    hub = HubStub({REPO: [sibling]}, {(REPO, GGUF): (DEMO_GGUF, sibling["lfs"]["sha256"])})
+    return sibling, (repo, file.name), (file, sha)
+
+
+@dataclass
+class Served:
+    """The stand-in Hub and the neuron that fetches from it, with a fresh cache."""
+
+    hub: HubStub
+    neuron: NeuronProcess
+    # The files of the safetensors repository (a materialised demo model).
+    snapshot: list[Path]
+
+
+@pytest.fixture(scope="module")
+async def served(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Served]:
+    workdir = tmp_path_factory.mktemp("load-progress")
+    materialised = await asyncio.to_thread(materialise_gguf, DEMO_GGUF, SHARED_CACHE)
+    snapshot = sorted(f for f in materialised.iterdir() if any(f.match(p) for p in HUB_PATTERNS))
+    repos: dict[str, list[dict[str, Any]]] = {REPO: [], SNAPSHOT_REPO: []}
+    files = {}
+    for repo, file in [(REPO, DEMO_GGUF)] + [(SNAPSHOT_REPO, f) for f in snapshot]:
+        sibling, where, what = await asyncio.to_thread(_lfs, repo, file)
+        repos[repo].append(sibling)
+        files[where] = what
+    hub = HubStub(repos, files)
     hub.thread.start()
     config = neuron_config(
-        cache_dir=workdir / "cache",  # fresh: the GGUF is downloaded and materialised here
+        cache_dir=workdir / "cache",  # fresh: every file is downloaded (and materialised) here
         loading={"hf_repos": ["helexa-test/*"]},
     )
     neuron = NeuronProcess(
         workdir / "neuron", config, env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url}
     ).start()
-    cortex = CortexProcess(workdir / "cortex", cortex_config([neuron]))
-    watched = WatchedLoad(size)
     try:
         await neuron.wait_serving()
+        yield Served(hub, neuron, snapshot)
+    finally:
+        neuron.stop()
+        hub.close()
+
+
+class Watcher:
+    """One LoadModel call in flight and ListModels polled beside it."""
+
+    def __init__(self, stub: pb_grpc.NeuronStub, neuron: NeuronProcess, spec: pb.ModelSpec):
+        self.stub, self.neuron, self.model_id = stub, neuron, spec.id
+        self.load = asyncio.ensure_future(
+            stub.LoadModel(pb.LoadModelRequest(spec=spec), timeout=600)
+        )
+        self.seen: list[pb.LoadProgress] = []  # at every poll while LOADING
+
+    async def look(self) -> pb.ModelStatus:
+        """The model as ListModels lists it now (an empty status before it is listed)."""
+        assert not self.load.done() or self.load.exception() is None, self.neuron.log()
+        reply = await self.stub.ListModels(pb.ListModelsRequest(), timeout=10)
+        model = next((m for m in reply.models if m.id == self.model_id), pb.ModelStatus())
+        if model.state == pb.MODEL_STATE_LOADING:
+            self.seen.append(model.load)
+        return model
+
+    async def until(self, condition: Any, what: str, within: float = 120.0) -> pb.LoadProgress:
+        """Poll until ``condition(model)`` holds; its LoadProgress then."""
+        deadline = time.monotonic() + within
+        while not condition(model := await self.look()):
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.05)
+        return model.load
+
+    async def to_the_end(self) -> pb.ModelStatus:
+        """Poll until the load ends; the model as listed after it."""
+        while not self.load.done():
+            await self.look()
+            await asyncio.sleep(0.02)
+        await self.load
+        return await self.look()
+
+
+@pytest.fixture(scope="module")
+async def watched(
+    served: Served, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[WatchedLoad]:
+    hub, neuron = served.hub, served.neuron
+    size = DEMO_GGUF.stat().st_size
+    cortex = CortexProcess(tmp_path_factory.mktemp("cortex"), cortex_config([neuron]))
+    watched = WatchedLoad(size)
+    try:
         cortex.start()
         await cortex.wait_ready()
         async with neuron.channel() as channel:
-            stub = pb_grpc.NeuronStub(channel)
             spec = pb.ModelSpec(
                 id=MODEL, huggingface=pb.HuggingFaceSource(repo=REPO, gguf_file=GGUF)
             )
-            load = asyncio.ensure_future(
-                stub.LoadModel(pb.LoadModelRequest(spec=spec), timeout=600)
-            )
-            now: dict[str, pb.ModelStatus | None] = {"model": None}
-
-            async def look() -> pb.ModelStatus | None:
-                model = now["model"] = await _model(stub)
-                if model is not None and model.state == pb.MODEL_STATE_LOADING:
-                    watched.seen.append(model.load)
-                return model
-
-            async def seen(condition: Any, what: str) -> None:
-                async def holds() -> bool:
-                    assert not load.done() or load.exception() is None, neuron.log()
-                    model = await look()
-                    return model is not None and bool(condition(model))
-
-                await until_async(holds, what)
-
+            watcher = Watcher(pb_grpc.NeuronStub(channel), neuron, spec)
             # A quarter of the file, held: the download stands still part-way.
-            hub.allow(size // 4)
-            await seen(lambda m: m.load.done > 0, "no download progress while held")
-            watched.held.append((await look() or pb.ModelStatus()).load)
+            start = hub.sent
+            hub.allow(start + size // 4)
+            first = await watcher.until(lambda m: m.load.done > 0, "no progress while held")
+            watched.held.append(first)
             watched.metrics_held = neuron.metrics()
             done = await asyncio.to_thread(run_cli, "cortex", "status", cortex.config_path)
             watched.status_table = done.stdout + done.stderr
@@ -161,33 +214,20 @@ async def watched(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Wat
                 _watch, cortex.config_path, 2
             )
             # Three quarters: the count rises and holds again.
-            first = watched.held[0].done
-            hub.allow(3 * size // 4)
-            await seen(lambda m: m.load.done > first, "the download's count never rose")
-            watched.held.append((await look() or pb.ModelStatus()).load)
+            hub.allow(start + 3 * size // 4)
+            watched.held.append(
+                await watcher.until(lambda m: m.load.done > first.done, "the count never rose")
+            )
             # The rest: watch every stage go by until the load ends.
-            hub.allow(size)
-            while not load.done():
-                await look()
-                await asyncio.sleep(0.02)
-            await load
-            final = await _model(stub)
-            watched.final_state = final.state if final is not None else 0
+            hub.allow(start + size)
+            final = await watcher.to_the_end()
+            watched.seen = watcher.seen
+            watched.final_state = final.state
             watched.metrics_after = neuron.metrics()
         watched.log = neuron.log()
         yield watched
     finally:
         cortex.stop()
-        neuron.stop()
-        hub.close()
-
-
-async def until_async(condition: Any, what: str, within: float = 120.0) -> None:
-    """``harness.until`` for a condition that asks the neuron over gRPC: every 50 ms."""
-    deadline = time.monotonic() + within
-    while not await condition():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.05)
 
 
 def _stage_order(seen: list[pb.LoadProgress]) -> list[int]:
@@ -270,3 +310,36 @@ def test_cortex_status_shows_the_loading_model_as_table_and_json(watched: Watche
     for text in watched.watch_lines:
         (watching,) = json.loads(text)["neurons"][0]["models"]
         assert watching["load"]["stage"] == "downloading"
+
+
+async def test_a_repository_snapshot_counts_the_bytes_of_all_its_files_as_they_arrive(
+    served: Served,
+) -> None:
+    """A safetensors repository (several files, fetched at once): one count over them all."""
+    hub, neuron = served.hub, served.neuron
+    total = sum(f.stat().st_size for f in served.snapshot)
+    before = metric_value(neuron.metrics(), "helexa_neuron_downloaded_bytes_total")
+    async with neuron.channel() as channel:
+        spec = pb.ModelSpec(
+            id="slow-snapshot", huggingface=pb.HuggingFaceSource(repo=SNAPSHOT_REPO)
+        )
+        watcher = Watcher(pb_grpc.NeuronStub(channel), neuron, spec)
+        start = hub.sent
+        hub.allow(start + total // 2)
+        held = await watcher.until(lambda m: m.load.done > 0, "no progress while held")
+        assert (held.stage, held.unit, held.total) == (
+            pb.LOAD_STAGE_DOWNLOADING,
+            pb.LOAD_UNIT_BYTES,
+            total,
+        )
+        assert 0 < held.done <= total // 2
+        hub.allow(start + total)
+        final = await watcher.to_the_end()
+    assert final.state == pb.MODEL_STATE_READY
+    order = _stage_order(watcher.seen)
+    assert order[0] == pb.LOAD_STAGE_DOWNLOADING and order == sorted(order, key=STAGES.index)
+    assert pb.LOAD_STAGE_MATERIALISING not in order
+    stages = re.findall(r"model load stage model=slow-snapshot stage=(\S+)", neuron.log())
+    assert stages == ["downloading", "loading_weights", "warming_up"], stages
+    after = metric_value(neuron.metrics(), "helexa_neuron_downloaded_bytes_total")
+    assert after - before == total
