@@ -102,7 +102,7 @@ def _resolve_hub(
         progress.begin(DOWNLOADING, BYTES, download)
     blobs = _blobs_dir(hub_cache, spec.hf_repo)
     try:
-        with _counting_download(blobs, progress if download else None):
+        with _counting_download(blobs, download, progress):
             if spec.gguf_file:
                 gguf = hf_hub_download(
                     spec.hf_repo,
@@ -162,21 +162,24 @@ def _blobs_dir(hub_cache: Path, repo: str) -> Path:
 
 
 @contextmanager
-def _counting_download(blobs: Path, progress: LoadProgress | None) -> Iterator[None]:
-    """Count the bytes written into ``blobs`` while the body runs: to ``progress`` and to the
-    downloaded-bytes metric. huggingface_hub writes every download, over HTTP or Xet, into a
-    ``.incomplete`` file there and renames it when done, so the folder's size is what arrived
-    whatever the transfer's backend."""
-    if progress is None:
+def _counting_download(blobs: Path, expected: int, progress: LoadProgress | None) -> Iterator[None]:
+    """Count the bytes written into ``blobs`` while the body runs, up to the ``expected``
+    bytes of the download (another load of the same repository may write there too): to
+    ``progress`` and to the downloaded-bytes metric. huggingface_hub writes every download,
+    over HTTP or Xet, into a ``.incomplete`` file there and renames it when done, so the
+    folder's size is what arrived whatever the transfer's backend."""
+    if progress is None or not expected:
         yield
         return
-    start = _folder_bytes(blobs)
+    # While files are written, only their written blocks count (see _folder_bytes); once the
+    # download is over, every file is whole and their sizes count.
+    start = {written: _folder_bytes(blobs, written) for written in (True, False)}
     counted = 0
     stop = threading.Event()
 
-    def look() -> None:
+    def look(written: bool = True) -> None:
         nonlocal counted
-        arrived = max(0, _folder_bytes(blobs) - start)
+        arrived = min(max(0, _folder_bytes(blobs, written) - start[written]), expected)
         if arrived > counted:
             metrics.DOWNLOADED_BYTES.inc(arrived - counted)
             counted = arrived
@@ -193,10 +196,13 @@ def _counting_download(blobs: Path, progress: LoadProgress | None) -> Iterator[N
     finally:
         stop.set()
         watcher.join()
-        look()
+        look(written=False)
 
 
-def _folder_bytes(folder: Path) -> int:
+def _folder_bytes(folder: Path, written: bool) -> int:
+    """Bytes of the files in ``folder``: their sizes, or with ``written`` only the blocks
+    written so far (a file written out of order may be sparse), never more than its size (a
+    file system may allocate ahead of the writes)."""
     total = 0
     try:
         entries = list(os.scandir(folder))
@@ -204,9 +210,10 @@ def _folder_bytes(folder: Path) -> int:
         return 0
     for entry in entries:
         try:
-            total += entry.stat(follow_symlinks=False).st_size
+            stat = entry.stat(follow_symlinks=False)
         except OSError:  # renamed or removed between the listing and the look
             continue
+        total += min(stat.st_size, stat.st_blocks * 512) if written else stat.st_size
     return total
 
 
