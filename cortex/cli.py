@@ -40,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
                 help="poll again and redraw every --interval seconds until interrupted "
                 "(with --json: one JSON document per line)",
             )
-            sub.add_argument("--interval", type=_seconds, default=2.0, help="default 2")
+            sub.add_argument(
+                "--interval",
+                type=_seconds,
+                default=2.0,
+                metavar="SECONDS",
+                help="seconds between polls with --watch (default 2)",
+            )
     args = parser.parse_args(argv)
 
     try:
