@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
@@ -31,6 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", type=Path, default=DEFAULT_PATH)
+        if name == "status":
+            sub.add_argument("--json", action="store_true", help="print the fleet as JSON")
+            sub.add_argument(
+                "--watch",
+                action="store_true",
+                help="poll again and redraw every --interval seconds until interrupted "
+                "(with --json: one JSON document per line)",
+            )
+            sub.add_argument(
+                "--interval",
+                type=_seconds,
+                default=2.0,
+                metavar="SECONDS",
+                help="seconds between polls with --watch (default 2)",
+            )
     args = parser.parse_args(argv)
 
     try:
@@ -50,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "status":
-        return asyncio.run(_status(config, catalogue, links))
+        try:
+            return asyncio.run(_status(config, catalogue, links, args))
+        except KeyboardInterrupt:  # how --watch ends
+            return 0
     configure(config.log_level)
     log.info("cortex starting version=%s config=%s", __version__, args.config)
     # uvloop: the gateway's loop runs for every relayed message, and costs less per turn.
@@ -65,34 +84,34 @@ async def _serve(
     return await serve(config, catalogue, keyring, links)
 
 
-async def _status(config: CortexConfig, catalogue: Catalogue, links: dict[str, Link]) -> int:
-    from cortex.fleet import UP, Fleet
+async def _status(
+    config: CortexConfig, catalogue: Catalogue, links: dict[str, Link], args: argparse.Namespace
+) -> int:
+    from cortex.fleet import Fleet
+    from cortex.fleetstatus import as_json, as_table, up_count
 
     fleet = Fleet(config, links)
     try:
-        await fleet.poll_all()
+        while True:
+            await fleet.poll_all()
+            if args.json:
+                print(json.dumps(as_json(fleet, catalogue)), flush=True)
+            else:
+                # Redrawn in place: the cursor home, the screen cleared.
+                clear = "\x1b[H\x1b[2J" if args.watch else ""
+                print(clear + as_table(fleet, catalogue), flush=True)
+            if not args.watch:
+                return 0 if up_count(fleet) else 1
+            await asyncio.sleep(args.interval)
     finally:
         await fleet.close()
-    print(f"{'NEURON':<16} {'STATUS':<9} {'ENDPOINT':<22} DEVICES / MODELS")
-    for n in fleet.neurons:
-        devices = ", ".join(
-            f"{d.name} {_gib(d.free_bytes)} free of {_gib(d.total_bytes)}" for d in n.devices
-        )
-        detail = devices or (n.error or "-")
-        print(f"{n.name:<16} {n.status:<9} {n.endpoint:<22} {detail}")
-        for m in sorted(n.models.values(), key=lambda m: m.id):
-            pinned = " pinned" if (e := catalogue.find(m.id)) is not None and e.pinned else ""
-            print(
-                f"{'':<16}   {m.id:<28} {m.state:<9} {m.device:<7} {_gib(m.resident_bytes):>9} "
-                f"in_flight={m.in_flight} waiting={m.waiting}{pinned}"
-            )
-    up = sum(n.status == UP for n in fleet.neurons)
-    print(f"{up} of {len(fleet.neurons)} neurons up")
-    return 0 if up else 1
 
 
-def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.2f}GiB"
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be a number of seconds above 0")
+    return value
 
 
 if __name__ == "__main__":

@@ -35,6 +35,13 @@ _STATE_NAMES = {
     pb.MODEL_STATE_UNLOADING: "UNLOADING",
     pb.MODEL_STATE_FAILED: "FAILED",
 }
+_STAGE_NAMES = {
+    pb.LOAD_STAGE_DOWNLOADING: "downloading",
+    pb.LOAD_STAGE_MATERIALISING: "materialising",
+    pb.LOAD_STAGE_LOADING_WEIGHTS: "loading weights",
+    pb.LOAD_STAGE_WARMING_UP: "warming up",
+}
+_UNIT_NAMES = {pb.LOAD_UNIT_BYTES: "bytes", pb.LOAD_UNIT_TENSORS: "tensors"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,12 @@ class ModelView:
     # The neuron's bounds for it: requests generated at once, and waiting (0: not reported).
     max_batch_size: int = 0
     max_waiting: int = 0
+    # While LOADING: the load's stage ("" before the first) and how much of load_total (0: not
+    # known) is done, counted in load_unit ("bytes", "tensors"; "" when not measured).
+    load_stage: str = ""
+    load_unit: str = ""
+    load_done: int = 0
+    load_total: int = 0
 
     @property
     def recency(self) -> float:
@@ -288,4 +301,8 @@ def _model_view(m: pb.ModelStatus) -> ModelView:
         error=m.error,
         max_batch_size=m.max_batch_size,
         max_waiting=m.max_waiting,
+        load_stage=_STAGE_NAMES.get(m.load.stage, ""),
+        load_unit=_UNIT_NAMES.get(m.load.unit, ""),
+        load_done=m.load.done,
+        load_total=m.load.total,
     )

@@ -122,6 +122,12 @@ LOADS = Counter(
     "helexa_neuron_model_loads", "Model loads, by result", ["model", "result"], registry=REGISTRY
 )
 UNLOADS = Counter("helexa_neuron_model_unloads", "Model unloads", ["model"], registry=REGISTRY)
+MODELS_LOADING = Gauge("helexa_neuron_models_loading", "Models being loaded now", registry=REGISTRY)
+DOWNLOADED_BYTES = Counter(
+    "helexa_neuron_downloaded_bytes",
+    "Bytes of model files downloaded from the Hugging Face Hub into cache_dir",
+    registry=REGISTRY,
+)
 DEVICE_FREE_BYTES = Gauge(
     "helexa_neuron_device_free_bytes",
     "Memory free for models on a device",

@@ -13,7 +13,7 @@ import asyncio
 import gc
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from neuron.devices import Device, cpu_has_fast_bf16, cuda_free_bytes, discover
 from neuron.engine import DeviceWorker, ModelEngine
 from neuron.errors import LoadFailed, ModelNotFound, NeuronError, NoRoom, ShuttingDown, SpecConflict
 from neuron.loadpolicy import check_source
+from neuron.loadprogress import LOADING_WEIGHTS, WARMING_UP, LoadProgress
 from neuron.model.forward import (
     ARCHITECTURES,
     GROWTH,
@@ -58,6 +59,10 @@ class HeldModel:
     loading: asyncio.Future[None] | None = None
     unloading: asyncio.Future[int] | None = None
     failed_at: float = 0.0  # time.monotonic() when it became FAILED
+    progress: LoadProgress = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.progress = LoadProgress(self.spec.id)
 
     @property
     def last_used(self) -> float:
@@ -150,10 +155,11 @@ class Registry:
     async def _load(self, held: HeldModel) -> None:
         spec = held.spec
         started = time.monotonic()
+        metrics.MODELS_LOADING.inc()
         try:
             room = [self.free_bytes(d) for d in self.devices if _matches(spec.device, d)]
             model_dir = await asyncio.to_thread(
-                resolve, spec, self.cache_dir, max(room) if room else None
+                resolve, spec, self.cache_dir, max(room) if room else None, held.progress
             )
             config = await asyncio.to_thread(_model_config, model_dir)
             max_context = served_context(config)
@@ -170,11 +176,14 @@ class Registry:
             )
             held.device, held.resident_bytes = device.name, weights  # reserved while loading
             held.kv_bytes = kv
+            held.progress.begin(LOADING_WEIGHTS)
             model, forward, tokenizer = await asyncio.to_thread(
                 _load_weights, model_dir, dtype, device
             )
             held.resident_bytes = forward.resident_bytes()
-            engine = ModelEngine(
+            held.progress.begin(WARMING_UP)
+            engine = await asyncio.to_thread(
+                ModelEngine,
                 spec.id,
                 model,
                 forward,
@@ -203,6 +212,8 @@ class Registry:
             if isinstance(e, NeuronError):
                 raise
             raise LoadFailed(held.error) from e
+        finally:
+            metrics.MODELS_LOADING.dec()
         seconds = time.monotonic() - started
         metrics.LOADS.labels(model=spec.id, result="loaded").inc()
         metrics.LOAD_SECONDS.labels(model=spec.id).observe(seconds)

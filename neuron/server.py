@@ -22,7 +22,7 @@ import grpc
 from helexa.modelspec import ModelSpec, SpecError
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
-from neuron import __version__
+from neuron import __version__, loadprogress
 from neuron.engine import (
     CANCELLED,
     ERROR,
@@ -84,6 +84,13 @@ _STATES = {
     "UNLOADING": pb.MODEL_STATE_UNLOADING,
     "FAILED": pb.MODEL_STATE_FAILED,
 }
+_STAGES = {
+    loadprogress.DOWNLOADING: pb.LOAD_STAGE_DOWNLOADING,
+    loadprogress.MATERIALISING: pb.LOAD_STAGE_MATERIALISING,
+    loadprogress.LOADING_WEIGHTS: pb.LOAD_STAGE_LOADING_WEIGHTS,
+    loadprogress.WARMING_UP: pb.LOAD_STAGE_WARMING_UP,
+}
+_UNITS = {loadprogress.BYTES: pb.LOAD_UNIT_BYTES, loadprogress.TENSORS: pb.LOAD_UNIT_TENSORS}
 _ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_SEQUENCES = 16
 # Characters in one stop sequence: what a token's check costs grows with it.
@@ -252,7 +259,17 @@ class NeuronService(pb_grpc.NeuronServicer):
             spec=held.spec.to_proto(),
             max_batch_size=engine.max_batch_size if engine else 0,
             max_waiting=engine.max_waiting if engine else 0,
+            load=_load_progress(held.progress.snapshot()) if held.state == "LOADING" else None,
         )
+
+
+def _load_progress(now: loadprogress.Snapshot) -> pb.LoadProgress:
+    return pb.LoadProgress(
+        stage=_STAGES.get(now.stage, pb.LOAD_STAGE_UNSPECIFIED),
+        unit=_UNITS.get(now.unit, pb.LOAD_UNIT_UNSPECIFIED),
+        done=now.done,
+        total=now.total,
+    )
 
 
 async def _abort(context: Any, error: NeuronError) -> None:

@@ -15,13 +15,19 @@ import logging
 import os
 import shutil
 import struct
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from helexa.modelspec import ModelSpec
+from neuron import metrics
 from neuron.errors import LoadFailed
 from neuron.loadpolicy import check_download_fits, free_disk
+from neuron.loadprogress import BYTES, DOWNLOADING, MATERIALISING, TENSORS, LoadProgress
 from neuron.model.quant import INT4_FILE, find_int4, save_int4
 
 log = logging.getLogger(__name__)
@@ -33,32 +39,42 @@ MATERIALISED_FORMAT = 2
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 # Seconds to wait for the Hub's metadata.
 HUB_TIMEOUT = 10.0
+# Seconds between two looks at the size of a download's files.
+DOWNLOAD_POLL = 0.5
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 
 
-def resolve(spec: ModelSpec, cache_dir: Path, device_free: int | None = None) -> Path:
+def resolve(
+    spec: ModelSpec,
+    cache_dir: Path,
+    device_free: int | None = None,
+    progress: LoadProgress | None = None,
+) -> Path:
     """Return a directory holding config.json, safetensors weights and a tokenizer.
 
     A Hugging Face source is fetched only if its files fit on the cache's disk and in
     ``device_free`` bytes (None: not checked), by the sizes the Hub's metadata gives. A local
-    source is read at its real path, the one ``loadpolicy.check_source`` allowed.
+    source is read at its real path, the one ``loadpolicy.check_source`` allowed. A download
+    and a GGUF materialisation report their stage and progress to ``progress``.
     """
     if spec.hf_repo:
-        return _resolve_hub(spec, cache_dir, device_free)
+        return _resolve_hub(spec, cache_dir, device_free, progress)
     path = Path(spec.path).expanduser().resolve()
     if path.is_file() and path.suffix == ".gguf":
-        return materialise_gguf(path, cache_dir)
+        return materialise_gguf(path, cache_dir, progress)
     if spec.gguf_file:
         gguf = path / spec.gguf_file
         if not gguf.is_file():
             raise LoadFailed(f"{gguf}: no such GGUF file")
-        return materialise_gguf(gguf, cache_dir)
+        return materialise_gguf(gguf, cache_dir, progress)
     if not (path / "config.json").is_file():
         raise LoadFailed(f"{path}: not a model directory (no config.json)")
     return path
 
 
-def _resolve_hub(spec: ModelSpec, cache_dir: Path, device_free: int | None) -> Path:
+def _resolve_hub(
+    spec: ModelSpec, cache_dir: Path, device_free: int | None, progress: LoadProgress | None
+) -> Path:
     # Imported here so that the cache-only paths never pay for huggingface_hub's import.
     from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -68,6 +84,7 @@ def _resolve_hub(spec: ModelSpec, cache_dir: Path, device_free: int | None) -> P
     where = f"hf:{spec.hf_repo}@{spec.revision or 'main'}"
     # Without the sizes from the Hub's metadata nothing is fetched: only the cache is used.
     unsized = ""
+    download = 0
     if not constants.HF_HUB_OFFLINE:
         try:
             info = HfApi().model_info(
@@ -81,25 +98,31 @@ def _resolve_hub(spec: ModelSpec, cache_dir: Path, device_free: int | None) -> P
                 where, download, weights, spec.dtype, free_disk(hub_cache), device_free
             )
     local_only = constants.HF_HUB_OFFLINE or bool(unsized)
+    if progress is not None and download:
+        progress.begin(DOWNLOADING, BYTES, download)
+    blobs = _blobs_dir(hub_cache, spec.hf_repo)
     try:
-        if spec.gguf_file:
-            gguf = hf_hub_download(
-                spec.hf_repo,
-                spec.gguf_file,
-                revision=revision,
-                cache_dir=hub_cache,
-                local_files_only=local_only,
-            )
-            return materialise_gguf(Path(gguf), cache_dir)
-        snapshot = snapshot_download(
-            spec.hf_repo,
-            revision=revision,
-            cache_dir=hub_cache,
-            allow_patterns=HUB_PATTERNS,
-            local_files_only=local_only,
-        )
+        with _counting_download(blobs, download, progress):
+            if spec.gguf_file:
+                gguf = hf_hub_download(
+                    spec.hf_repo,
+                    spec.gguf_file,
+                    revision=revision,
+                    cache_dir=hub_cache,
+                    local_files_only=local_only,
+                )
+            else:
+                snapshot = snapshot_download(
+                    spec.hf_repo,
+                    revision=revision,
+                    cache_dir=hub_cache,
+                    allow_patterns=HUB_PATTERNS,
+                    local_files_only=local_only,
+                )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         raise LoadFailed(f"{where}: {e}{unsized}") from e
+    if spec.gguf_file:
+        return materialise_gguf(Path(gguf), cache_dir, progress)
     path = Path(snapshot)
     if not (path / "config.json").is_file():
         raise LoadFailed(f"hf:{spec.hf_repo}: no config.json in the repository")
@@ -108,7 +131,6 @@ def _resolve_hub(spec: ModelSpec, cache_dir: Path, device_free: int | None) -> P
 
 def _hub_sizes(info: Any, spec: ModelSpec, hub_cache: Path) -> tuple[int, int]:
     """Bytes of the repository's files a load uses, and of those not in the cache yet."""
-    from huggingface_hub.file_download import repo_folder_name
     from huggingface_hub.utils import filter_repo_objects
 
     siblings = info.siblings or []
@@ -117,7 +139,7 @@ def _hub_sizes(info: Any, spec: ModelSpec, hub_cache: Path) -> tuple[int, int]:
     else:
         files = list(filter_repo_objects(siblings, allow_patterns=HUB_PATTERNS, key=_name))
     # The cache keeps each file once, named by its etag: the LFS sha256, else the git blob id.
-    blobs = hub_cache / repo_folder_name(repo_id=spec.hf_repo, repo_type="model") / "blobs"
+    blobs = _blobs_dir(hub_cache, spec.hf_repo)
     total = missing = 0
     for file in files:
         size = file.size or (file.lfs.size if file.lfs else 0)
@@ -132,9 +154,74 @@ def _name(sibling: Any) -> str:
     return str(sibling.rfilename)
 
 
-def materialise_gguf(gguf: Path, cache_dir: Path) -> Path:
-    """Dequantise a GGUF file once into ``cache_dir/gguf/<digest>``; later calls reuse it."""
-    digest = _file_digest(gguf)
+def _blobs_dir(hub_cache: Path, repo: str) -> Path:
+    """Where the Hub cache keeps ``repo``'s files, each once, named by its etag."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    return hub_cache / repo_folder_name(repo_id=repo, repo_type="model") / "blobs"
+
+
+@contextmanager
+def _counting_download(blobs: Path, expected: int, progress: LoadProgress | None) -> Iterator[None]:
+    """Count the bytes written into ``blobs`` while the body runs, up to the ``expected``
+    bytes of the download (another load of the same repository may write there too): to
+    ``progress`` and to the downloaded-bytes metric. huggingface_hub writes every download,
+    over HTTP or Xet, into a ``.incomplete`` file there and renames it when done, so the
+    folder's size is what arrived whatever the transfer's backend."""
+    if progress is None or not expected:
+        yield
+        return
+    # While files are written, only their written blocks count (see _folder_bytes); once the
+    # download is over, every file is whole and their sizes count.
+    start = {written: _folder_bytes(blobs, written) for written in (True, False)}
+    counted = 0
+    stop = threading.Event()
+
+    def look(written: bool = True) -> None:
+        nonlocal counted
+        arrived = min(max(0, _folder_bytes(blobs, written) - start[written]), expected)
+        if arrived > counted:
+            metrics.DOWNLOADED_BYTES.inc(arrived - counted)
+            counted = arrived
+            progress.advance_to(arrived)
+
+    def watch() -> None:
+        while not stop.wait(DOWNLOAD_POLL):
+            look()
+
+    watcher = threading.Thread(target=watch, name="download-progress", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        look(written=False)
+
+
+def _folder_bytes(folder: Path, written: bool) -> int:
+    """Bytes of the files in ``folder``: their sizes, or with ``written`` only the blocks
+    written so far (a file written out of order may be sparse), never more than its size (a
+    file system may allocate ahead of the writes)."""
+    total = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # not made yet
+        return 0
+    for entry in entries:
+        try:
+            stat = entry.stat(follow_symlinks=False)
+        except OSError:  # renamed or removed between the listing and the look
+            continue
+        total += min(stat.st_size, stat.st_blocks * 512) if written else stat.st_size
+    return total
+
+
+def materialise_gguf(gguf: Path, cache_dir: Path, progress: LoadProgress | None = None) -> Path:
+    """Dequantise a GGUF file once into ``cache_dir/gguf/<digest>``; later calls reuse it.
+
+    While it dequantises, ``progress`` counts the tensors converted of the file's."""
+    digest = file_sha256(gguf)
     target = cache_dir / "gguf" / f"{gguf.stem}-{digest[:16]}"
     if _materialised(target):
         return target
@@ -147,8 +234,10 @@ def materialise_gguf(gguf: Path, cache_dir: Path) -> Path:
         started = time.monotonic()
         scratch = target.parent / f".{target.name}.partial-{os.getpid()}"
         shutil.rmtree(scratch, ignore_errors=True)
+        if progress is not None:
+            progress.begin(MATERIALISING)
         try:
-            _dequantise_into(gguf, scratch)
+            _dequantise_into(gguf, scratch, progress)
             marker = {"source": str(gguf), "format": MATERIALISED_FORMAT}
             (scratch / ".complete").write_text(json.dumps(marker))
             shutil.rmtree(target, ignore_errors=True)
@@ -163,11 +252,16 @@ def materialise_gguf(gguf: Path, cache_dir: Path) -> Path:
     return target
 
 
-def _dequantise_into(gguf: Path, out: Path) -> None:
+def _dequantise_into(gguf: Path, out: Path, progress: LoadProgress | None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _count_converted_tensors()
+    token = _CONVERTING.set(progress)
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    finally:
+        _CONVERTING.reset(token)
     # Drop every trace of GGUF quantisation so the folder reloads as plain safetensors.
     model.hf_quantizer = None
     model.is_quantized = False
@@ -181,6 +275,33 @@ def _dequantise_into(gguf: Path, out: Path) -> None:
     save_int4(find_int4(model), out / INT4_FILE)
 
 
+# The load whose GGUF tensors this thread converts (contexts are per thread and per task).
+_CONVERTING: ContextVar[LoadProgress | None] = ContextVar("converting", default=None)
+_hooked = threading.Lock()
+
+
+def _count_converted_tensors() -> None:
+    """Have transformers' GGUF conversion report each tensor it converts to the load in
+    ``_CONVERTING``. transformers walks the file's tensors through its module's ``tqdm``, so
+    that name is wrapped once; where a later transformers walks them otherwise, the stage is
+    simply reported without a count."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    with _hooked:
+        original = getattr(gguf_utils, "tqdm", None)
+        if original is None or getattr(original, "counts_for_loads", False):
+            return
+
+        def counting(items: Any, *args: Any, **kwargs: Any) -> Any:
+            progress = _CONVERTING.get()
+            if progress is None:
+                return original(items, *args, **kwargs)
+            return progress.counted(items, TENSORS)
+
+        counting.counts_for_loads = True  # type: ignore[attr-defined]
+        gguf_utils.tqdm = counting
+
+
 def _materialised(target: Path) -> bool:
     """Whether ``target`` holds a complete materialisation in the current layout."""
     try:
@@ -190,7 +311,8 @@ def _materialised(target: Path) -> bool:
     return isinstance(marker, dict) and marker.get("format") == MATERIALISED_FORMAT
 
 
-def _file_digest(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes (what the Hub's LFS names a file by)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):

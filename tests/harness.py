@@ -56,10 +56,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_cli(program: str, command: str, config: Path) -> subprocess.CompletedProcess[str]:
-    """``neuron`` or ``cortex`` COMMAND --config CONFIG from the source tree, run to its end."""
+def run_cli(
+    program: str, command: str, config: Path, *options: str
+) -> subprocess.CompletedProcess[str]:
+    """``neuron`` or ``cortex`` COMMAND --config CONFIG [OPTIONS] from the source tree, run to
+    its end."""
     return subprocess.run(
-        [sys.executable, "-m", f"{program}.cli", command, "--config", str(config)],
+        [sys.executable, "-m", f"{program}.cli", command, "--config", str(config), *options],
         capture_output=True,
         text=True,
         timeout=60,

@@ -4,18 +4,15 @@ allow-list, a download refused before any file is fetched when it cannot fit, an
 entries forgotten after ``loading.failed_ttl``.
 
 The Hub is unreachable here: a real neuron process is pointed (``HF_ENDPOINT``) at a small
-HTTP server on a real socket that answers the Hub's model-info API with the sizes a test
-chooses and counts every request, downloads included.
+HTTP server on a real socket (``tests.hubstub``) that answers the Hub's model-info API with the
+sizes a test chooses and counts every request, downloads included (none is served).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,52 +25,11 @@ from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from neuron.errors import NoRoom, NotAllowed
 from neuron.loadpolicy import SHOWN, check_download_fits, check_source
 from tests.harness import NeuronProcess, neuron_config
+from tests.hubstub import HubStub
 
 TB = 10**12
 SHA = "5" * 64  # the LFS sha256 of the one weights file the stub lists
 REFUSED_PATH = "not under cache_dir or a directory in loading.local_dirs"
-
-
-class HubStub:
-    """Answers ``GET /api/models/OWNER/NAME[/revision/REV]`` with ``repos[OWNER/NAME]`` as its
-    files; every other request (a download: ``/OWNER/NAME/resolve/...``) is a 404. Counts both."""
-
-    def __init__(self, repos: dict[str, list[dict[str, Any]]]) -> None:
-        self.repos = repos
-        self.requests: list[str] = []
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                stub.requests.append(self.path)
-                path = self.path.split("?", 1)[0]
-                repo = "/".join(path.split("/")[3:5]) if path.startswith("/api/models/") else ""
-                if repo not in stub.repos:
-                    self.send_error(404)
-                    return
-                body = json.dumps(
-                    {"id": repo, "sha": "b" * 40, "siblings": stub.repos[repo]}
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_HEAD = do_GET
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def about(self, repo: str) -> list[str]:
-        return [r for r in self.requests if repo in r]
-
-    def downloads(self) -> list[str]:
-        return [r for r in self.requests if not r.startswith("/api/")]
 
 
 def _weights(size: int, name: str = "model.safetensors") -> list[dict[str, Any]]:
@@ -105,8 +61,7 @@ def hub() -> Iterator[HubStub]:
     try:
         yield stub
     finally:
-        stub.server.shutdown()
-        stub.server.server_close()
+        stub.close()
 
 
 @pytest.fixture(scope="module")

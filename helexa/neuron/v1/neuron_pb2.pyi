@@ -21,6 +21,20 @@ class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_STATE_UNLOADING: _ClassVar[ModelState]
     MODEL_STATE_FAILED: _ClassVar[ModelState]
 
+class LoadStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOAD_STAGE_UNSPECIFIED: _ClassVar[LoadStage]
+    LOAD_STAGE_DOWNLOADING: _ClassVar[LoadStage]
+    LOAD_STAGE_MATERIALISING: _ClassVar[LoadStage]
+    LOAD_STAGE_LOADING_WEIGHTS: _ClassVar[LoadStage]
+    LOAD_STAGE_WARMING_UP: _ClassVar[LoadStage]
+
+class LoadUnit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOAD_UNIT_UNSPECIFIED: _ClassVar[LoadUnit]
+    LOAD_UNIT_BYTES: _ClassVar[LoadUnit]
+    LOAD_UNIT_TENSORS: _ClassVar[LoadUnit]
+
 class ToolChoiceMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TOOL_CHOICE_MODE_AUTO: _ClassVar[ToolChoiceMode]
@@ -43,6 +57,14 @@ MODEL_STATE_LOADING: ModelState
 MODEL_STATE_READY: ModelState
 MODEL_STATE_UNLOADING: ModelState
 MODEL_STATE_FAILED: ModelState
+LOAD_STAGE_UNSPECIFIED: LoadStage
+LOAD_STAGE_DOWNLOADING: LoadStage
+LOAD_STAGE_MATERIALISING: LoadStage
+LOAD_STAGE_LOADING_WEIGHTS: LoadStage
+LOAD_STAGE_WARMING_UP: LoadStage
+LOAD_UNIT_UNSPECIFIED: LoadUnit
+LOAD_UNIT_BYTES: LoadUnit
+LOAD_UNIT_TENSORS: LoadUnit
 TOOL_CHOICE_MODE_AUTO: ToolChoiceMode
 TOOL_CHOICE_MODE_NONE: ToolChoiceMode
 TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode
@@ -124,7 +146,7 @@ class ModelSpec(_message.Message):
     def __init__(self, id: _Optional[str] = ..., huggingface: _Optional[_Union[HuggingFaceSource, _Mapping]] = ..., local: _Optional[_Union[LocalSource, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_waiting: _Optional[int] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("id", "state", "error", "device", "resident_bytes", "loaded_at", "last_used", "in_flight", "waiting", "max_context", "spec", "max_batch_size", "max_waiting", "kv_cache_bytes")
+    __slots__ = ("id", "state", "error", "device", "resident_bytes", "loaded_at", "last_used", "in_flight", "waiting", "max_context", "spec", "max_batch_size", "max_waiting", "kv_cache_bytes", "load")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +161,7 @@ class ModelStatus(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: ModelState
     error: str
@@ -153,7 +176,20 @@ class ModelStatus(_message.Message):
     max_batch_size: int
     max_waiting: int
     kv_cache_bytes: int
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., loaded_at: _Optional[float] = ..., last_used: _Optional[float] = ..., in_flight: _Optional[int] = ..., waiting: _Optional[int] = ..., max_context: _Optional[int] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., max_waiting: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    load: LoadProgress
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., loaded_at: _Optional[float] = ..., last_used: _Optional[float] = ..., in_flight: _Optional[int] = ..., waiting: _Optional[int] = ..., max_context: _Optional[int] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., max_waiting: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., load: _Optional[_Union[LoadProgress, _Mapping]] = ...) -> None: ...
+
+class LoadProgress(_message.Message):
+    __slots__ = ("stage", "unit", "done", "total")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    stage: LoadStage
+    unit: LoadUnit
+    done: int
+    total: int
+    def __init__(self, stage: _Optional[_Union[LoadStage, str]] = ..., unit: _Optional[_Union[LoadUnit, str]] = ..., done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
