@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_GPU ?= torch
 PROTO := protos/helexa/neuron/v1/neuron.proto
 
-.PHONY: install model run test lint proto bench rpm system-deps clean
+.PHONY: install model run test lint proto bench rpm system-deps clean gpu-wheels gpu-check
 
 install: $(VENV)/.installed
 
@@ -78,5 +78,16 @@ bench: $(VENV)/.installed $(DEMO_GGUF) system-deps
 	$(BIN)/python -m bench.generation
 	$(BIN)/python -m bench.grammar
 
+# The GPU check's bundle (.gpu, ignored; it travels with the tree): wheels of what a GPU host's
+# own python may lack, for its python version (GPU_PYTHON_VERSION), and the demo tokenizer.
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheels: $(VENV)/.installed $(DEMO_GGUF)
+	$(BIN)/python -m bench.gpu_bundle --python-version $(GPU_PYTHON_VERSION)
+
+# The CUDA tests and bench/gpu.py on this host's python3 (GPU_PYTHON), with the .gpu bundle;
+# without a CUDA device it says so and exits 0. GPU_CHECK_ARGS go to bench/gpu.py.
+gpu-check:
+	scripts/gpu-check $(GPU_CHECK_ARGS)
+
 clean:
-	rm -rf $(VENV) .cache build dist *.egg-info
+	rm -rf $(VENV) .cache .gpu build dist *.egg-info

@@ -359,62 +359,6 @@ def test_neuron_info_prints_the_devices() -> None:
     assert any(line.startswith("cpu ") for line in result.stdout.splitlines())
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
-cuda = pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
-
-
-@cuda
-async def test_cuda_load_generate_unload_frees_device_memory(
-    demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
-) -> None:
-    import torch
-
-    config = neuron_config()
-    config["devices"] = {"use": ["cuda:0"], "cuda_memory_reserve": "1GiB"}
-    neuron = NeuronProcess(tmp_path, config).start()
-    neurons.append(neuron)
-    await neuron.wait_serving()
-    free_before, _ = torch.cuda.mem_get_info(0)
-    async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
-        stub = pb_grpc.NeuronStub(channel)
-        loaded = await stub.LoadModel(pb.LoadModelRequest(spec=demo_spec("gpu", device="cuda:0")))
-        assert loaded.model.device == "cuda:0"
-        free_loaded, _ = torch.cuda.mem_get_info(0)
-        assert free_before - free_loaded >= loaded.model.resident_bytes
-        texts = await asyncio.gather(
-            *(
-                collect(
-                    stub,
-                    chat("gpu", "What is the capital of France?", max_tokens=16, temperature=0),
-                )
-                for _ in range(4)
-            )
-        )
-        assert all("Paris" in t[0] for t in texts)
-        unloaded = await stub.UnloadModel(pb.UnloadModelRequest(id="gpu"))
-        assert unloaded.was_loaded and unloaded.freed_bytes >= loaded.model.resident_bytes
-    free_after, _ = torch.cuda.mem_get_info(0)
-    # What the neuron process still holds is its CUDA context, not the model.
-    assert free_before - free_after < loaded.model.resident_bytes // 4
-
-
-@cuda
-def test_cuda_device_is_discovered_with_its_memory() -> None:
-    from neuron.config import DevicesConfig
-    from neuron.devices import discover
-
-    devices = discover(DevicesConfig(use=["auto"]))
-    assert devices and all(d.kind == "cuda" for d in devices)
-    assert all(d.total_bytes > 1 << 30 for d in devices)
-
-
 def test_local_directory_source_is_used_in_place(demo_dir: Path, tmp_path: Path) -> None:
     assert resolve(ModelSpec(id="m", path=str(demo_dir)), tmp_path) == demo_dir
     with pytest.raises(LoadFailed, match=r"no config\.json"):
