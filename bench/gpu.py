@@ -38,8 +38,7 @@ from typing import Any
 
 import grpc
 
-from bench.generation import measure
-from bench.loadgen import PROMPTS, Summary, grpc_sender
+from bench.loadgen import PROMPTS, Summary, closed_loop, grpc_sender
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from tests.harness import ROOT, NeuronProcess, neuron_config
 from tests.random_models import BUILT, build
@@ -179,9 +178,13 @@ async def bench_neuron(
         async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
             stub = pb_grpc.NeuronStub(channel)
             for name in models:
-                results[name] = await measure(
-                    lambda name=name: grpc_sender(stub, name, tokens), streams, 1
-                )
+                send = grpc_sender(stub, name, tokens)
+                await closed_loop(send, max(streams), 1)  # warm-up: lazy set-up, channels
+                results[name] = [await closed_loop(send, c, 1) for c in streams]
+                failed = [e for summary in results[name] for e in summary.errors]
+                if failed:
+                    report.failed.append(f"{name} over gRPC")
+                    report.say(f"{name}: {len(failed)} requests FAILED, e.g. {failed[0]}")
     finally:
         neuron.stop()
         report.say("neuron log (end):\n" + "\n".join(neuron.log().splitlines()[-8:]))
