@@ -107,6 +107,8 @@ PREFIX_ROUTES = Counter(
     ["result"],
     registry=REGISTRY,
 )
+for _result in ("cached", "balanced", "unseen"):  # each exported from the start, at 0
+    PREFIX_ROUTES.labels(result=_result)
 STREAMED_TOKENS = Counter(
     "helexa_gateway_streamed_tokens",
     "Tokens of the streams cortex relayed to their end, by model",
