@@ -63,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
         path = f"/admin/v1/neurons/{neuron}/models/{model}/{args.command}"
     try:
         status, body = _post(url.rstrip("/") + path, key, args.timeout)
-    except OSError as e:
-        print(f"cortex {args.command}: cannot reach {url}: {e}", file=sys.stderr)
+    except OSError as e:  # refused, unreachable, timed out
+        why = e.reason if isinstance(e, urllib.error.URLError) else e
+        print(f"cortex {args.command}: cannot reach {url}: {why}", file=sys.stderr)
         return 1
     if status != 200:
         error = body.get("error", {}) if isinstance(body, dict) else {}

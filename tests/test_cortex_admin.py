@@ -26,6 +26,7 @@ from tests.harness import (
     NeuronProcess,
     catalogue_model,
     cortex_config,
+    free_port,
     neuron_config,
     until,
 )
@@ -231,6 +232,9 @@ async def test_cli_drain_and_undrain_a_running_cortex(
     assert "403 admin_key_required" in err
     assert USER_KEY not in out + err
     assert (await _neuron_view(cortex, "a"))["drained"] is False
+    nobody = f"http://127.0.0.1:{free_port()}"
+    code, out, err = await _cli("drain", "a", "--url", nobody, key=ALICE_KEY)
+    assert code == 1 and f"cannot reach {nobody}" in err
     code, _, err = await _cli("drain", "a", "--config", str(cortex.workdir / "missing.toml"))
     assert code == 2 and "missing.toml" in err
     await cortex.wait_log("admin action=drain admin=ops-bob neuron=b")
