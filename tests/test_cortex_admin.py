@@ -253,7 +253,12 @@ async def test_catalogue_reload_picks_up_an_edited_models_toml_and_keeps_it_on_a
     status, body = await _admin(cortex, "POST", "/catalogue/reload")
     assert status == 200, body
     _valid(body, "AdminCatalogue")
-    assert body == {"models": ["added-model"], "added": ["added-model"], "removed": []}
+    assert body == {
+        "models": ["added-model"], "added": ["added-model"], "removed": [], "changed": [],
+    }  # fmt: skip
+    models.write_text(tomli_w.dumps({"models": [catalogue_model("added-model", pinned=True)]}))
+    status, body = await _admin(cortex, "POST", "/catalogue/reload")
+    assert (status, body["added"], body["changed"]) == (200, [], ["added-model"])
     headers = {"Authorization": f"Bearer {USER_KEY}"}
     async with aiohttp.ClientSession() as session:
         async with session.get(cortex.api_url + "/models", headers=headers) as r:

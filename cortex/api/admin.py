@@ -305,10 +305,16 @@ async def reload_catalogue(request: web.Request) -> web.Response:
     before, after = {m.id for m in old.models}, {m.id for m in catalogue.models}
     gateway.catalogue = gateway.router.catalogue = catalogue
     added, removed = sorted(after - before), sorted(before - after)
+    changed = sorted(i for i in before & after if old.find(i) != catalogue.find(i))
     _done(
-        request, "reload_catalogue", models=len(after),
-        added=",".join(added) or "-", removed=",".join(removed) or "-",
+        request, "reload_catalogue", models=len(after), added=",".join(added) or "-",
+        removed=",".join(removed) or "-", changed=",".join(changed) or "-",
     )  # fmt: skip
     return web.json_response(
-        {"models": [m.id for m in catalogue.models], "added": added, "removed": removed}
+        {
+            "models": [m.id for m in catalogue.models],
+            "added": added,
+            "removed": removed,
+            "changed": changed,
+        }
     )

@@ -1003,8 +1003,10 @@ _SCHEMAS.update(
         "AdminCatalogue": _obj(
             {"models": {"type": "array", "items": _STR},
              "added": {"type": "array", "items": _STR},
-             "removed": {"type": "array", "items": _STR}},
-            "models", "added", "removed",
+             "removed": {"type": "array", "items": _STR},
+             "changed": {"type": "array", "items": _STR,
+                         "description": "Kept, with other settings"}},
+            "models", "added", "removed", "changed",
         ),
     }
 )  # fmt: skip
