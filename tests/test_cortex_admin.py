@@ -224,6 +224,20 @@ async def test_cli_drain_and_undrain_a_running_cortex(
     assert code == 0, err
     assert out.startswith("neuron b undrained")
     assert (await _neuron_view(cortex, "b"))["drained"] is False
+    # The fleet view holds what `cortex status --json` shows.
+    code, out, err = await _cli("status", "--json", "--config", str(cortex.config_path))
+    assert code == 0, err
+    status, fleet = await _admin(cortex, "GET", "/fleet")
+    assert status == 200, fleet
+    shown = json.loads(out)
+    assert shown["total"] == fleet["total"] == 2
+    for polled, view in zip(shown["neurons"], fleet["neurons"], strict=True):
+        assert {k: view[k] for k in polled if k != "models"} == {
+            k: v for k, v in polled.items() if k != "models"
+        }
+        assert polled["models"] and len(polled["models"]) == len(view["models"])
+        for model, in_view in zip(polled["models"], view["models"], strict=True):
+            assert {k: in_view[k] for k in model} == model
     code, out, err = await _cli("drain", "nope", "--url", cortex.url, key=ALICE_KEY)
     assert code == 1 and not out
     assert "404 neuron_not_found" in err and "nope" in err

@@ -33,7 +33,8 @@ from cortex.errors import (
     NeuronNotFound,
     NoRoom,
 )
-from cortex.fleet import UP, ModelView, NeuronState
+from cortex.fleet import UP, NeuronState
+from cortex.fleetstatus import as_json
 from helexa.configfile import ConfigError
 from helexa.neuron.v1 import neuron_pb2 as pb
 
@@ -54,69 +55,38 @@ def add_routes(app: web.Application) -> None:
 # ---- views ----
 
 
-def neuron_view(neuron: NeuronState, gateway: Gateway) -> dict[str, Any]:
-    """One neuron as ``GET /admin/v1/fleet`` shows it."""
-    return {
-        "name": neuron.name,
-        "endpoint": neuron.endpoint,
-        "status": neuron.status,
-        "drained": neuron.drained,
-        "error": neuron.error,
-        "host": neuron.host,
-        "version": neuron.version,
-        "in_flight": neuron.in_flight,
-        "load": neuron.load(),
-        "polled_at": neuron.polled_at,
-        "devices": [
-            {
-                "name": d.name,
-                "description": d.description,
-                "total_bytes": d.total_bytes,
-                "free_bytes": d.free_bytes,
-            }
-            for d in neuron.devices
-        ],
-        "models": [
-            model_view(neuron, m, gateway) for m in sorted(neuron.models.values(), key=_by_id)
-        ],
-    }
+def fleet_view(gateway: Gateway) -> dict[str, Any]:
+    """What ``cortex status --json`` shows (``cortex.fleetstatus``), with what only this cortex
+    knows: each neuron's admin drain, its requests from here and the load routing compares, an
+    admin's pins, and the catalogue."""
+    body = as_json(gateway.fleet, gateway.router.catalogue)
+    pins = gateway.router.pins
+    for view, neuron in zip(body["neurons"], gateway.fleet.neurons, strict=True):
+        view["drained"] = neuron.drained
+        view["in_flight"] = neuron.in_flight
+        view["routing_load"] = neuron.load()
+        view["polled_at"] = neuron.polled_at
+        for model in view["models"]:
+            model["pinned"] = model["pinned"] or (neuron.name, model["id"]) in pins
+            model["in_catalogue"] = gateway.router.catalogue.find(model["id"]) is not None
+    body["routable"] = sum(n.routable for n in gateway.fleet.neurons)
+    body["catalogue"] = [m.id for m in gateway.router.catalogue.models]
+    return body
 
 
-def _by_id(model: ModelView) -> str:
-    return model.id
+def neuron_view(gateway: Gateway, neuron: NeuronState) -> dict[str, Any]:
+    """One neuron as the fleet view shows it."""
+    return next(v for v in fleet_view(gateway)["neurons"] if v["name"] == neuron.name)
 
 
-def model_view(neuron: NeuronState, model: ModelView, gateway: Gateway) -> dict[str, Any]:
-    entry = gateway.router.catalogue.find(model.id)
-    return {
-        "id": model.id,
-        "state": model.state,
-        "device": model.device,
-        "resident_bytes": model.resident_bytes,
-        "in_flight": model.in_flight,
-        "waiting": model.waiting,
-        "error": model.error,
-        "pinned": _pinned(neuron, model.id, gateway),
-        "in_catalogue": entry is not None,
-    }
-
-
-def _pinned(neuron: NeuronState, model_id: str, gateway: Gateway) -> bool:
-    entry = gateway.router.catalogue.find(model_id)
-    return (entry is not None and entry.pinned) or (neuron.name, model_id) in gateway.router.pins
+def model_view(gateway: Gateway, neuron: NeuronState, model_id: str) -> dict[str, Any]:
+    """One model on a neuron as the fleet view shows it (just its id if it is not there)."""
+    models = neuron_view(gateway, neuron)["models"]
+    return next((m for m in models if m["id"] == model_id), {"id": model_id})
 
 
 async def fleet(request: web.Request) -> web.Response:
-    gateway = gateway_of(request)
-    neurons = gateway.fleet.neurons
-    return web.json_response(
-        {
-            "neurons": [neuron_view(n, gateway) for n in neurons],
-            "up": sum(n.status == UP for n in neurons),
-            "routable": sum(n.routable for n in neurons),
-            "catalogue": [m.id for m in gateway.router.catalogue.models],
-        }
-    )
+    return web.json_response(fleet_view(gateway_of(request)))
 
 
 # ---- what an action names ----
@@ -161,7 +131,7 @@ def _set_drained(request: web.Request, drained: bool) -> web.Response:
     gateway.fleet.set_drained(neuron, drained)
     action = "drain" if drained else "undrain"
     _done(request, action, neuron=neuron.name, was_drained=was, in_flight=neuron.in_flight)
-    return web.json_response(neuron_view(neuron, gateway))
+    return web.json_response(neuron_view(gateway, neuron))
 
 
 # ---- models ----
@@ -198,11 +168,10 @@ async def load(request: web.Request) -> web.Response:
             raise DoesNotFit(e.message) from None
         raise
     _done(request, "load", neuron=neuron.name, model=entry.id, already_loaded=already)
-    loaded = neuron.models.get(entry.id)
     return web.json_response(
         {
             "neuron": neuron.name,
-            "model": model_view(neuron, loaded, gateway) if loaded else {"id": entry.id},
+            "model": model_view(gateway, neuron, entry.id),
             "already_loaded": already,
         }
     )

@@ -951,6 +951,12 @@ _SCHEMAS.update(
                 "in_flight": _INT,
                 "waiting": _INT,
                 "error": _STR,
+                "loaded_at": {"type": "number", "description": "Unix seconds; 0 while loading"},
+                "last_used": {"type": "number", "description": "Unix seconds; 0 if never"},
+                "load": {
+                    "type": ["object", "null"],
+                    "description": "While LOADING: stage, unit, done, total, percent",
+                },
                 "pinned": {"type": "boolean", "description": "In the catalogue or by an admin"},
                 "in_catalogue": {"type": "boolean"},
             },
@@ -967,8 +973,8 @@ _SCHEMAS.update(
                 "host": _STR,
                 "version": _STR,
                 "in_flight": {**_INT, "description": "This cortex's requests there now"},
-                "load": {**_INT, "description": "What routing compares: requests running and "
-                         "waiting there"},
+                "routing_load": {**_INT, "description": "What routing compares: requests "
+                                 "running and waiting there"},
                 "polled_at": {"type": "number"},
                 "devices": {"type": "array", "items": _obj(
                     {"name": _STR, "description": _STR, "total_bytes": _INT, "free_bytes": _INT},
@@ -976,16 +982,18 @@ _SCHEMAS.update(
                 )},
                 "models": {"type": "array", "items": _ref("AdminModel")},
             },
-            "name", "endpoint", "status", "drained", "in_flight", "load", "devices", "models",
+            "name", "endpoint", "status", "drained", "in_flight", "routing_load", "devices",
+            "models",
         ),
         "AdminFleet": _obj(
             {
                 "neurons": {"type": "array", "items": _ref("AdminNeuron")},
                 "up": {**_INT, "description": "Neurons up as polled"},
+                "total": _INT,
                 "routable": {**_INT, "description": "Up and not drained"},
                 "catalogue": {"type": "array", "items": _STR},
             },
-            "neurons", "up", "routable", "catalogue",
+            "neurons", "up", "total", "routable", "catalogue",
         ),
         "AdminLoaded": _obj(
             {"neuron": _STR, "model": _ref("AdminModel"), "already_loaded": {"type": "boolean"}},
@@ -1021,7 +1029,8 @@ def _admin(summary: str, answer: str, failures: dict[str, Any]) -> dict[str, Any
 
 
 DOCUMENT["paths"]["/admin/v1/fleet"] = {
-    "get": _admin("The fleet: every neuron, its state, devices, models and load", "AdminFleet",
+    "get": _admin("The fleet as `cortex status --json` shows it, with each neuron's admin "
+                  "drain, its requests from this cortex and its routing load", "AdminFleet",
                   _ADMIN_FAILURES),
 }  # fmt: skip
 for _action, _summary in (
