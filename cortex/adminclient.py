@@ -44,7 +44,13 @@ def add_commands(commands: Any) -> None:
         else:
             sub.add_argument("model", help="a catalogue model id or alias")
             sub.add_argument("--neuron", required=True)
-        sub.add_argument("--config", type=Path, default=DEFAULT_PATH)
+        sub.add_argument(
+            "--config",
+            type=Path,
+            default=DEFAULT_PATH,
+            help=f"cortex.toml: its listen address, and its first [admin] key unless ${KEY_ENV} "
+            "is set",
+        )
         sub.add_argument("--url", help=f"cortex's address (else ${URL_ENV}, else --config)")
         sub.add_argument("--timeout", type=float, default=900.0, help="seconds to wait")
 
