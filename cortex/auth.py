@@ -1,4 +1,5 @@
-"""Who may call cortex's API: API keys (inline and a keys file re-read on SIGHUP) and per-key limits.
+"""Who may call cortex's API: API keys (inline and a keys file re-read on SIGHUP) and per-key
+limits; admin keys (the same, apart) for the admin API.
 
 Keys are held only as SHA-256 digests and compared in constant time against every key (no early
 exit); a key's text is never logged, put in a metric or an error message. A request to /v1
@@ -8,6 +9,8 @@ it (404), so it can make the fleet load none of them. A missing or unknown key i
 a 401, a key over ``max_concurrent`` or ``requests_per_minute`` a 429 with ``Retry-After``. A
 request holds its concurrency slot until its handler ends: a stream's last byte, or the client
 going away (which cancels the handler). /health and /ready are never checked: they are probes.
+/admin requests need an admin key (``[admin]``, each named ``NAME KEY``): an API key there is a
+403, no key or an unknown one a 401.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar, Generic, TypeVar
 
 from aiohttp import web
 
 from cortex import metrics
-from cortex.config import AuthConfig, CortexConfig
-from cortex.errors import RateLimited, Unauthorized
+from cortex.config import AdminConfig, AuthConfig, CortexConfig, parse_admin_key
+from cortex.errors import NotAdmin, RateLimited, Unauthorized
 from cortex.router import KEY_MODELS
 from helexa.configfile import ConfigError, is_loopback
 from helexa.secretfiles import check_secret, read_lines
@@ -35,6 +39,7 @@ from helexa.secretfiles import check_secret, read_lines
 log = logging.getLogger(__name__)
 
 WINDOW = 60.0  # seconds of requests_per_minute
+V = TypeVar("V")
 
 
 def _digest(key: str) -> bytes:
@@ -49,76 +54,73 @@ class _KeyUse:
     admitted: deque[float] = field(default_factory=deque)
 
 
-class KeyRing:
-    """The API keys cortex accepts now, and each key's use against its limits."""
+class KeySet(Generic[V]):
+    """Keys given inline and in a keys file (re-read on SIGHUP), each held as its digest with
+    what the key carries (``V``), and found in a request in constant time."""
 
-    def __init__(self, config: AuthConfig) -> None:
-        self.config = config
+    section: ClassVar[str]  # the config table: names the keys in errors
+    what: ClassVar[str]  # what the log calls them
+
+    def __init__(self, keys: list[str], keys_file: str) -> None:
+        self._lines = keys
+        self._file = keys_file
         self._digests: list[bytes] = []
-        # The models each key may use (and so place); None: any.
-        self._models: dict[bytes, frozenset[str] | None] = {}
-        self._use: dict[bytes, _KeyUse] = {}
+        self._values: dict[bytes, V] = {}
         self._reloads: set[asyncio.Task[None]] = set()
-
-    @property
-    def enabled(self) -> bool:
-        return self.config.enabled
 
     @property
     def count(self) -> int:
         return len(self._digests)
+
+    def _parse(self, line: str, where: str) -> tuple[str, V]:
+        """A line's key and what it carries; ``ConfigError`` naming ``where``."""
+        raise NotImplementedError
 
     def load(self) -> int:
         """Read the keys (the file too); ``ConfigError`` naming the key if the file is bad."""
         self._use_keys(self._read())
         return self.count
 
-    def _read(self) -> dict[bytes, frozenset[str] | None]:
-        lines = [(line, f"auth.keys[{i}]") for i, line in enumerate(self.config.keys)]
-        if self.config.keys_file:
-            from_file = read_lines(self.config.keys_file, "auth.keys_file")
+    def _read(self) -> dict[bytes, V]:
+        lines = [(line, f"{self.section}.keys[{i}]") for i, line in enumerate(self._lines)]
+        if self._file:
+            from_file = read_lines(self._file, f"{self.section}.keys_file")
             if not from_file:
-                raise ConfigError(f"auth.keys_file: {self.config.keys_file} holds no key")
+                raise ConfigError(f"{self.section}.keys_file: {self._file} holds no key")
             lines += [
-                (line, f"auth.keys_file (key {i + 1} of the file)")
+                (line, f"{self.section}.keys_file (key {i + 1} of the file)")
                 for i, line in enumerate(from_file)
             ]
-        keys: dict[bytes, frozenset[str] | None] = {}
+        keys: dict[bytes, V] = {}
         for line, where in lines:
-            key, models = parse_key(line, where)
-            keys.setdefault(_digest(key), models)
+            key, value = self._parse(line, where)
+            keys.setdefault(_digest(key), value)
         return keys
 
-    def _use_keys(self, keys: dict[bytes, frozenset[str] | None]) -> None:
-        # Keys that stay keep their counts; a removed key's in-flight requests still finish.
-        self._use = {d: self._use.get(d, _KeyUse()) for d in keys}
+    def _use_keys(self, keys: dict[bytes, V]) -> None:
         self._digests = list(keys)
-        self._models = keys
-
-    def models_of(self, digest: bytes) -> frozenset[str] | None:
-        """The models the key may use; None: any."""
-        return self._models.get(digest)
+        self._values = keys
 
     def reload_soon(self) -> None:
         """SIGHUP: re-read the keys file off the loop; a bad file keeps the keys in use."""
-        task = asyncio.create_task(self._reload(), name="keys-reload")
+        task = asyncio.create_task(self._reload(), name=f"{self.section}-keys-reload")
         self._reloads.add(task)
         task.add_done_callback(self._reloads.discard)
 
     async def _reload(self) -> None:
-        if not self.config.keys_file:
-            log.info("SIGHUP: no auth.keys_file to reload keys=%d", len(self._digests))
+        if not self._file:
+            log.info("SIGHUP: no %s.keys_file to reload keys=%d", self.section, self.count)
             return
         try:
             keys = await asyncio.to_thread(self._read)
         except ConfigError as e:
-            log.error("api keys not reloaded, keeping keys=%d error=%s", len(self._digests), e)
+            log.error("%s not reloaded, keeping keys=%d error=%s", self.what, self.count, e)
             return
         self._use_keys(keys)
-        log.info("api keys reloaded keys=%d keys_file=%s", len(keys), self.config.keys_file)
+        log.info("%s reloaded keys=%d keys_file=%s", self.what, len(keys), self._file)
 
-    def identify(self, request: web.Request) -> bytes:
-        """The digest of the request's key; ``Unauthorized`` if it has none we accept."""
+    def find(self, request: web.Request) -> bytes:
+        """The digest of the request's key if it is one of these, else ``b""``."""
         offered = [request.headers.get("x-api-key", "")]
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer":
@@ -131,6 +133,38 @@ class KeyRing:
             for known in self._digests:  # every key, no early exit
                 if hmac.compare_digest(known, digest):
                     found = known
+        return found
+
+
+class KeyRing(KeySet[frozenset[str] | None]):
+    """The API keys cortex accepts now, and each key's use against its limits."""
+
+    section, what = "auth", "api keys"
+
+    def __init__(self, config: AuthConfig) -> None:
+        super().__init__(config.keys, config.keys_file)
+        self.config = config
+        self._use: dict[bytes, _KeyUse] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    def _parse(self, line: str, where: str) -> tuple[str, frozenset[str] | None]:
+        return parse_key(line, where)
+
+    def _use_keys(self, keys: dict[bytes, frozenset[str] | None]) -> None:
+        # Keys that stay keep their counts; a removed key's in-flight requests still finish.
+        self._use = {d: self._use.get(d, _KeyUse()) for d in keys}
+        super()._use_keys(keys)
+
+    def models_of(self, digest: bytes) -> frozenset[str] | None:
+        """The models the key may use; None: any."""
+        return self._values.get(digest)
+
+    def identify(self, request: web.Request) -> bytes:
+        """The digest of the request's key; ``Unauthorized`` if it has none we accept."""
+        found = self.find(request)
         if not found:
             metrics.REJECTIONS.labels(reason="invalid_api_key").inc()
             raise Unauthorized(
@@ -176,7 +210,40 @@ def parse_key(line: str, where: str) -> tuple[str, frozenset[str] | None]:
     return key, frozenset(models) if models else None
 
 
+class AdminKeys(KeySet[str]):
+    """The admin keys (``[admin]``), each with the name the log shows for what it does."""
+
+    section, what = "admin", "admin keys"
+
+    def __init__(self, config: AdminConfig) -> None:
+        super().__init__(config.keys, config.keys_file)
+        self.config = config
+
+    def _parse(self, line: str, where: str) -> tuple[str, str]:
+        name, key = parse_admin_key(line, where)
+        return key, name
+
+    def name_of(self, request: web.Request, users: KeyRing) -> str:
+        """The name of the request's admin key: ``NotAdmin`` (403) for an API key or when no
+        admin key is configured, ``Unauthorized`` (401) for no key or an unknown one."""
+        if not self.config.enabled:
+            metrics.REJECTIONS.labels(reason="admin_key").inc()
+            raise NotAdmin("the admin API is off: no admin key is configured ([admin] keys)")
+        found = self.find(request)
+        if found:
+            return self._values[found]
+        metrics.REJECTIONS.labels(reason="admin_key").inc()
+        if users.find(request):
+            raise NotAdmin("an API key may not use the admin API: send an admin key")
+        raise Unauthorized(
+            "Missing or unknown admin key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
+        )
+
+
 KEYRING = web.AppKey("keyring", KeyRing)
+ADMIN_KEYS = web.AppKey("admin_keys", AdminKeys)
+# The name of the request's admin key, on /admin requests.
+ADMIN = "admin_name"
 # The digest of the request's API key (absent when no keys are configured).
 KEY = "api_key_digest"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -185,8 +252,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Inside the error middleware: its refusals become OpenAI envelopes there. The key's
-    digest is the request's ``KEY`` (what it owns, such as kept responses, is the key's)."""
+    digest is the request's ``KEY`` (what it owns, such as kept responses, is the key's); an
+    admin key's name is an /admin request's ``ADMIN``."""
     keyring = request.app[KEYRING]
+    if request.path.startswith("/admin/"):
+        request[ADMIN] = request.app[ADMIN_KEYS].name_of(request, keyring)
+        return await handler(request)
     if not keyring.enabled or not request.path.startswith("/v1/"):
         return await handler(request)
     digest = request[KEY] = keyring.identify(request)

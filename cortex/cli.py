@@ -1,4 +1,5 @@
-"""The ``cortex`` command: ``serve``, ``status`` and ``check-config``."""
+"""The ``cortex`` command: ``serve``, ``status`` and ``check-config``, and the admin commands
+(``drain``, ``undrain``, ``load``, ``unload``, ``pin``, ``unpin``: ``cortex.adminclient``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import uvloop
 
-from cortex import __version__
-from cortex.auth import KeyRing
+from cortex import __version__, adminclient
+from cortex.auth import AdminKeys, KeyRing
 from cortex.config import DEFAULT_PATH, Catalogue, CortexConfig, load, models_path
 from cortex.neuronlink import Link, read_links
 from helexa.configfile import ConfigError
@@ -47,15 +48,20 @@ def main(argv: list[str] | None = None) -> int:
                 metavar="SECONDS",
                 help="seconds between polls with --watch (default 2)",
             )
+    adminclient.add_commands(commands)
     args = parser.parse_args(argv)
+    if args.command in adminclient.COMMANDS:
+        return adminclient.run(args)
 
     try:
         config, catalogue = load(args.config)
         links = read_links(config)
         # `status` calls no API: it needs the neurons' token and TLS files, not the API keys.
         keyring = KeyRing(config.auth)
+        admin_keys = AdminKeys(config.admin)
         if args.command != "status":
             keyring.load()
+            admin_keys.load()
     except ConfigError as e:
         print(f"cortex: bad config: {e}", file=sys.stderr)
         return 2
@@ -73,15 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     configure(config.log_level)
     log.info("cortex starting version=%s config=%s", __version__, args.config)
     # uvloop: the gateway's loop runs for every relayed message, and costs less per turn.
-    return uvloop.run(_serve(config, catalogue, keyring, links))
+    return uvloop.run(_serve(config, catalogue, keyring, links, admin_keys, args.config))
 
 
 async def _serve(
-    config: CortexConfig, catalogue: Catalogue, keyring: KeyRing, links: dict[str, Link]
+    config: CortexConfig,
+    catalogue: Catalogue,
+    keyring: KeyRing,
+    links: dict[str, Link],
+    admin_keys: AdminKeys,
+    config_path: Path,
 ) -> int:
     from cortex.lifecycle import serve
 
-    return await serve(config, catalogue, keyring, links)
+    return await serve(config, catalogue, keyring, links, admin_keys, config_path)
 
 
 async def _status(

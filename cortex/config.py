@@ -256,6 +256,38 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """Who may call the admin API (/admin/v1): named keys, apart from the API keys.
+
+    Each key is a line ``NAME KEY`` (inline or in ``keys_file``, re-read on SIGHUP); the name
+    is what the log shows for each action, never the key. With none, the admin API refuses all.
+    """
+
+    keys: list[str] = field(default_factory=list)
+    keys_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys or self.keys_file)
+
+    def check_config(self, key: str) -> None:
+        for i, line in enumerate(self.keys):
+            parse_admin_key(line, f"{key}.keys[{i}]")
+
+
+def parse_admin_key(line: str, where: str) -> tuple[str, str]:
+    """``NAME KEY``: the name the log shows and the key; ``ConfigError`` naming ``where``."""
+    name, _, key = line.strip().partition(" ")
+    key = key.strip()
+    if not _NAME.match(name) or not key:
+        raise ConfigError(
+            f"{where}: must be 'NAME KEY', the name of letters, digits, '.', '_' and '-'"
+        )
+    check_secret(key, where)
+    return name, key
+
+
+@dataclass(frozen=True)
 class CortexConfig:
     """Everything ``cortex serve`` reads from ``cortex.toml``."""
 
@@ -271,6 +303,7 @@ class CortexConfig:
     responses: ResponsesConfig = field(default_factory=ResponsesConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
 
     def check_config(self, key: str) -> None:
@@ -332,6 +365,11 @@ class Catalogue:
 def load(path: Path = DEFAULT_PATH) -> tuple[CortexConfig, Catalogue]:
     """Read and check ``cortex.toml`` and the catalogue it names; ``ConfigError`` names the key."""
     config = load_config(path)
+    return config, load_catalogue_of(config, path)
+
+
+def load_catalogue_of(config: CortexConfig, path: Path) -> Catalogue:
+    """Read and check the catalogue ``config`` (read from ``path``) names, against its neurons."""
     catalogue = load_catalogue(models_path(config, path))
     known = {n.name for n in config.neurons}
     for i, model in enumerate(catalogue.models):
@@ -341,7 +379,7 @@ def load(path: Path = DEFAULT_PATH) -> tuple[CortexConfig, Catalogue]:
                     f"{models_path(config, path)}: models[{i}].neurons[{j}]: {name!r} is not a "
                     f"neuron in {path}"
                 )
-    return config, catalogue
+    return catalogue
 
 
 def models_path(config: CortexConfig, config_path: Path) -> Path:

@@ -36,6 +36,11 @@ class Forbidden(CortexError):
     """Not permitted: a neuron refuses to load the model's source (its ``[loading]`` policy)."""
 
 
+class NotAdmin(CortexError):
+    """A request to the admin API (/admin/v1) without an admin key: a user key, or no admin key
+    configured at all."""
+
+
 class RateLimited(CortexError):
     """An API key is over one of its limits; ``retry_after`` says when to come back (seconds)."""
 
@@ -46,6 +51,19 @@ class RateLimited(CortexError):
 
 class ModelNotFound(CortexError):
     """No model of that name is in the catalogue or loaded on a healthy neuron."""
+
+
+class NeuronNotFound(CortexError):
+    """No neuron of that name is configured (the admin API names neurons)."""
+
+
+class DoesNotFit(CortexError):
+    """An admin action that cannot be done as asked (a model with no room on the neuron, one
+    the catalogue keeps off it, a neuron down); the message says why, and nothing was done."""
+
+
+class CatalogueInvalid(CortexError):
+    """An edited ``models.toml`` that cannot be used; the catalogue in use stays."""
 
 
 class ResponseNotFound(CortexError):
@@ -61,6 +79,11 @@ class NoCapacity(CortexError):
     def __init__(self, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class NoRoom(NoCapacity):
+    """A neuron refused to load a model for want of room (RESOURCE_EXHAUSTED): no capacity for a
+    request placing it, a model that does not fit for an admin's load."""
 
 
 class ShuttingDown(CortexError):

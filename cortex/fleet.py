@@ -5,8 +5,9 @@ Generations go over the channel's one ``GenerateMany`` call (``cortex.multiplex`
 Each poll asks a neuron for its health, ``Info`` and ``ListModels``. A neuron that fails
 ``down_after_failures`` polls in a row is marked down and gets no requests; it is up again as
 soon as one poll answers. Health NOT_SERVING or ``Info.draining`` marks it draining: it keeps
-its open streams but gets nothing new. Cortex reaches each neuron only at the endpoint its
-config names.
+its open streams but gets nothing new. An admin may drain a neuron in cortex alone
+(``drained``): it gets nothing new either, and its process stays up for maintenance. Cortex
+reaches each neuron only at the endpoint its config names.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ class NeuronState:
     health: health_pb2_grpc.HealthStub
     generations: Multiplexer  # every generation goes over its one GenerateMany call
     status: str = UNKNOWN
+    # Drained by an admin: no new requests or placements here until undrained.
+    drained: bool = False
     failures: int = 0
     error: str = ""
     host: str = ""
@@ -109,7 +112,7 @@ class NeuronState:
 
     @property
     def routable(self) -> bool:
-        return self.status == UP
+        return self.status == UP and not self.drained
 
     def has_ready(self, model_id: str) -> bool:
         model = self.models.get(model_id)
@@ -285,7 +288,16 @@ class Fleet:
             )  # fmt: skip
         neuron.status = status
         metrics.NEURON_UP.labels(neuron=neuron.name).set(1 if status == UP else 0)
-        metrics.NEURON_DRAINING.labels(neuron=neuron.name).set(1 if status == DRAINING else 0)
+        self.show_draining(neuron)
+
+    def set_drained(self, neuron: NeuronState, drained: bool) -> None:
+        """Stop (or resume) sending new requests to ``neuron``; its open streams go on."""
+        neuron.drained = drained
+        self.show_draining(neuron)
+
+    def show_draining(self, neuron: NeuronState) -> None:
+        draining = neuron.status == DRAINING or neuron.drained
+        metrics.NEURON_DRAINING.labels(neuron=neuron.name).set(1 if draining else 0)
 
 
 def _model_view(m: pb.ModelStatus) -> ModelView:

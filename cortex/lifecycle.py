@@ -11,12 +11,13 @@ import asyncio
 import logging
 import signal
 import time
+from pathlib import Path
 
 from aiohttp import web
 
 from cortex import metrics
 from cortex.api import Gateway, build_app
-from cortex.auth import KeyRing, listen_host
+from cortex.auth import AdminKeys, KeyRing, listen_host
 from cortex.config import Catalogue, CortexConfig
 from cortex.connections import Connections, GuardedSite
 from cortex.fleet import Fleet
@@ -32,14 +33,25 @@ CUT_GRACE = 2.0
 
 
 async def serve(
-    config: CortexConfig, catalogue: Catalogue, keyring: KeyRing, links: dict[str, Link]
+    config: CortexConfig,
+    catalogue: Catalogue,
+    keyring: KeyRing,
+    links: dict[str, Link],
+    admin_keys: AdminKeys | None = None,
+    config_path: Path | None = None,
 ) -> int:
     """Run cortex until a signal; returns the exit code."""
     loop = asyncio.get_running_loop()
     stop = stop_event_on_signals(loop)
     dump_stacks_on_sigusr1()
-    # `systemctl reload cortex`: re-read the keys file; connections and streams carry on.
-    loop.add_signal_handler(signal.SIGHUP, keyring.reload_soon)
+    admins = admin_keys or AdminKeys(config.admin)
+
+    def reload_keys() -> None:
+        keyring.reload_soon()
+        admins.reload_soon()
+
+    # `systemctl reload cortex`: re-read the keys files; connections and streams carry on.
+    loop.add_signal_handler(signal.SIGHUP, reload_keys)
 
     host, port = listen_host(config), config.listen.rpartition(":")[2]
     try:
@@ -49,11 +61,11 @@ async def serve(
         return 1
     fleet = Fleet(config, links)
     router = Router(config, fleet, catalogue)
-    gateway = Gateway(config, catalogue, fleet, router)
+    gateway = Gateway(config, catalogue, fleet, router, config_path=config_path)
     # handler_cancellation: a client that goes away cancels its handler, and so its gRPC call.
     connections = Connections(config.timeouts.header, config.limits.max_connections_per_address)
     runner = web.AppRunner(
-        build_app(gateway, keyring, connections),
+        build_app(gateway, keyring, connections, admins),
         handler_cancellation=True,
         access_log=None,
         keepalive_timeout=config.timeouts.idle,
@@ -68,10 +80,12 @@ async def serve(
             log.error("cannot listen listen=%s error=%s", config.listen, e)
             return 1
         log.info(
-            "cortex serving listen=%s:%s metrics=%s neurons=%d up=%d models=%d api_keys=%s",
+            "cortex serving listen=%s:%s metrics=%s neurons=%d up=%d models=%d api_keys=%s "
+            "admin_keys=%s",
             host, port, config.metrics_listen, len(fleet.neurons),
             sum(n.routable for n in fleet.neurons), len(catalogue.models),
             keyring.count if keyring.enabled else "none",
+            admins.count if admins.config.enabled else "none",
         )  # fmt: skip
         notify("READY=1")  # after the log line: READY means the journal already says so
         await stop.wait()

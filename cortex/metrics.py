@@ -49,7 +49,7 @@ NEURON_UP = Gauge(
 )
 NEURON_DRAINING = Gauge(
     "helexa_gateway_neuron_draining",
-    "1 when the neuron reports it is draining",
+    "1 when the neuron is draining (it reports so, or an admin drained it in cortex)",
     ["neuron"],
     registry=REGISTRY,
 )

@@ -43,6 +43,7 @@ from cortex.errors import (
     ModelNotFound,
     NeuronFailed,
     NoCapacity,
+    NoRoom,
 )
 from cortex.fleet import Fleet, ModelView, NeuronState
 from cortex.multiplex import Failed, Generation
@@ -93,10 +94,16 @@ def least_loaded(candidates: list[NeuronState]) -> NeuronState | None:
     return min(candidates, key=lambda n: (n.load(), n.name), default=None)
 
 
-def eviction_order(neuron: NeuronState, catalogue: Catalogue, placing: str) -> list[ModelView]:
+def eviction_order(
+    neuron: NeuronState,
+    catalogue: Catalogue,
+    placing: str,
+    pins: frozenset[tuple[str, str]] = frozenset(),
+) -> list[ModelView]:
     """Models on ``neuron`` that may be unloaded, least recently used first.
 
-    READY, not pinned in the catalogue, nothing in flight or waiting on the neuron and none
+    READY, not pinned in the catalogue nor on this neuron (``pins``: (neuron, model) pairs an
+    admin pinned), nothing in flight or waiting on the neuron and none
     of cortex's own requests on it, and not the model being placed.
     """
     victims = []
@@ -106,6 +113,7 @@ def eviction_order(neuron: NeuronState, catalogue: Catalogue, placing: str) -> l
             model.state == "READY"
             and model.id != placing
             and not (entry is not None and entry.pinned)
+            and (neuron.name, model.id) not in pins
             and model.in_flight == 0
             and model.waiting == 0
             and not neuron.active.get(model.id)
@@ -124,6 +132,8 @@ class Router:
         self._placing: dict[str, asyncio.Task[NeuronState]] = {}
         self.drain = DrainRate()
         self.prefixes = PrefixIndex(config.routing.prefix_entries)
+        # (neuron, model) pairs an admin pinned: never evicted, like a catalogue's pinned model.
+        self.pins: set[tuple[str, str]] = set()
 
     async def close(self) -> None:
         tasks = list(self._placing.values())
@@ -238,7 +248,7 @@ class Router:
             target = min(fits, key=lambda n: (-n.free_bytes(entry.device), n.name))
         else:
             target = await self._evict_for(entry, allowed)
-        await self._load(target, entry)
+        await self.load(target, entry)
         metrics.PLACEMENT_SECONDS.labels(model=entry.id).observe(time.monotonic() - started)
         return target
 
@@ -247,7 +257,7 @@ class Router:
         while True:
             feasible: list[tuple[float, str, str, NeuronState, ModelView]] = []
             for neuron in allowed:
-                victims = eviction_order(neuron, self.catalogue, entry.id)
+                victims = eviction_order(neuron, self.catalogue, entry.id, frozenset(self.pins))
                 freeable = sum(v.resident_bytes for v in victims)
                 if victims and neuron.free_bytes(entry.device) + freeable >= entry.memory:
                     first = victims[0]
@@ -281,7 +291,9 @@ class Router:
         )  # fmt: skip
         await self.fleet.refresh(neuron)
 
-    async def _load(self, neuron: NeuronState, entry: CatalogueModel) -> None:
+    async def load(self, neuron: NeuronState, entry: CatalogueModel) -> bool:
+        """``LoadModel`` of ``entry`` on ``neuron``; whether it was already loaded there.
+        ``NoRoom`` when the neuron has no room for it."""
         started = time.monotonic()
         try:
             reply = await neuron.stub.LoadModel(
@@ -298,6 +310,10 @@ class Router:
                 raise Forbidden(
                     f"neuron {neuron.name} may not load '{entry.id}': {e.details()}"
                 ) from e
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise NoRoom(
+                    f"neuron {neuron.name} has no room for '{entry.id}': {e.details()}"
+                ) from e
             if e.code() in _CAPACITY:
                 raise NoCapacity(
                     f"neuron {neuron.name} cannot load '{entry.id}' now: {e.details()}"
@@ -311,6 +327,7 @@ class Router:
             entry.id, neuron.name, reply.already_loaded, time.monotonic() - started,
         )  # fmt: skip
         await self.fleet.refresh(neuron)
+        return bool(reply.already_loaded)
 
     # ---- saying "not now" ----
 

@@ -76,6 +76,7 @@ def test_example_configs_document_every_key(tmp_path: Path) -> None:
         "max_stored", "max_age", "max_bytes",
     ]:  # fmt: skip
         assert f"{key} =" in cortex_text, key
+    assert "[admin]" in cortex_text
     models_text = (ROOT / "configs/models.example.toml").read_text()
     for key in [
         "id", "aliases", "hf_repo", "revision", "path", "gguf_file", "dtype", "device",
@@ -128,6 +129,10 @@ def test_example_configs_document_every_key(tmp_path: Path) -> None:
         ("[auth]\nkeys = ['']", "", "auth.keys[0]"),
         ("[auth]\nmax_concurrent = -1", "", "auth.max_concurrent"),
         ("[auth]\nrequests_per_minute = 'many'", "", "auth.requests_per_minute"),
+        ("[admin]\nkeys = ['key-without-a-name']", "", "admin.keys[0]: must be 'NAME KEY'"),
+        ("[admin]\nkeys = ['bad/name key']", "", "admin.keys[0]: must be 'NAME KEY'"),
+        ("[admin]\nkeys = ['ops']", "", "admin.keys[0]: must be 'NAME KEY'"),
+        ("[admin]\ntoken = 't'", "", "admin.token: unknown key"),
         ("[fleet]\ncert_file = '/c'", "", "fleet.key_file"),
         ("[fleet]\ncert_file = '/c'\nkey_file = '/k'", "", "fleet.ca_file"),
         ("[fleet]\ntoken = 'has space'", "", "fleet.token"),
@@ -204,6 +209,8 @@ def test_cortex_imports_neither_torch_nor_neuron() -> None:
     [
         ("[auth]\nkeys_file = '{missing}'", "auth.keys_file: cannot read"),
         ("[auth]\nkeys_file = '{comments}'", "auth.keys_file"),
+        ("[admin]\nkeys_file = '{missing}'", "admin.keys_file: cannot read"),
+        ("[admin]\nkeys_file = '{comments}'", "admin.keys_file"),
         ("[fleet]\ntoken_file = '{missing}'", "fleet.token_file: cannot read"),
         (
             "[[neurons]]\nname = 'a'\nendpoint = 'h:1'\nca_file = '{missing}'",

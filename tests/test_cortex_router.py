@@ -73,6 +73,18 @@ def test_eviction_order_skips_pinned_busy_and_the_model_being_placed() -> None:
     assert [m.id for m in eviction_order(neuron, catalogue, placing="z")] == [
         "old", "never", "x", "new",
     ]  # fmt: skip
+    # An admin's pin holds on its own neuron only.
+    pins = frozenset({("a", "never"), ("b", "old")})
+    assert [m.id for m in eviction_order(neuron, catalogue, placing="z", pins=pins)] == [
+        "old", "x", "new",
+    ]  # fmt: skip
+
+
+def test_a_drained_neuron_is_up_but_not_routable() -> None:
+    neuron = _neuron("a", [_model("m")])
+    assert neuron.routable
+    neuron.drained = True
+    assert neuron.status == UP and not neuron.routable
 
 
 def test_spec_sent_on_load_carries_the_catalogue_source() -> None:

@@ -12,6 +12,7 @@ import json
 import signal
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,10 +155,21 @@ async def scripted(tmp_path: Path) -> AsyncIterator[tuple[CortexProcess, list[Sc
             names=["a", "b"],
             timeouts={"keepalive": 0.2, "stall": 1.5},
         ),
-    ).start()
+    )
+    async with in_front_of(cortex, neurons):
+        yield cortex, neurons
+
+
+@asynccontextmanager
+async def in_front_of(
+    cortex: CortexProcess, neurons: list[ScriptedNeuron]
+) -> AsyncIterator[CortexProcess]:
+    """``cortex`` started (and ready) in front of the started ``neurons``; all stopped at the
+    end."""
+    cortex.start()
     try:
         await cortex.wait_ready()
-        yield cortex, neurons
+        yield cortex
     finally:
         cortex.stop()
         for neuron in neurons:

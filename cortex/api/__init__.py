@@ -1,7 +1,7 @@
 """cortex's HTTP surface: the aiohttp application, its error middleware and the probes.
 
 Handlers per API surface live beside this module (``openai``, ``responses``, ``anthropic``);
-they parse, and ``relay`` calls the router and writes. Every failure of any handler becomes its
+they parse, and ``relay`` calls the router and writes. ``admin`` is the operators' API. Every failure of any handler becomes its
 surface's error envelope (Anthropic's on ``/v1/messages``, else OpenAI's) in the middleware,
 through ``cortex.api.errors``.
 """
@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
@@ -26,7 +27,7 @@ from cortex.api.errors import (
     internal_error_response,
     is_anthropic,
 )
-from cortex.auth import KEYRING, KeyRing, require_key
+from cortex.auth import ADMIN_KEYS, KEYRING, AdminKeys, KeyRing, require_key
 from cortex.config import Catalogue, CortexConfig
 from cortex.connections import Connections
 from cortex.errors import CortexError, NoCapacity, ShuttingDown
@@ -48,6 +49,8 @@ class Gateway:
     router: Router
     draining: bool = False
     active: int = 0
+    # The cortex.toml it was started from: where the admin's catalogue reload finds models.toml.
+    config_path: Path | None = None
     # Unix seconds when this gateway (and its catalogue) came up: the models' ``created``.
     started: int = field(default_factory=lambda: int(time.time()))
     # The streams being relayed now, for the drain to cut past its bound (``cut``).
@@ -164,15 +167,19 @@ async def ready(request: web.Request) -> web.Response:
 
 
 def build_app(
-    gateway: Gateway, keyring: KeyRing, connections: Connections | None = None
+    gateway: Gateway,
+    keyring: KeyRing,
+    connections: Connections | None = None,
+    admin_keys: AdminKeys | None = None,
 ) -> web.Application:
-    from cortex.api import anthropic, openai, openapi, responses
+    from cortex.api import admin, anthropic, openai, openapi, responses
 
     app = web.Application(
         middlewares=[_errors, require_key], client_max_size=gateway.config.limits.max_body
     )
     app[GATEWAY] = gateway
     app[KEYRING] = keyring
+    app[ADMIN_KEYS] = admin_keys or AdminKeys(gateway.config.admin)
     app[CONNECTIONS] = connections or Connections(gateway.config.timeouts.header, 1 << 30)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
@@ -180,4 +187,5 @@ def build_app(
     openai.add_routes(app)
     responses.add_routes(app)
     anthropic.add_routes(app)
+    admin.add_routes(app)
     return app

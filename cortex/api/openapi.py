@@ -601,7 +601,8 @@ DOCUMENT: dict[str, Any] = {
         "title": "helexa cortex",
         "version": __version__,
         "description": "OpenAI-compatible gateway to a fleet of helexa neurons, with "
-        "Anthropic's Messages API on /v1/messages.",
+        "Anthropic's Messages API on /v1/messages and the operators' admin API on /admin/v1 "
+        "(admin keys only).",
     },
     "paths": {
         "/v1/chat/completions": _generation(
@@ -911,6 +912,155 @@ DOCUMENT["paths"]["/v1/messages/count_tokens"] = {
         },
     }
 }
+
+
+# ---- the admin API (/admin/v1) ----
+
+_ADMIN_FAILURES = {
+    "401": {**_ERROR, "description": "No key, or one that is neither an admin nor an API key"},
+    "403": {**_ERROR, "description": "An API key (not an admin key), or no admin key configured "
+            "(code admin_key_required)"},
+    "404": {**_ERROR, "description": "Unknown neuron (code neuron_not_found) or model "
+            "(model_not_found)"},
+}  # fmt: skip
+_ACTION_FAILURES = {
+    **_ADMIN_FAILURES,
+    "409": {**_ERROR, "description": "Cannot be done as asked (the model does not fit, the "
+            "neuron is down, the model is not loaded there, ...): the message says why; nothing "
+            "was done"},
+    "502": {**_ERROR, "description": "The neuron failed the call"},
+    "503": {**_ERROR, "description": "The neuron cannot take it now (draining)"},
+}  # fmt: skip
+_ADMIN_KEY = [
+    {"name": "Authorization", "in": "header", "required": True, "schema": {"type": "string"},
+     "description": "Bearer ADMIN_KEY (an [admin] key; or x-api-key: ADMIN_KEY)"},
+]  # fmt: skip
+_IN_PATH = {"in": "path", "required": True, "schema": {"type": "string"}}
+_NEURON_PARAM = {"name": "neuron", **_IN_PATH, "description": "A [[neurons]] name"}
+_MODEL_PARAM = {"name": "model", **_IN_PATH, "description": "A catalogue model id or alias"}
+_INT = {"type": "integer"}
+_STR = {"type": "string"}
+_SCHEMAS.update(
+    {
+        "AdminModel": _obj(
+            {
+                "id": _STR,
+                "state": {"enum": ["LOADING", "READY", "UNLOADING", "FAILED", "UNKNOWN"]},
+                "device": _STR,
+                "resident_bytes": _INT,
+                "in_flight": _INT,
+                "waiting": _INT,
+                "error": _STR,
+                "loaded_at": {"type": "number", "description": "Unix seconds; 0 while loading"},
+                "last_used": {"type": "number", "description": "Unix seconds; 0 if never"},
+                "load": {
+                    "type": ["object", "null"],
+                    "description": "While LOADING: stage, unit, done, total, percent",
+                },
+                "pinned": {"type": "boolean", "description": "In the catalogue or by an admin"},
+                "in_catalogue": {"type": "boolean"},
+            },
+            "id", "state", "device", "resident_bytes", "in_flight", "waiting", "pinned",
+        ),
+        "AdminNeuron": _obj(
+            {
+                "name": _STR,
+                "endpoint": _STR,
+                "status": {"enum": ["unknown", "up", "down", "draining"],
+                           "description": "As polled (draining: the neuron's own drain)"},
+                "drained": {"type": "boolean", "description": "Drained by an admin in cortex"},
+                "error": _STR,
+                "host": _STR,
+                "version": _STR,
+                "in_flight": {**_INT, "description": "This cortex's requests there now"},
+                "routing_load": {**_INT, "description": "What routing compares: requests "
+                                 "running and waiting there"},
+                "polled_at": {"type": "number"},
+                "devices": {"type": "array", "items": _obj(
+                    {"name": _STR, "description": _STR, "total_bytes": _INT, "free_bytes": _INT},
+                    "name", "total_bytes", "free_bytes",
+                )},
+                "models": {"type": "array", "items": _ref("AdminModel")},
+            },
+            "name", "endpoint", "status", "drained", "in_flight", "routing_load", "devices",
+            "models",
+        ),
+        "AdminFleet": _obj(
+            {
+                "neurons": {"type": "array", "items": _ref("AdminNeuron")},
+                "up": {**_INT, "description": "Neurons up as polled"},
+                "total": _INT,
+                "routable": {**_INT, "description": "Up and not drained"},
+                "catalogue": {"type": "array", "items": _STR},
+            },
+            "neurons", "up", "total", "routable", "catalogue",
+        ),
+        "AdminLoaded": _obj(
+            {"neuron": _STR, "model": _ref("AdminModel"), "already_loaded": {"type": "boolean"}},
+            "neuron", "model", "already_loaded",
+        ),
+        "AdminUnloaded": _obj(
+            {"neuron": _STR, "model": _STR, "was_loaded": {"type": "boolean"},
+             "freed_bytes": _INT},
+            "neuron", "model", "was_loaded", "freed_bytes",
+        ),
+        "AdminPinned": _obj(
+            {"neuron": _STR, "model": _STR, "pinned": {"type": "boolean"}},
+            "neuron", "model", "pinned",
+        ),
+        "AdminCatalogue": _obj(
+            {"models": {"type": "array", "items": _STR},
+             "added": {"type": "array", "items": _STR},
+             "removed": {"type": "array", "items": _STR},
+             "changed": {"type": "array", "items": _STR,
+                         "description": "Kept, with other settings"}},
+            "models", "added", "removed", "changed",
+        ),
+    }
+)  # fmt: skip
+
+
+def _admin(summary: str, answer: str, failures: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "parameters": _ADMIN_KEY,
+        "responses": {"200": _json(_ref(answer), summary), **failures},
+    }
+
+
+DOCUMENT["paths"]["/admin/v1/fleet"] = {
+    "get": _admin("The fleet as `cortex status --json` shows it, with each neuron's admin "
+                  "drain, its requests from this cortex and its routing load", "AdminFleet",
+                  _ADMIN_FAILURES),
+}  # fmt: skip
+for _action, _summary in (
+    ("drain", "Send the neuron no new requests (cortex only; its streams finish, its process "
+              "stays up)"),
+    ("undrain", "Send the neuron requests again"),
+):  # fmt: skip
+    DOCUMENT["paths"][f"/admin/v1/neurons/{{neuron}}/{_action}"] = {
+        "post": _admin(_summary, "AdminNeuron", _ADMIN_FAILURES),
+        "parameters": [_NEURON_PARAM],
+    }
+for _action, _summary, _reply in (
+    ("load", "Load a catalogue model on the neuron (no eviction: 409 when it does not fit; a "
+             "load the neuron refuses is undone)", "AdminLoaded"),
+    ("unload", "Unload a model from the neuron once its requests there end", "AdminUnloaded"),
+    ("pin", "Keep a model READY on the neuron from eviction", "AdminPinned"),
+    ("unpin", "Let an admin-pinned model be evicted again", "AdminPinned"),
+):  # fmt: skip
+    DOCUMENT["paths"][f"/admin/v1/neurons/{{neuron}}/models/{{model}}/{_action}"] = {
+        "post": _admin(_summary, _reply, _ACTION_FAILURES),
+        "parameters": [_NEURON_PARAM, _MODEL_PARAM],
+    }
+DOCUMENT["paths"]["/admin/v1/catalogue/reload"] = {
+    "post": _admin(
+        "Read models.toml again",
+        "AdminCatalogue",
+        {**_ADMIN_FAILURES, "422": {**_ERROR, "description": "The edited models.toml cannot be "
+                                    "used; the catalogue in use stays"}},
+    ),
+}  # fmt: skip
 
 
 async def openapi(request: web.Request) -> web.Response:
