@@ -1,7 +1,14 @@
-"""Shared fixtures: the demo model materialised once, real neuron processes, the RPMs."""
+"""Shared fixtures: the demo model materialised once, real neuron processes, the RPMs.
+
+Also what may be skipped: a test marked ``cuda`` skips where torch sees no CUDA device. With
+``HELEXA_NO_SKIPS=1`` (``make test`` sets it, after ``make system-deps``) every other skip
+fails its test with the skip's reason, so a missing tool or a broken setup cannot pass
+silently as a run with fewer tests.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -24,12 +31,47 @@ from tests.harness import (
 )
 from tests.packages import Package, build, unpack
 
+NO_SKIPS = os.environ.get("HELEXA_NO_SKIPS") == "1"
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if marked and not _cuda_available():
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+def _no_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Under HELEXA_NO_SKIPS=1, a skip becomes a failure that gives its reason."""
+    if NO_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and HELEXA_NO_SKIPS=1 allows only CUDA skips: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield
+    _no_skip(outcome.get_result())
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """A failed test's report carries the stacks and log ends of the daemons still running."""
+    """A failed test's report carries the stacks and log ends of the daemons still running; a
+    skip fails under HELEXA_NO_SKIPS=1 unless the test is marked ``cuda``."""
     outcome = yield
     report = outcome.get_result()
+    if not item.get_closest_marker("cuda"):
+        _no_skip(report)
     if report.when == "call" and report.failed:
         for daemon in STARTED:
             if daemon.proc is not None and daemon.proc.poll() is None:
