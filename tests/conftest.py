@@ -29,7 +29,7 @@ from tests.harness import (
     demo_model,
     neuron_config,
 )
-from tests.packages import Package, build, unpack
+from tests.packages import Package, build, counting_index, install_venv, unpack, wheelhouse
 
 NO_SKIPS = os.environ.get("HELEXA_NO_SKIPS") == "1"
 
@@ -163,3 +163,20 @@ def unpacked(rpms: dict[str, Package], tmp_path_factory: pytest.TempPathFactory)
     for package in rpms.values():
         unpack(package, root)
     return root
+
+
+@pytest.fixture(scope="session")
+def cortex_venv(unpacked: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The virtualenv helexa-cortex's install-venv makes for real, from a local wheelhouse
+    (no index asked): /opt/helexa/cortex-venv as an operator's host would have it."""
+    requirements = unpacked / "usr/share/helexa-cortex/requirements.txt"
+    venv = tmp_path_factory.mktemp("cortex-venv") / "venv"
+    found = wheelhouse(requirements)
+    with counting_index() as (index, asked):  # the index pip is told of: never asked
+        done = install_venv(
+            unpacked, "cortex", venv, {"HELEXA_WHEELHOUSE": str(found), "PIP_INDEX_URL": index}
+        )
+    assert done.returncode == 0, f"install-venv failed:\n{done.stdout}\n{done.stderr}"
+    assert asked == [], f"install-venv asked an index: {asked}"
+    assert f"{venv} is ready" in done.stdout
+    return venv
