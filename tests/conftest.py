@@ -1,7 +1,14 @@
-"""Shared fixtures: the demo model materialised once, real neuron processes, the RPMs."""
+"""Shared fixtures: the demo model materialised once, real neuron processes, the RPMs.
+
+Also what may be skipped: a test marked ``cuda`` skips where torch sees no CUDA device. With
+``HELEXA_NO_SKIPS=1`` (``make test`` sets it, after ``make system-deps``) every other skip
+fails its test with the skip's reason, so a missing tool or a broken setup cannot pass
+silently as a run with fewer tests.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -22,14 +29,49 @@ from tests.harness import (
     demo_model,
     neuron_config,
 )
-from tests.packages import Package, build, unpack
+from tests.packages import Package, build, counting_index, install_venv, unpack, wheelhouse
+
+NO_SKIPS = os.environ.get("HELEXA_NO_SKIPS") == "1"
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if marked and not _cuda_available():
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+def _no_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Under HELEXA_NO_SKIPS=1, a skip becomes a failure that gives its reason."""
+    if NO_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and HELEXA_NO_SKIPS=1 allows only CUDA skips: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield
+    _no_skip(outcome.get_result())
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """A failed test's report carries the stacks and log ends of the daemons still running."""
+    """A failed test's report carries the stacks and log ends of the daemons still running; a
+    skip fails under HELEXA_NO_SKIPS=1 unless the test is marked ``cuda``."""
     outcome = yield
     report = outcome.get_result()
+    if not item.get_closest_marker("cuda"):
+        _no_skip(report)
     if report.when == "call" and report.failed:
         for daemon in STARTED:
             if daemon.proc is not None and daemon.proc.poll() is None:
@@ -121,3 +163,20 @@ def unpacked(rpms: dict[str, Package], tmp_path_factory: pytest.TempPathFactory)
     for package in rpms.values():
         unpack(package, root)
     return root
+
+
+@pytest.fixture(scope="session")
+def cortex_venv(unpacked: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The virtualenv helexa-cortex's install-venv makes for real, from a local wheelhouse
+    (no index asked): /opt/helexa/cortex-venv as an operator's host would have it."""
+    requirements = unpacked / "usr/share/helexa-cortex/requirements.txt"
+    venv = tmp_path_factory.mktemp("cortex-venv") / "venv"
+    found = wheelhouse(requirements)
+    with counting_index() as (index, asked):  # the index pip is told of: never asked
+        done = install_venv(
+            unpacked, "cortex", venv, {"HELEXA_WHEELHOUSE": str(found), "PIP_INDEX_URL": index}
+        )
+    assert done.returncode == 0, f"install-venv failed:\n{done.stdout}\n{done.stderr}"
+    assert asked == [], f"install-venv asked an index: {asked}"
+    assert f"{venv} is ready" in done.stdout
+    return venv

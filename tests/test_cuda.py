@@ -20,16 +20,8 @@ from neuron.sources import parameter_bytes
 from tests.harness import NeuronProcess, chat, collect, neuron_config
 from tests.random_models import BUILT, SHAPES, build, oversized, parameter_count
 
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
-cuda = pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
+# Skipped without a CUDA device (tests/conftest.py), the one skip `make test` allows.
+cuda = pytest.mark.cuda
 MiB = 1 << 20
 # What a neuron may still hold on the device once the model it unloaded is gone: allocator
 # and library bookkeeping, not a model's weights or KV cache (the smallest here is ~0.8 GB).

@@ -68,8 +68,11 @@ async def test_an_answer_wanted_whole_comes_in_as_few_messages_as_the_interval_a
     )
     elapsed = time.monotonic() - started
     assert held == streamed and last.usage.completion_tokens == 48
-    # At most one message per interval (the last comes at once), where a stream has ~one a token.
-    assert count <= elapsed / interval + 1 < streamed_count
+    # At most one message per interval of this call's own time (the last comes at once): a
+    # rate within the one call, whatever the machine's speed. (How many fewer than a stream's
+    # that is depends on the speed, so the 60 s interval above shows the holding.)
+    assert count <= elapsed / interval + 1, (count, elapsed)
+    assert streamed_count > 1
 
 
 async def test_raw_prompt_is_generated_without_template(shared_stub: pb_grpc.NeuronStub) -> None:
@@ -133,18 +136,31 @@ async def test_eight_concurrent_streams_are_batched_not_serialised(
     def req(q: str) -> pb.GenerateRequest:
         return chat(model, q, max_tokens=48, temperature=0)
 
-    # Each alone first: the reference answers and the sequential wall time.
-    started = time.monotonic()
+    # Each alone first: the reference answers.
     alone = [await collect(shared_stub, req(q)) for q in questions]
-    sequential = time.monotonic() - started
 
-    started = time.monotonic()
-    together = await asyncio.gather(*(collect(shared_stub, req(q)) for q in questions))
-    concurrent = time.monotonic() - started
+    # Then together, noting the order of events: batched, every stream has its first token
+    # before any has its last message; served one at a time, the first would end before the second
+    # began. (An order of events, not a time: it holds however slow the machine is.)
+    events: list[tuple[str, int]] = []
 
-    assert [t[0] for t in together] == [a[0] for a in alone], "batched output must equal alone"
-    assert "Paris" in together[0][0]
-    assert concurrent < 0.6 * sequential, f"{concurrent=:.2f}s vs {sequential=:.2f}s"
+    async def run(i: int) -> str:
+        text, tokens = "", 0
+        async for reply in shared_stub.Generate(req(questions[i]), timeout=300):
+            if tokens == 0 and reply.tokens > 0:
+                events.append(("first", i))  # its first token, not the early usage message
+            text, tokens = text + reply.text, tokens + reply.tokens
+        events.append(("last", i))
+        return text
+
+    together = await asyncio.gather(*(run(i) for i in range(len(questions))))
+
+    assert together == [a[0] for a in alone], "batched output must equal alone"
+    assert "Paris" in together[0]
+    firsts = [n for n, (kind, _) in enumerate(events) if kind == "first"]
+    lasts = [n for n, (kind, _) in enumerate(events) if kind == "last"]
+    assert len(firsts) == len(lasts) == len(questions)
+    assert max(firsts) < min(lasts), events
     await shared_stub.UnloadModel(pb.UnloadModelRequest(id=model))
 
 

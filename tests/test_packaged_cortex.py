@@ -1,7 +1,8 @@
 """cortex as its RPM installs it, in front of the neuron as its RPM installs it.
 
 Both packages' files are unpacked into a tmp root; /usr/bin/cortex and /usr/bin/neuron run from
-there with the test virtualenv's Python (``HELEXA_PYTHON``), each with its packaged example
+there, cortex with the virtualenv its install-venv makes for real from a local wheelhouse and
+neuron with the test virtualenv's Python (``HELEXA_PYTHON``), each with its packaged example
 config changed only where a test must: free loopback ports, the neuron cortex routes to, the
 demo model in the catalogue. ``NOTIFY_SOCKET`` points at a datagram socket the test owns, as
 systemd's does for cortex.service (Type=notify).
@@ -9,7 +10,9 @@ systemd's does for cortex.service (Type=notify).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,8 +70,36 @@ def test_packaged_cortex_example_configs_pass_check_config(unpacked: Path, tmp_p
     )
 
 
+def test_install_venv_makes_the_virtualenv_from_the_packaged_requirements(
+    unpacked: Path, cortex_venv: Path, tmp_path: Path
+) -> None:
+    requirements = unpacked / "usr/share/helexa-cortex/requirements.txt"
+    python = str(cortex_venv / "bin/python3")
+    freeze = subprocess.run(
+        [python, "-m", "pip", "freeze"], capture_output=True, text=True, check=True
+    ).stdout
+    installed = {line.split("==")[0].lower().replace("_", "-") for line in freeze.split()}
+    wanted = {
+        re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements.read_text().split()
+    }
+    assert wanted <= installed, wanted - installed
+    # cortex's dependencies only: no torch, and not helexa itself (the package ships its code).
+    assert not {"torch", "transformers", "helexa"} & installed
+    stamp = (cortex_venv / ".requirements.sha256").read_text().strip()
+    assert stamp == hashlib.sha256(requirements.read_bytes()).hexdigest()
+    # The launcher runs the packaged code with it.
+    done = subprocess.run(
+        [str(unpacked / "usr/bin/cortex"), "--help"],
+        env={**os.environ, "HELEXA_PYTHON": python, "PYTHONPATH": ""},
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "serve" in done.stdout
+
+
 async def test_packaged_cortex_notifies_ready_serves_through_packaged_neuron_then_stopping_exits_0(
     unpacked: Path,
+    cortex_venv: Path,
     demo_dir: Path,
     notify_socket: NotifySocket,
     neurons: list[NeuronProcess],
@@ -92,7 +123,12 @@ async def test_packaged_cortex_notifies_ready_serves_through_packaged_neuron_the
         tmp_path / "cortex",
         config,
         models=[*models.get("models", []), catalogue_model(DEMO_ID)],
-        env={**PACKAGED_ENV, "NOTIFY_SOCKET": str(notify_socket.path)},
+        # The virtualenv install-venv made, as on a host (the neuron runs with the tests').
+        env={
+            **PACKAGED_ENV,
+            "HELEXA_PYTHON": str(cortex_venv / "bin/python3"),
+            "NOTIFY_SOCKET": str(notify_socket.path),
+        },
         program=[str(unpacked / "usr/bin/cortex")],
         cwd=tmp_path,
     ).start()

@@ -161,11 +161,13 @@ if [ "$1" = -m ] && [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/p
 """
 
 
+@pytest.mark.parametrize("wheelhouse", [None, "/srv/wheels"])
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_install_venv_installs_torch_from_its_index_only_for_neuron(
-    unpacked: Path, tmp_path: Path, program: str
+    unpacked: Path, tmp_path: Path, program: str, wheelhouse: str | None
 ) -> None:
-    """install-venv's pip calls, with a Python that records them instead of installing."""
+    """install-venv's pip calls, with a Python that records them instead of installing (a
+    real install from a wheelhouse: test_packaged_cortex.py)."""
     fake = tmp_path / "host/bin/python3"
     fake.parent.mkdir(parents=True)
     fake.write_text(FAKE_PYTHON)
@@ -180,17 +182,23 @@ def test_install_venv_installs_torch_from_its_index_only_for_neuron(
             "HELEXA_VENV": str(tmp_path / "venv"),
             "HELEXA_REQUIREMENTS": str(requirements),
             "FAKE_LOG": str(log),
+            **({"HELEXA_WHEELHOUSE": wheelhouse} if wheelhouse else {}),
         },
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stderr
     calls = log.read_text().splitlines()
-    torch = ["venv -m pip install --index-url https://download.pytorch.org/whl/cu128 torch>=2.4"]
+    source = (
+        f"--no-index --find-links {wheelhouse}"
+        if wheelhouse
+        else "--index-url https://download.pytorch.org/whl/cu128"
+    )
+    only = f"--no-index --find-links {wheelhouse} " if wheelhouse else ""
     assert calls[1:] == [
         f"host -m venv {tmp_path / 'venv'}",
-        *(torch if program == "neuron" else []),
-        f"venv -m pip install --upgrade-strategy only-if-needed -r {requirements}",
+        *([f"venv -m pip install {source} torch>=2.4"] if program == "neuron" else []),
+        f"venv -m pip install {only}--upgrade-strategy only-if-needed -r {requirements}",
         "venv -m pip check",
     ]
     # What the virtualenv was made from, for the package's restart after an upgrade.
