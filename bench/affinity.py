@@ -1,12 +1,15 @@
 """Cache-aware routing against least-loaded routing: two neurons (the demo model, one torch
 thread each, one per core), cortex in front, multi-turn chats.
 
-    .venv/bin/python -m bench.affinity [--conversations 8] [--turns 4] [--rounds 2]
+    .venv/bin/python -m bench.affinity [--conversations 8] [--turns 6] [--think 2] [--rounds 2]
 
 Each conversation has a system prompt of its own (~250 tokens, as an agent's instructions)
 and goes turn by turn: each turn sends every earlier message, the answers included, plus a new
 question, and waits for its answer (16 tokens, greedy) before the next. The conversations run
-at once. Both policies run in each round (alternating which goes first), each on neurons
+at once, each pausing before each turn for a think time drawn from its own seeded generator
+(uniform up to ``--think`` seconds; the same draws for both policies), so turns arrive as
+people's and agents' do, not in lockstep (in lockstep, least-loaded routing sends each
+conversation back where it was by the symmetry of the loads alone). Both policies run in each round (alternating which goes first), each on neurons
 started afresh, so neither finds the other's cache. Figures: prompt tokens served from the
 neurons' prefix caches (``usage.prompt_tokens_details.cached_tokens`` over prompt tokens),
 TTFT p50 and p90, and completion tokens/s, median over the rounds.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -102,10 +106,12 @@ async def turn(
 
 
 async def conversation(
-    session: aiohttp.ClientSession, url: str, index: int, turns: int, run: Run
+    session: aiohttp.ClientSession, url: str, index: int, args: argparse.Namespace, run: Run
 ) -> None:
     messages = [{"role": "system", "content": system_prompt(index)}]
-    for t in range(turns):
+    think = random.Random(index)
+    for t in range(args.turns):
+        await asyncio.sleep(think.uniform(0, args.think))
         messages.append({"role": "user", "content": QUESTIONS[(index + t) % len(QUESTIONS)]})
         answer = await turn(session, url, messages, run)
         messages.append({"role": "assistant", "content": answer})
@@ -135,7 +141,7 @@ async def measure(policy: str, args: argparse.Namespace, workdir: Path) -> Run:
             started = time.perf_counter()
             await asyncio.gather(
                 *(
-                    conversation(session, cortex.url, i, args.turns, run)
+                    conversation(session, cortex.url, i, args, run)
                     for i in range(args.conversations)
                 )
             )
@@ -156,7 +162,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 runs[policy].append(await measure(policy, args, Path(tmp) / f"{policy}-{round_}"))
     print(
         f"commit {head_commit()}; {args.conversations} conversations x {args.turns} turns, "
-        f"2 neurons, {args.dtype}; median of {args.rounds} rounds\n"
+        f"think time up to {args.think:g} s, 2 neurons, {args.dtype}; median of {args.rounds} "
+        "rounds\n"
     )
     print("| policy | prompt tokens from cache | TTFT p50 ms | TTFT p90 ms | tok/s | errors |")
     print("|---|---|---|---|---|---|")
@@ -180,8 +187,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--conversations", type=int, default=8)
-    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--think", type=float, default=2.0, help="most seconds between turns")
     parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
     if asyncio.run(main_async(parser.parse_args())):
         raise SystemExit("requests failed: the figures above are not to be trusted")
