@@ -2,9 +2,11 @@
 at 1, 4, 8 and 16 concurrent streams, against each server in turn in one run:
 
 - the bare forward step, KV cache of ~64 tokens, of transformers' forward and of neuron's
-  (the ceiling of the engine: what a step costs with no server, sampling or streaming), and
-  transformers' ``generate_batch``, the continuous-batching path ``transformers serve
-  --continuous-batching`` runs, offline (its ceiling: no server, no streaming);
+  (the ceiling of the engine: what a step costs with no server, sampling or streaming). The
+  transformers step is its model's forward over a ``DynamicCache``: the path ``transformers
+  serve`` runs without continuous batching; ``--continuous-batching`` runs a paged cache
+  instead, which this step does not measure (its offline ``generate_batch`` on this CPU made
+  one step a second in transformers 5.24, a figure of its scheduling, not of its step);
 - neuron over gRPC, and cortex → neuron over HTTP (what clients use);
 - ``transformers serve`` on the same materialised model files, with and without
   ``--continuous-batching``.
@@ -48,7 +50,6 @@ from bench.loadgen import (
     closed_loop,
     grpc_sender,
     head_commit,
-    messages,
     openai_sender,
     percentile,
 )
@@ -120,35 +121,10 @@ def _transformers_step(model: Any, cache: Any, token: Any) -> Any:
     return model(input_ids=token, past_key_values=cache).logits[:, -1]
 
 
-def batch_ceiling(
-    model_dir: Path, batches: list[int], tokens: int, dtype_name: str
-) -> dict[int, float]:
-    """Tokens/s of transformers' ``generate_batch`` (its continuous batching, greedy) for a
-    batch of that many requests of the shared prompt set, at each batch size."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=getattr(torch, dtype_name)
-    ).eval()
-    config = GenerationConfig(
-        max_new_tokens=tokens, do_sample=False, eos_token_id=-1, pad_token_id=0
-    )
-    ceiling = {}
-    for batch in [min(batches), *batches]:  # the first, again: a warm-up
-        inputs = [
-            tokenizer.apply_chat_template(
-                [{"role": r, "content": c} for r, c in messages("shared", f"b{batch}", i)],
-                add_generation_prompt=True,
-            )
-            for i in range(batch)
-        ]
-        started = time.perf_counter()
-        outputs = model.generate_batch(inputs, config, progress_bar=False)
-        seconds = time.perf_counter() - started
-        ceiling[batch] = sum(len(o.generated_tokens) for o in outputs.values()) / seconds
-    return ceiling
+PATHS = {
+    "transformers": "model forward over a DynamicCache, as serve without continuous batching",
+    "neuron": "neuron.model.forward, as neuron serves",
+}
 
 
 Sender = Callable[[str], Send]  # the prompt set -> the sender of its requests
@@ -312,15 +288,10 @@ async def run(args: argparse.Namespace) -> tuple[str, int]:
     try:
         for engine in ("transformers", "neuron"):
             ceiling = bare_step_ceiling(model_dir, args.concurrency, engine, args.dtype)
+            path = PATHS[engine]
             out.append(
-                f"bare forward step ({engine}, {args.dtype}), tok/s: "
+                f"bare forward step ({engine}: {path}; {args.dtype}), tok/s: "
                 + ", ".join(f"{b} streams {v:.0f}" for b, v in ceiling.items())
-            )
-        if not args.skip_transformers:
-            batched = batch_ceiling(model_dir, args.concurrency, args.tokens, args.dtype)
-            out.append(
-                f"transformers generate_batch (continuous batching, offline, {args.dtype}), "
-                "tok/s: " + ", ".join(f"{b} requests {v:.0f}" for b, v in batched.items())
             )
         runs = await measure_rounds(args, servers, workdir)
     finally:
