@@ -1,4 +1,5 @@
-"""Shared fixtures: the demo model materialised once, real neuron processes, the RPMs."""
+"""Shared fixtures: the demo model materialised once, real neuron processes, hosts as network
+namespaces, the RPMs."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tests.harness import (
     demo_model,
     neuron_config,
 )
+from tests.netns import namespaces_refusal
 from tests.packages import Package, build, unpack
 
 
@@ -96,6 +98,15 @@ def neurons(tmp_path: Path) -> Iterator[list[NeuronProcess]]:
     finally:
         for neuron in started:
             neuron.stop()
+
+
+@pytest.fixture(scope="session")
+def namespaces() -> None:
+    """Hosts can be built as network namespaces here (tests/netns.py); where the kernel or a
+    missing tool refuses them, the test skips, saying why."""
+    reason = namespaces_refusal()
+    if reason is not None:
+        pytest.skip(reason)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Real processes for end-to-end tests: neurons and cortex on free ports.
+"""Real processes for end-to-end tests: neurons and cortex on free ports (or on hosts of their own,
+with tests/netns.py).
 
 Every process logs to a file in the test's tmp dir; readiness is polled with a deadline, never
 slept for; ``stop()`` always leaves no process behind.
@@ -184,6 +185,8 @@ class NeuronProcess(Daemon):
     # another copy (the packaged /usr/bin/neuron), then from ``cwd``.
     program: list[str] = field(default_factory=lambda: [sys.executable, "-m", "neuron.cli"])
     cwd: Path = ROOT
+    # What runs the command on its host (``ip netns exec NAME``, tests/netns.py); none: here.
+    launcher: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     # How tests dial it: its token and TLS, as cortex would (health needs no token).
     link: Link = field(default_factory=Link)
@@ -202,7 +205,7 @@ class NeuronProcess(Daemon):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.program, "serve", "--config", str(self.config_path)],
+                [*self.launcher, *self.program, "serve", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -368,6 +371,8 @@ class CortexProcess(Daemon):
     # another copy (the packaged /usr/bin/cortex), then from ``cwd``.
     program: list[str] = field(default_factory=lambda: [sys.executable, "-m", "cortex.cli"])
     cwd: Path = ROOT
+    # What runs the command on its host (``ip netns exec NAME``, tests/netns.py); none: here.
+    launcher: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -389,7 +394,7 @@ class CortexProcess(Daemon):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.program, "serve", "--config", str(self.config_path)],
+                [*self.launcher, *self.program, "serve", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
