@@ -36,12 +36,13 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy neuron cortex
 
-# Tools the packaging tests use (command:Debian package). Installed only when a command is
-# missing, so a rerun costs nothing; elsewhere (no apt-get, not root) they are named, and the
-# tests that need them fail in `make test` (a plain pytest run skips them).
+# Tools the packaging, monitoring and fleet tests use (command:Debian package): ip and tc build
+# the fleet's hosts as network namespaces, nft drops a host's packets. Installed only when a
+# command is missing, so a rerun costs nothing; elsewhere (no apt-get, not root) they are named,
+# and the tests that need them fail in `make test` (a plain pytest run skips them).
 SYSTEM_TOOLS := rpm:rpm rpmbuild:rpm rpmspec:rpm rpm2cpio:rpm2cpio cpio:cpio rpmlint:rpmlint \
 	systemd-analyze:systemd systemd-sysusers:systemd promtool:prometheus prometheus:prometheus \
-	openssl:openssl
+	openssl:openssl ip:iproute2 tc:iproute2 nft:nftables
 
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do \

@@ -1,9 +1,11 @@
-"""Shared fixtures: the demo model materialised once, real neuron processes, the RPMs.
+"""Shared fixtures: the demo model materialised once, real neuron processes, hosts as network
+namespaces, the RPMs.
 
-Also what may be skipped: a test marked ``cuda`` skips where torch sees no CUDA device. With
-``HELEXA_NO_SKIPS=1`` (``make test`` sets it, after ``make system-deps``) every other skip
-fails its test with the skip's reason, so a missing tool or a broken setup cannot pass
-silently as a run with fewer tests.
+Also what may be skipped: a test marked ``cuda`` skips where torch sees no CUDA device, one
+marked ``kernel`` where the kernel refuses what it needs (network namespaces, netem), saying
+which. With ``HELEXA_NO_SKIPS=1`` (``make test`` sets it, after ``make system-deps``) every
+other skip fails its test with the skip's reason, so a missing tool or a broken setup cannot
+pass silently as a run with fewer tests.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tests.harness import (
     demo_model,
     neuron_config,
 )
+from tests.netns import namespaces_refusal
 from tests.packages import Package, build, counting_index, install_venv, unpack, wheelhouse
 
 NO_SKIPS = os.environ.get("HELEXA_NO_SKIPS") == "1"
@@ -42,7 +45,14 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+# Skips HELEXA_NO_SKIPS=1 allows: what no package installs (a GPU, a kernel's facilities).
+ALLOWED_SKIPS = ("cuda", "kernel")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "namespaces" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kernel)
     marked = [item for item in items if item.get_closest_marker("cuda")]
     if marked and not _cuda_available():
         for item in marked:
@@ -55,7 +65,9 @@ def _no_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
         longrepr = report.longrepr
         reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
         report.outcome = "failed"
-        report.longrepr = f"skipped, and HELEXA_NO_SKIPS=1 allows only CUDA skips: {reason}"
+        report.longrepr = (
+            f"skipped, and HELEXA_NO_SKIPS=1 allows only CUDA and kernel skips: {reason}"
+        )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -67,10 +79,10 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """A failed test's report carries the stacks and log ends of the daemons still running; a
-    skip fails under HELEXA_NO_SKIPS=1 unless the test is marked ``cuda``."""
+    skip fails under HELEXA_NO_SKIPS=1 unless the test is marked ``cuda`` or ``kernel``."""
     outcome = yield
     report = outcome.get_result()
-    if not item.get_closest_marker("cuda"):
+    if not any(item.get_closest_marker(marker) for marker in ALLOWED_SKIPS):
         _no_skip(report)
     if report.when == "call" and report.failed:
         for daemon in STARTED:
@@ -138,6 +150,15 @@ def neurons(tmp_path: Path) -> Iterator[list[NeuronProcess]]:
     finally:
         for neuron in started:
             neuron.stop()
+
+
+@pytest.fixture(scope="session")
+def namespaces() -> None:
+    """Hosts can be built as network namespaces here (tests/netns.py); where the kernel or a
+    missing tool refuses them, the test skips, saying why."""
+    reason = namespaces_refusal()
+    if reason is not None:
+        pytest.skip(reason)
 
 
 @pytest.fixture

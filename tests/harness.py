@@ -1,4 +1,5 @@
-"""Real processes for end-to-end tests: neurons and cortex on free ports.
+"""Real processes for end-to-end tests: neurons and cortex on free ports (or on hosts of their own,
+with tests/netns.py).
 
 Every process logs to a file in the test's tmp dir; readiness is polled with a deadline, never
 slept for; ``stop()`` always leaves no process behind.
@@ -184,6 +185,8 @@ class NeuronProcess(Daemon):
     # another copy (the packaged /usr/bin/neuron), then from ``cwd``.
     program: list[str] = field(default_factory=lambda: [sys.executable, "-m", "neuron.cli"])
     cwd: Path = ROOT
+    # What runs the command on its host (``ip netns exec NAME``, tests/netns.py); none: here.
+    launcher: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     # How tests dial it: its token and TLS, as cortex would (health needs no token).
     link: Link = field(default_factory=Link)
@@ -202,7 +205,7 @@ class NeuronProcess(Daemon):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.program, "serve", "--config", str(self.config_path)],
+                [*self.launcher, *self.program, "serve", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -368,6 +371,8 @@ class CortexProcess(Daemon):
     # another copy (the packaged /usr/bin/cortex), then from ``cwd``.
     program: list[str] = field(default_factory=lambda: [sys.executable, "-m", "cortex.cli"])
     cwd: Path = ROOT
+    # What runs the command on its host (``ip netns exec NAME``, tests/netns.py); none: here.
+    launcher: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -389,7 +394,7 @@ class CortexProcess(Daemon):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.program, "serve", "--config", str(self.config_path)],
+                [*self.launcher, *self.program, "serve", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -636,3 +641,103 @@ async def until_polled(condition: Callable[[], object], within: float, what: str
     while not condition():
         assert time.monotonic() < deadline, what
         await asyncio.sleep(0.05)
+
+
+# ---- a fleet as a client sees it ----
+
+
+async def neurons_up(cortex: CortexProcess) -> list[str]:
+    """The neurons cortex routes to now (``/ready``), by name."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with session.get(cortex.url + "/ready") as r:
+            return list((await r.json())["neurons_up"])
+
+
+async def wait_up(cortex: CortexProcess, expected: list[str], within: float = 60.0) -> None:
+    """Poll ``/ready`` until exactly ``expected`` are up; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await neurons_up(cortex) == expected:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"neurons up never became {expected}: {await neurons_up(cortex)}")
+
+
+def served(neuron: NeuronProcess, model: str = DEMO_ID) -> float:
+    """Requests for ``model`` the neuron finished, whatever their finish reason."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in neuron.metrics().splitlines()
+        if line.startswith("helexa_neuron_requests_total{") and f'model="{model}"' in line
+    )
+
+
+def _chunk(event: bytes) -> dict[str, Any]:
+    return dict(json.loads(event[len(b"data: ") :]))
+
+
+class Stream:
+    """One streamed chat completion read event by event (``data:`` lines)."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.events: list[bytes] = []
+
+    async def next_event(self) -> bytes:
+        while True:
+            line = await self.response.content.readline()
+            if not line:
+                raise AssertionError(f"stream ended after {self.events}")
+            if line.startswith(b"data: "):
+                self.events.append(line.strip())
+                return line.strip()
+
+    async def rest(self) -> list[bytes]:
+        while (await self.next_event()) != b"data: [DONE]":
+            pass
+        return self.events
+
+    def errored(self) -> bool:
+        return any(b'"error"' in e for e in self.events)
+
+    def error(self) -> dict[str, Any]:
+        """The error event's ``error`` object (the stream must have one)."""
+        (error,) = [_chunk(e)["error"] for e in self.events if b'"error"' in e]
+        return dict(error)
+
+    def chunks(self) -> list[dict[str, Any]]:
+        """Every chunk but errors and ``[DONE]``."""
+        return [_chunk(e) for e in self.events if e != b"data: [DONE]" and b'"error"' not in e]
+
+    def text(self) -> str:
+        return "".join(
+            c["choices"][0]["delta"].get("content") or "" for c in self.chunks() if c["choices"]
+        )
+
+    def finish_reasons(self) -> list[str]:
+        return [
+            c["choices"][0]["finish_reason"]
+            for c in self.chunks()
+            if c["choices"] and c["choices"][0].get("finish_reason")
+        ]
+
+
+def _text_of(event: bytes) -> str:
+    if event == b"data: [DONE]":
+        raise AssertionError("the stream ended before its first text")
+    body = _chunk(event)
+    assert "error" not in body, body
+    return str(body["choices"][0]["delta"].get("content") or "")
+
+
+async def open_stream(
+    session: aiohttp.ClientSession, cortex: CortexProcess, body: dict[str, Any]
+) -> Stream:
+    """Start a streamed chat completion and read it up to its first chunk carrying text (the
+    neuron is generating it)."""
+    response = await session.post(cortex.url + "/v1/chat/completions", json=body)
+    assert response.status == 200
+    stream = Stream(response)
+    while not _text_of(await stream.next_event()):
+        pass
+    return stream

@@ -1,4 +1,5 @@
-"""A fleet of two real neurons behind a real cortex: spreading, failure, recovery, draining.
+"""A fleet of two real neurons behind a real cortex, each on a host of its own (a network
+namespace, tests/netns.py): spreading, failure, recovery, draining.
 
 The neurons are shared by the tests of this module, in order: a test that kills or stops one
 brings it back (on the same ports) or is the last to use it.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,14 +22,16 @@ from tests.harness import (
     DEMO_ID,
     CortexProcess,
     NeuronProcess,
-    catalogue_model,
+    Stream,
     cortex_config,
-    demo_model,
     free_port,
     metric_value,
-    neuron_config,
+    open_stream,
+    served,
     until,
+    wait_up,
 )
+from tests.netns import hosted_fleet
 
 # Generous: two neurons and cortex share two cores with whatever else runs here.
 TIMEOUT = aiohttp.ClientTimeout(total=600)
@@ -37,33 +39,10 @@ TIMEOUT = aiohttp.ClientTimeout(total=600)
 
 @pytest.fixture(scope="module")
 async def fleet(
-    demo_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    namespaces: None, demo_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[tuple[CortexProcess, list[NeuronProcess]]]:
-    root = tmp_path_factory.mktemp("fleet")
-    neurons = [
-        NeuronProcess(
-            root / name,
-            neuron_config(
-                [demo_model()],
-                drain_timeout=300,
-            ),
-        ).start()
-        for name in ("n0", "n1")
-    ]
-    cortex = None
-    try:
-        for neuron in neurons:
-            await neuron.wait_serving()
-        cortex = CortexProcess(
-            root / "cortex", cortex_config(neurons), models=[catalogue_model(DEMO_ID)]
-        ).start()
-        await cortex.wait_ready()
-        yield cortex, neurons
-    finally:
-        if cortex is not None:
-            cortex.stop()
-        for neuron in neurons:
-            neuron.stop()
+    async with hosted_fleet(tmp_path_factory.mktemp("fleet")) as hosted:
+        yield hosted.cortex, hosted.neurons
 
 
 def _body(content: str = "Hi", **extra: Any) -> dict[str, Any]:
@@ -75,21 +54,6 @@ def _body(content: str = "Hi", **extra: Any) -> dict[str, Any]:
     }
 
 
-async def _up(cortex: CortexProcess) -> list[str]:
-    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-        async with session.get(cortex.url + "/ready") as r:
-            return list((await r.json())["neurons_up"])
-
-
-async def _wait_up(cortex: CortexProcess, expected: list[str], within: float = 60.0) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if await _up(cortex) == expected:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"neurons up never became {expected}: {await _up(cortex)}")
-
-
 async def _chat(session: aiohttp.ClientSession, cortex: CortexProcess, **extra: Any) -> int:
     async with session.post(
         cortex.url + "/v1/chat/completions", json=_body(max_tokens=8, **extra)
@@ -98,64 +62,15 @@ async def _chat(session: aiohttp.ClientSession, cortex: CortexProcess, **extra: 
         return r.status
 
 
-def _served(neuron: NeuronProcess) -> float:
-    """Requests the neuron finished, whatever their finish reason."""
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in neuron.metrics().splitlines()
-        if line.startswith("helexa_neuron_requests_total{") and f'model="{DEMO_ID}"' in line
-    )
-
-
-def _text_of(event: bytes) -> str:
-    if event == b"data: [DONE]":
-        raise AssertionError("the stream ended before its first text")
-    body = json.loads(event[len(b"data: ") :])
-    assert "error" not in body, body
-    return str(body["choices"][0]["delta"].get("content") or "")
-
-
-class Stream:
-    """One streamed chat completion read event by event."""
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self.response = response
-        self.events: list[bytes] = []
-
-    async def next_event(self) -> bytes:
-        while True:
-            line = await self.response.content.readline()
-            if not line:
-                raise AssertionError(f"stream ended after {self.events}")
-            if line.startswith(b"data: "):
-                self.events.append(line.strip())
-                return line.strip()
-
-    async def rest(self) -> list[bytes]:
-        while (await self.next_event()) != b"data: [DONE]":
-            pass
-        return self.events
-
-    def errored(self) -> bool:
-        return any(b'"error"' in e for e in self.events)
-
-
 async def _open(session: aiohttp.ClientSession, cortex: CortexProcess, **extra: Any) -> Stream:
-    response = await session.post(
-        cortex.url + "/v1/chat/completions", json=_body(stream=True, **extra)
-    )
-    assert response.status == 200
-    stream = Stream(response)
-    while not _text_of(await stream.next_event()):
-        pass  # up to the first chunk carrying text: the neuron is generating it
-    return stream
+    return await open_stream(session, cortex, _body(stream=True, **extra))
 
 
 async def test_concurrent_requests_spread_across_both_neurons(
     fleet: tuple[CortexProcess, list[NeuronProcess]],
 ) -> None:
     cortex, neurons = fleet
-    before = [_served(n) for n in neurons]
+    before = [served(n) for n in neurons]
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         # Six conversations (not one prompt six times, which cache-aware routing keeps
         # together up to [routing] balance_margin): each new, so each to the least loaded.
@@ -163,10 +78,10 @@ async def test_concurrent_requests_spread_across_both_neurons(
             *(_chat(session, cortex, content=f"Say hello to guest {i}.") for i in range(6))
         )
     assert statuses == [200] * 6
-    after = [_served(n) for n in neurons]
-    served = [a - b for a, b in zip(after, before, strict=True)]
-    assert sum(served) == 6
-    assert all(s >= 2 for s in served), served
+    after = [served(n) for n in neurons]
+    each = [a - b for a, b in zip(after, before, strict=True)]
+    assert sum(each) == 6
+    assert all(s >= 2 for s in each), each
 
 
 async def test_sigkilled_neuron_is_marked_down_and_the_fleet_recovers(
@@ -190,17 +105,17 @@ async def test_sigkilled_neuron_is_marked_down_and_the_fleet_recovers(
         assert b'"code":"neuron_failed"' in cut.events[-2]
         # New requests go to the live neuron (retried there before their first token).
         assert [await _chat(session, cortex) for _ in range(4)] == [200] * 4
-        await _wait_up(cortex, ["n0"])
+        await wait_up(cortex, ["n0"])
         assert metric_value(cortex.metrics(), "helexa_gateway_neuron_up", neuron="n1") == 0
         # Restarted on the same ports, it is up again on its own and gets requests.
         n1.start()
         await n1.wait_serving()
-        await _wait_up(cortex, ["n0", "n1"])
+        await wait_up(cortex, ["n0", "n1"])
         statuses = await asyncio.gather(
             *(_chat(session, cortex, content=f"Hello again, {i}.") for i in range(4))
         )
         assert statuses == [200] * 4
-        assert _served(n1) >= 1
+        assert served(n1) >= 1
     assert metric_value(cortex.metrics(), "helexa_gateway_neuron_up", neuron="n1") == 1
 
 
@@ -208,7 +123,7 @@ async def test_neuron_sigterm_lets_the_stream_finish_and_new_requests_go_elsewhe
     fleet: tuple[CortexProcess, list[NeuronProcess]],
 ) -> None:
     cortex, (n0, n1) = fleet
-    await _wait_up(cortex, ["n0", "n1"])
+    await wait_up(cortex, ["n0", "n1"])
     story = "Write a long story about a dragon."
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         on_n0 = await _open(session, cortex, content=story, max_tokens=150)
@@ -216,7 +131,7 @@ async def test_neuron_sigterm_lets_the_stream_finish_and_new_requests_go_elsewhe
         # A second stream on n0 (its prompt's neuron, and the tie's by name): n1 is now the
         # less loaded, the one new requests would go to if its draining were ignored.
         also_n0 = await _open(session, cortex, content=story, max_tokens=150)
-        served_n0 = _served(n0)
+        served_n0 = served(n0)
         n1.send(signal.SIGTERM)
         # Each is answered, by n0: one cortex sent to the draining n1 before a poll told it
         # so is refused there (UNAVAILABLE, before any token) and retried on n0.
@@ -234,12 +149,12 @@ async def test_neuron_sigterm_lets_the_stream_finish_and_new_requests_go_elsewhe
         await also_n0.rest()
     # All three went to n0 (and its two streams finished too). The neuron counts a request
     # just after sending its last message: wait for the count.
-    await until(lambda: _served(n0) - served_n0 == 3 + 2, 10, "n0 did not serve all three")
+    await until(lambda: served(n0) - served_n0 == 3 + 2, 10, "n0 did not serve all three")
     assert not on_n1.errored(), events[-3:]
     final = json.loads(events[-2][len(b"data: ") :])
     assert final["choices"][0]["finish_reason"] in ("stop", "length")
     assert n1.wait_exit(60) == 0
-    await _wait_up(cortex, ["n0"])
+    await wait_up(cortex, ["n0"])
 
 
 async def test_the_poller_survives_any_exception_and_keeps_polling(tmp_path: Path) -> None:
