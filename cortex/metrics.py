@@ -109,6 +109,13 @@ PREFIX_ROUTES = Counter(
 )
 for _result in ("cached", "balanced", "unseen"):  # each exported from the start, at 0
     PREFIX_ROUTES.labels(result=_result)
+RESUMPTIONS = Counter(
+    "helexa_gateway_resumptions",
+    "Generations whose neuron failed mid-way, by what came of going on elsewhere: resumed, "
+    "failed (no neuron could take it), not_resumable (tools, a JSON format, or switched off)",
+    ["result"],
+    registry=REGISTRY,
+)
 STREAMED_TOKENS = Counter(
     "helexa_gateway_streamed_tokens",
     "Tokens of the streams cortex relayed to their end, by model",

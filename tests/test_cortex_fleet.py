@@ -54,8 +54,12 @@ async def fleet(
     try:
         for neuron in neurons:
             await neuron.wait_serving()
+        # A neuron's failure mid-stream is seen as the client's error event here (the switch
+        # off); tests/test_cortex_resume.py has the stream go on on the other neuron.
         cortex = CortexProcess(
-            root / "cortex", cortex_config(neurons), models=[catalogue_model(DEMO_ID)]
+            root / "cortex",
+            cortex_config(neurons, routing={"resume_streams": False}),
+            models=[catalogue_model(DEMO_ID)],
         ).start()
         await cortex.wait_ready()
         yield cortex, neurons
