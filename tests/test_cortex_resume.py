@@ -287,7 +287,7 @@ async def test_a_neuron_goes_on_from_a_continuation_as_it_would_have_gone_on(
     two_neurons: tuple[CortexProcess, list[NeuronProcess]],
 ) -> None:
     """Greedy, a chat's first 12 tokens and then its continuation for 20 more are the chat
-    run for 32; a raw prompt's likewise. The continuation's tokens count in the prompt: as
+    run for 32; a raw prompt's and a chat's with a frequency penalty likewise. The continuation's tokens count in the prompt: as
     many as were generated (the text tokenises back into the tokens that wrote it)."""
     _, (neuron, _) = two_neurons
     async with neuron.channel() as channel:
@@ -295,6 +295,8 @@ async def test_a_neuron_goes_on_from_a_continuation_as_it_would_have_gone_on(
         for kind, base in (
             ("chat", chat(DEMO_ID, STORY, temperature=0)),
             ("prompt", pb.GenerateRequest(model=DEMO_ID, prompt="Once upon a time", temperature=0)),
+            # The penalties count the continuation's tokens as the answer's own.
+            ("penalised", chat(DEMO_ID, STORY, temperature=0, frequency_penalty=1.5)),
         ):
             whole, last, _ = await collect(stub, _with(base, max_tokens=32))
             begun, first, _ = await collect(stub, _with(base, max_tokens=12))
