@@ -214,6 +214,8 @@ class RoutingConfig:
     balance_margin: int = 4
     # Prompt beginnings remembered (about 100 bytes each); the least recently used go first.
     prefix_entries: int = 200_000
+    # A stream whose neuron fails mid-way goes on on another neuron (``cortex.resume``).
+    resume_streams: bool = True
 
     @property
     def cache_aware(self) -> bool:

@@ -107,8 +107,18 @@ PREFIX_ROUTES = Counter(
     ["result"],
     registry=REGISTRY,
 )
-for _result in ("cached", "balanced", "unseen"):  # each exported from the start, at 0
+RESUMPTIONS = Counter(
+    "helexa_gateway_resumptions",
+    "Generations whose neuron failed mid-way, by what came of going on elsewhere: resumed, "
+    "failed (no neuron could take it), not_resumable (tools, a JSON format, or switched off)",
+    ["result"],
+    registry=REGISTRY,
+)
+# Each result exported from the start, at 0 (a panel has its series before the first).
+for _result in ("cached", "balanced", "unseen"):
     PREFIX_ROUTES.labels(result=_result)
+for _result in ("resumed", "failed", "not_resumable"):
+    RESUMPTIONS.labels(result=_result)
 STREAMED_TOKENS = Counter(
     "helexa_gateway_streamed_tokens",
     "Tokens of the streams cortex relayed to their end, by model",

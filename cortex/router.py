@@ -369,13 +369,17 @@ class Router:
         model_id: str,
         request: pb.GenerateRequest,
         param: Callable[[str], str] | None = None,
+        exclude: frozenset[str] = frozenset(),
     ) -> Stream:
         """Send ``request`` to a neuron and return once its first message is there to take,
         trying others until one gets that far. A field the neuron refuses is a 400 naming it
-        as ``param`` says (OpenAI chat's names by default)."""
+        as ``param`` says (OpenAI chat's names by default). ``exclude``: neurons not to try
+        (those that failed a stream being resumed, which is work already begun: it is not
+        refused for the expected wait)."""
         timeouts = self.config.timeouts
-        self._admit(model_id)
-        tried: set[str] = set()
+        if not exclude:
+            self._admit(model_id)
+        tried: set[str] = set(exclude)
         failures: list[tuple[grpc.StatusCode, str]] = []
         queue_deadline: float | None = None
         while True:
@@ -470,7 +474,9 @@ class Stream:
     """A generation that has begun on a neuron: ``take`` its messages as they come (the one
     with a finish reason is the last), ``wait`` for more, and ``close`` it when done with it."""
 
-    __slots__ = ("_closed", "_cut", "_finished", "_router", "generation", "model_id", "neuron")
+    __slots__ = (
+        "_closed", "_cut", "_finished", "_router", "failure", "generation", "model_id", "neuron",
+    )  # fmt: skip
 
     def __init__(
         self, router: Router, neuron: NeuronState, model_id: str, generation: Generation
@@ -481,6 +487,8 @@ class Stream:
         self.generation = generation
         self._finished = self._closed = False
         self._cut: CortexError | None = None
+        # The status the generation failed with mid-stream, once it has.
+        self.failure: grpc.StatusCode | None = None
 
     def cut(self, error: CortexError) -> None:
         """End the stream here with ``error`` (cortex's drain past its bound): the generation
@@ -497,6 +505,7 @@ class Stream:
             messages = self.generation.take()
         except Failed as e:
             self._router.fleet.poke(self.neuron)
+            self.failure = e.code
             raise NeuronFailed(
                 f"neuron {self.neuron.name} failed mid-stream: {e.code.name}: {e.details}"
             ) from None

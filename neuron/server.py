@@ -317,6 +317,15 @@ async def prepare(
         prompt_ids = await _preparing(engine.encode_prompt, request.prompt)
     if not prompt_ids:
         raise InvalidArgument(kind, "encodes to no tokens")
+    continued: list[int] = []
+    if request.continuation:
+        # The grammar and the call reader would need the answer so far replayed through them.
+        if (offered and choice != tools.NONE) or request.output.WhichOneof("kind"):
+            raise InvalidArgument(
+                "continuation", "cannot continue an answer held to tools or an output constraint"
+            )
+        continued = await _preparing(engine.encode_continuation, request.continuation)
+        prompt_ids = prompt_ids + continued
     if len(prompt_ids) >= engine.max_context:
         raise InvalidArgument(
             "input",
@@ -329,13 +338,14 @@ async def prepare(
     if request.HasField("max_tokens"):
         if request.max_tokens < 1:
             raise InvalidArgument("max_tokens", f"must be at least 1, got {request.max_tokens}")
-        if request.max_tokens > max_tokens:
+        if request.max_tokens > max_tokens and not continued:
             raise InvalidArgument(
                 "max_tokens",
                 f"the prompt is {len(prompt_ids)} tokens and max_tokens is {request.max_tokens}: "
                 f"together more than the model's context of {engine.max_context} tokens",
             )
-        max_tokens = request.max_tokens
+        # A continuation's text may take a token or two more than when it was generated.
+        max_tokens = min(request.max_tokens, max_tokens)
     elif request.max_tokens_limit:
         max_tokens = min(max_tokens, request.max_tokens_limit)
     if request.top_logprobs > MAX_TOP_LOGPROBS:
@@ -361,6 +371,7 @@ async def prepare(
         grammar=grammar,
         constraint=constraint,
         tool_calls=bool(offered) and choice != tools.NONE,
+        continued=tuple(continued),
     )
     return prompt_ids, params
 

@@ -180,7 +180,13 @@ async def test_a_dead_host_ends_its_stream_its_requests_fail_over_and_the_fleet_
 ) -> None:
     break_it, repair = FAULTS[fault]
     async with (
-        hosted_fleet(tmp_path, model=MODEL, fleet=KEEPALIVE, timeouts={"stall": STALL}) as hosted,
+        hosted_fleet(
+            tmp_path,
+            model=MODEL,
+            fleet=KEEPALIVE,
+            timeouts={"stall": STALL},
+            routing={"resume_streams": False},  # the cut stream's error event is the signal
+        ) as hosted,
         aiohttp.ClientSession(timeout=TIMEOUT) as session,
     ):
         cortex, neurons = hosted.cortex, hosted.neurons

@@ -32,7 +32,8 @@ from cortex.config import Catalogue, CortexConfig
 from cortex.connections import Connections
 from cortex.errors import CortexError, NoCapacity, ShuttingDown
 from cortex.fleet import Fleet
-from cortex.router import Router, Stream
+from cortex.resume import Resumable
+from cortex.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Gateway:
     # Unix seconds when this gateway (and its catalogue) came up: the models' ``created``.
     started: int = field(default_factory=lambda: int(time.time()))
     # The streams being relayed now, for the drain to cut past its bound (``cut``).
-    streams: set[Stream] = field(default_factory=set)
+    streams: set[Resumable] = field(default_factory=set)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:

@@ -7,7 +7,8 @@ comments go out; then the relay takes the messages straight from the generation'
 each SSE write carries everything that arrived while the previous write was in flight (the
 first token goes out at once), the surface's keep-alives (SSE comments, or Anthropic's
 ``ping`` events) are sent while no token comes, and a stream with no token for
-``timeouts.stall`` ends with the surface's error event. When the
+``timeouts.stall`` ends with the surface's error event. A generation whose neuron fails
+mid-way goes on on another neuron (``cortex.resume``), the client none the wiser. When the
 client disconnects, aiohttp cancels the handler (``handler_cancellation``), which closes the
 stream and so cancels the generation on the neuron, which stops generating.
 """
@@ -35,6 +36,7 @@ from cortex.errors import (
     NeuronFailed,
     StreamStalled,
 )
+from cortex.resume import Resumable
 from cortex.router import Stream
 from helexa.neuron.v1 import neuron_pb2 as pb
 
@@ -196,19 +198,35 @@ async def _whole(
     loop = asyncio.get_running_loop()
     outcome = Outcome()
     parts: list[str] = []
+    resumable = Resumable(gateway.router, dialect.model, dialect.generate, stream, dialect.param)
     try:
         while True:
-            for message in stream.take():
+            try:
+                messages = resumable.take()
+            except CortexError as e:
+                if not resumable.resumable():
+                    raise
+                try:
+                    async with asyncio.timeout(within):
+                        await resumable.resume()
+                except TimeoutError:
+                    raise StreamStalled(
+                        f"no token from the neuron within {within:g} seconds"
+                    ) from None
+                except CortexError:
+                    raise e from None
+                continue
+            for message in messages:
                 parts.append(absorb(outcome, message))
                 outcome.tool_calls.extend(message.tool_calls)
                 outcome.logprobs.extend(message.logprobs)
             if outcome.finish_reason:
                 outcome.text = "".join(parts)
                 return web.json_response(dialect.whole(outcome))
-            if not await stream.wait(loop.time() + timeouts.stall):
+            if not await resumable.wait(loop.time() + timeouts.stall):
                 raise StreamStalled(f"no token from the neuron within {timeouts.stall:g} seconds")
     finally:
-        stream.close()
+        resumable.close()
 
 
 async def _stream(
@@ -225,18 +243,16 @@ async def _stream(
     sse = _Events(request, dialect)
     stalled = StreamStalled(f"no token from the neuron for {timeouts.stall:g} seconds")
     outcome = Outcome()
+    stream: Resumable | None = None
+    resuming: asyncio.Task[None] | None = None
     try:
         # Until the first message a placement may run (bounded by timeouts.load).
-        deadline = loop.time() + timeouts.load + timeouts.stall
-        while True:
-            await asyncio.wait((opening,), timeout=min(timeouts.keepalive, deadline - loop.time()))
-            if opening.done():
-                break
-            if loop.time() >= deadline:
-                return await sse.fail(stalled)
-            await sse.write(sse.head() + dialect.keepalive)
+        if not await sse.keep_alive(opening, timeouts.load + timeouts.stall):
+            return await sse.fail(stalled)
         try:
-            stream = opening.result()
+            stream = Resumable(
+                gateway.router, dialect.model, dialect.generate, opening.result(), dialect.param
+            )
         except CortexError as e:
             return await sse.fail(e)
         gateway.streams.add(stream)
@@ -248,7 +264,16 @@ async def _stream(
                 messages = stream.take()
                 text = "".join([absorb(outcome, message) for message in messages])
             except CortexError as e:
-                return await sse.fail(e)
+                if not stream.resumable():
+                    return await sse.fail(e)
+                # Another neuron goes on from the text so far; a placement may run first.
+                resuming = asyncio.create_task(stream.resume())
+                if not await sse.keep_alive(resuming, timeouts.load + timeouts.stall):
+                    return await sse.fail(stalled)
+                if resuming.exception() is not None:
+                    return await sse.fail(e)  # no neuron could take it: as if never tried
+                last_token = last_write = loop.time()
+                continue
             if messages:
                 last_token = loop.time()
                 out = sse.head() + dialect.delta(text, messages, first)
@@ -270,9 +295,12 @@ async def _stream(
         metrics.STREAM_WRITES.labels(model=dialect.model).inc(sse.writes)
         if outcome.finish_reason:
             metrics.STREAMED_TOKENS.labels(model=dialect.model).inc(outcome.completion_tokens)
+        if resuming is not None and not resuming.done():
+            resuming.cancel()  # the router closes what it opened
+        if stream is not None:
+            gateway.streams.discard(stream)
+            stream.close()
         if opening.done():
-            if not opening.cancelled() and opening.exception() is None:
-                gateway.streams.discard(opening.result())
             _close_opened(opening)
         else:  # the client left first: the opening stops, or closes what it opened
             opening.cancel()
@@ -323,6 +351,20 @@ class _Events:
             return False
         await self._send(data)
         return True
+
+    async def keep_alive(self, task: asyncio.Task[Any], within: float) -> bool:
+        """Wait for ``task`` while the dialect's keep-alives go out every
+        ``timeouts.keepalive``; False if ``within`` seconds passed first."""
+        loop = asyncio.get_running_loop()
+        every = self.request.app[GATEWAY].config.timeouts.keepalive
+        deadline = loop.time() + within
+        while True:
+            await asyncio.wait((task,), timeout=min(every, deadline - loop.time()))
+            if task.done():
+                return True
+            if loop.time() >= deadline:
+                return False
+            await self.write(self.head() + self.dialect.keepalive)
 
     async def end(self) -> web.StreamResponse:
         assert self.response is not None

@@ -122,6 +122,11 @@ class ModelEngine:
     def encode_prompt(self, prompt: str) -> list[int]:
         return self._encode(prompt, special_tokens=True)
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """The tokens of an answer's beginning, to follow its prompt's tokens as the model's
+        own would (tokenised alone, so the prompt's tokens stay as they were)."""
+        return self._encode(text, special_tokens=False)
+
     def _encode(self, text: str, special_tokens: bool) -> list[int]:
         # No token holds more characters than the longest one, so a text longer than the
         # context's worth of those cannot fit: refused before any of it is tokenised.

@@ -91,9 +91,10 @@ def _penalise(logits: torch.Tensor, i: int, seq: Sequence) -> None:
         logits[i, seen] = torch.where(
             scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty
         )
-    if (p.presence_penalty or p.frequency_penalty) and seq.generated:
-        # OpenAI's: over the tokens generated so far, not the prompt.
-        ids, counts = torch.tensor(seq.generated, device=logits.device).unique(return_counts=True)
+    answer = [*p.continued, *seq.generated] if p.continued else seq.generated
+    if (p.presence_penalty or p.frequency_penalty) and answer:
+        # OpenAI's: over the tokens of the answer so far (a continued one's too), not the prompt.
+        ids, counts = torch.tensor(answer, device=logits.device).unique(return_counts=True)
         logits[i, ids] -= p.presence_penalty + p.frequency_penalty * counts.float()
     if p.logit_bias:
         ids = torch.tensor([t for t, _ in p.logit_bias], device=logits.device)

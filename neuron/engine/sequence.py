@@ -41,6 +41,9 @@ class SamplingParams:
     constraint: str = ""
     # Read tool calls out of the answer (``tools.CallReader``).
     tool_calls: bool = False
+    # The tokens of an answer's beginning written before (a continuation): at the end of the
+    # prompt, and part of the answer for presence and frequency penalties.
+    continued: tuple[int, ...] = ()
 
 
 @dataclass(eq=False)
