@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -631,7 +632,11 @@ async def test_keys_in_x_api_key_and_each_error_is_the_sdks_class(keyed: CortexP
 async def test_pings_keep_a_waiting_stream_alive_before_its_first_token(
     keyed: CortexProcess,
 ) -> None:
-    rules = " ".join(f"Rule {i}: answer politely, briefly, in English." for i in range(120))
+    # A prompt no earlier request sent (no prefix cache to make its prefill instant): ~1,500
+    # tokens to prefill, against a keep-alive every 10 ms.
+    rules = f"Session {uuid.uuid4().hex}. " + " ".join(
+        f"Rule {i}: answer politely, briefly, in English." for i in range(120)
+    )
     body = _body(system=rules, max_tokens=4, stream=True, temperature=0)
     async with aiohttp.ClientSession() as session:
         async with session.post(
