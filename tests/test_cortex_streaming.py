@@ -322,16 +322,21 @@ async def test_failure_before_first_token_is_retried_on_another_neuron(
     assert metric_value(cortex.metrics(), "helexa_gateway_retries_total", code="UNAVAILABLE") == 1
 
 
-async def test_failure_after_first_token_is_an_error_event_not_a_retry(
+async def test_failure_after_first_token_with_no_neuron_to_go_on_is_an_error_event(
     scripted: tuple[CortexProcess, list[ScriptedNeuron]],
 ) -> None:
-    cortex, (_, good) = scripted
+    """The stream would go on elsewhere (``[routing] resume_streams``), but the only other
+    neuron refuses: the client gets the error event, and the failed neuron is not tried
+    again."""
+    cortex, (refusing, good) = scripted
     raw = await _stream(cortex, "midfail")
     events = [e for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
     assert _text(raw) == "Hello"
     assert b'"code":"neuron_failed"' in events[-2]
     assert events[-1] == b"data: [DONE]"
-    assert good.calls == ["midfail"], "never restarted after the first token"
+    assert good.calls == ["midfail"], "never restarted where it failed"
+    # Asked first (ties go to it by name) and refused; then asked to go on, and refused.
+    assert refusing.calls == ["midfail", "midfail"], "the other neuron was asked to go on"
 
 
 async def test_tokens_arriving_during_a_write_are_coalesced_into_one(
