@@ -27,7 +27,14 @@ from cortex.multiplex import Multiplexer as CortexMultiplexer
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
 from neuron.multiplex import Multiplexer
-from tests.harness import CortexProcess, cortex_config, free_port, metric_value, until
+from tests.harness import (
+    CortexProcess,
+    cortex_config,
+    free_port,
+    metric_value,
+    serving,
+    until,
+)
 
 MODEL = "scripted"
 BURST = 400
@@ -166,12 +173,10 @@ async def in_front_of(
 ) -> AsyncIterator[CortexProcess]:
     """``cortex`` started (and ready) in front of the started ``neurons``; all stopped at the
     end."""
-    cortex.start()
     try:
-        await cortex.wait_ready()
-        yield cortex
+        async with serving(cortex):
+            yield cortex
     finally:
-        cortex.stop()
         for neuron in neurons:
             await neuron.server.stop(None)
 
