@@ -33,7 +33,6 @@ from cortex.errors import (
     BodyTimeout,
     BodyTooLarge,
     CortexError,
-    NeuronFailed,
     StreamStalled,
 )
 from cortex.resume import Resumable
@@ -121,9 +120,8 @@ class Outcome:
 
 
 def absorb(outcome: Outcome, message: pb.GenerateResponse) -> str:
-    """Fold one message's finish and usage into ``outcome``; returns its text."""
-    if message.finish_reason == pb.FINISH_REASON_CANCELLED:
-        raise NeuronFailed("the neuron cancelled the generation (it is shutting down)")
+    """Fold one message's finish and usage into ``outcome``; returns its text. (A neuron's
+    cancel, its drain past its bound, never reaches here: ``Resumable.take`` raises it.)"""
     if message.finish_reason:
         outcome.finish_reason = FINISH.get(message.finish_reason, "stop")
         outcome.prompt_tokens = message.usage.prompt_tokens
@@ -262,7 +260,6 @@ async def _stream(
         while True:
             try:
                 messages = stream.take()
-                text = "".join([absorb(outcome, message) for message in messages])
             except CortexError as e:
                 if not stream.resumable():
                     return await sse.fail(e)
@@ -275,6 +272,7 @@ async def _stream(
                 last_token = last_write = loop.time()
                 continue
             if messages:
+                text = "".join([absorb(outcome, message) for message in messages])
                 last_token = loop.time()
                 out = sse.head() + dialect.delta(text, messages, first)
                 first = False
