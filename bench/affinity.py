@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
-from bench.loadgen import head_commit, percentile
+from bench.loadgen import chat_stream, head_commit, percentile
 from tests.harness import CortexProcess, NeuronProcess, cortex_config, demo_model, neuron_config
 
 MODEL = "bench"
@@ -65,44 +63,16 @@ def system_prompt(conversation: int) -> str:
 async def turn(
     session: aiohttp.ClientSession, url: str, messages: list[dict[str, str]], run: Run
 ) -> str:
-    body = {
-        "model": MODEL,
-        "messages": messages,
-        "max_tokens": 16,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    started = time.perf_counter()
-    first = 0.0
-    text = ""
-    usage: dict[str, Any] = {}
-    async with session.post(f"{url}/v1/chat/completions", json=body) as reply:
-        if reply.status != 200:
-            run.errors += 1
-            return ""
-        async for raw in reply.content:
-            line = raw.strip()
-            if not line.startswith(b"data: {"):
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                run.errors += 1
-                return text
-            for choice in event.get("choices") or []:
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    first = first or time.perf_counter()
-                    text += content
-            usage = event.get("usage") or usage
-    if not usage:
+    """One turn of 16 greedy tokens, counted into ``run``; its answer's text."""
+    result = await chat_stream(session, url, MODEL, messages, 16)
+    if result.error:
         run.errors += 1
-        return text
-    run.ttfts.append((first or time.perf_counter()) - started)
-    run.prompt_tokens += usage["prompt_tokens"]
-    run.cached_tokens += usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
-    run.completion_tokens += usage["completion_tokens"]
-    return text
+        return result.text
+    run.ttfts.append(result.ttft)
+    run.prompt_tokens += result.prompt_tokens
+    run.cached_tokens += result.cached_tokens
+    run.completion_tokens += result.tokens
+    return result.text
 
 
 async def conversation(

@@ -62,6 +62,9 @@ class Result:
     tokens: int
     seconds: float
     error: str = ""  # why the request failed; "" when it did not
+    text: str = ""  # the answer's text (chat streams)
+    prompt_tokens: int = 0  # the server's usage, where it gives it
+    cached_tokens: int = 0
 
 
 def judged(result: Result, finish: str | None, max_tokens: int, exact: bool = True) -> Result:
@@ -181,44 +184,60 @@ def openai_sender(
     prompt_set: str = "shared",
 ) -> Send:
     async def send(tag: str, index: int) -> Result:
-        body = {
-            "model": model,
-            "messages": [
-                {"role": role, "content": content}
-                for role, content in messages(prompt_set, tag, index)
-            ],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        arrivals = Arrivals()
-        usage_tokens = 0
-        finish: str | None = None
-        try:
-            async with session.post(f"{base_url}/v1/chat/completions", json=body) as reply:
-                if reply.status != 200:
-                    return arrivals.result(0, f"HTTP {reply.status}")
-                async for raw in reply.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data:") or line == b"data: [DONE]":
-                        continue
-                    event: dict[str, Any] = json.loads(line[5:])
-                    if "error" in event:
-                        return arrivals.result(0, f"error event: {event['error']}")
-                    if event.get("usage"):
-                        usage_tokens = event["usage"].get("completion_tokens", 0)
-                    choices = event.get("choices") or []
-                    if choices and (choices[0].get("delta") or {}).get("content"):
-                        arrivals.chunk()
-                    if choices and choices[0].get("finish_reason"):
-                        finish = choices[0]["finish_reason"]
-        except (aiohttp.ClientError, TimeoutError) as e:
-            return arrivals.result(0, f"{type(e).__name__}: {e}")
-        exact = bool(usage_tokens)  # else only the text chunks were counted
-        return judged(arrivals.result(usage_tokens or arrivals.chunks), finish, max_tokens, exact)
+        chat = [{"role": r, "content": c} for r, c in messages(prompt_set, tag, index)]
+        return await chat_stream(session, base_url, model, chat, max_tokens)
 
     return send
+
+
+async def chat_stream(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    model: str,
+    chat: list[dict[str, str]],
+    max_tokens: int,
+) -> Result:
+    """One greedy streamed chat completion of ``chat``: its arrivals, text and usage, judged."""
+    body = {
+        "model": model,
+        "messages": chat,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    arrivals = Arrivals()
+    usage: dict[str, Any] = {}
+    text: list[str] = []
+    finish: str | None = None
+    try:
+        async with session.post(f"{base_url}/v1/chat/completions", json=body) as reply:
+            if reply.status != 200:
+                return arrivals.result(0, f"HTTP {reply.status}")
+            async for raw in reply.content:
+                line = raw.strip()
+                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    continue
+                event: dict[str, Any] = json.loads(line[5:])
+                if "error" in event:
+                    return arrivals.result(0, f"error event: {event['error']}")
+                usage = event.get("usage") or usage
+                choices = event.get("choices") or []
+                content = (choices[0].get("delta") or {}).get("content") if choices else None
+                if content:
+                    arrivals.chunk()
+                    text.append(content)
+                if choices and choices[0].get("finish_reason"):
+                    finish = choices[0]["finish_reason"]
+    except (aiohttp.ClientError, TimeoutError) as e:
+        return arrivals.result(0, f"{type(e).__name__}: {e}")
+    usage_tokens = usage.get("completion_tokens", 0)
+    exact = bool(usage_tokens)  # else only the text chunks were counted
+    result = arrivals.result(usage_tokens or arrivals.chunks)
+    result.text = "".join(text)
+    result.prompt_tokens = usage.get("prompt_tokens", 0)
+    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return judged(result, finish, max_tokens, exact)
 
 
 FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
