@@ -192,7 +192,15 @@ class Router:
         ]
         candidates = [n for n in ready if not n.full(model_id)]
         chosen = least_loaded(candidates)
-        if chosen is not None and request is not None and self.config.routing.cache_aware:
+        # Prompt beginnings matter only where another neuron could have served them: a lone
+        # neuron's prompts are not hashed (the index learns once a second one holds the model).
+        several = len(ready) > 1
+        if (
+            several
+            and chosen is not None
+            and request is not None
+            and self.config.routing.cache_aware
+        ):
             keys = prefix_keys(request)
             found = self.prefixes.holder(keys, {n.name for n in candidates})
             if found is not None:
