@@ -1,4 +1,5 @@
-"""``cortex drain|undrain|load|unload|pin|unpin``: the admin API of a running cortex, from a shell.
+"""``cortex status|drain|undrain|load|unload|pin|unpin``: the admin API of a running cortex, from
+a shell.
 
 The cortex is ``--url``, else ``$HELEXA_CORTEX_URL``, else the ``listen`` address of ``--config``
 (``0.0.0.0`` read as 127.0.0.1). The admin key is ``$HELEXA_ADMIN_KEY``, else the first key of
@@ -44,20 +45,24 @@ def add_commands(commands: Any) -> None:
         else:
             sub.add_argument("model", help="a catalogue model id or alias")
             sub.add_argument("--neuron", required=True)
-        sub.add_argument(
-            "--config",
-            type=Path,
-            default=DEFAULT_PATH,
-            help=f"cortex.toml: its listen address, and its first [admin] key unless ${KEY_ENV} "
-            "is set",
-        )
-        sub.add_argument("--url", help=f"cortex's address (else ${URL_ENV}, else --config)")
-        sub.add_argument("--timeout", type=float, default=900.0, help="seconds to wait")
+        add_target_options(sub, timeout=900.0)
+
+
+def add_target_options(sub: argparse.ArgumentParser, timeout: float) -> None:
+    """--config, --url and --timeout: which cortex a command asks, with which key."""
+    sub.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_PATH,
+        help=f"cortex.toml: its listen address, and its first [admin] key unless ${KEY_ENV} is set",
+    )
+    sub.add_argument("--url", help=f"cortex's address (else ${URL_ENV}, else --config)")
+    sub.add_argument("--timeout", type=float, default=timeout, help="seconds to wait")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        url, key = _target(args)
+        url, key = target(args)
     except ConfigError as e:
         print(f"cortex: {e}", file=sys.stderr)
         return 2
@@ -67,23 +72,35 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = urllib.parse.quote(args.model, safe="")
         path = f"/admin/v1/neurons/{neuron}/models/{model}/{args.command}"
-    try:
-        status, body = _post(url.rstrip("/") + path, key, args.timeout)
-    except OSError as e:  # refused, unreachable, timed out
-        why = e.reason if isinstance(e, urllib.error.URLError) else e
-        print(f"cortex {args.command}: cannot reach {url}: {why}", file=sys.stderr)
-        return 1
-    if status != 200:
-        error = body.get("error", {}) if isinstance(body, dict) else {}
-        message = error.get("message") or f"HTTP {status}"
-        code = error.get("code") or "error"
-        print(f"cortex {args.command}: {status} {code}: {message}", file=sys.stderr)
+    body = call(args.command, "POST", url, path, key, args.timeout)
+    if body is None:
         return 1
     print(describe(args.command, body))
     return 0
 
 
-def _target(args: argparse.Namespace) -> tuple[str, str]:
+def call(
+    command: str, method: str, url: str, path: str, key: str, timeout: float
+) -> dict[str, Any] | None:
+    """One admin API call: its JSON answer, or None when it failed, the reason printed to
+    stderr (``cortex COMMAND: 404 neuron_not_found: ...``, ``... cannot reach URL: ...``)."""
+    try:
+        status, body = _request(method, url.rstrip("/") + path, key, timeout)
+    except OSError as e:  # refused, unreachable, timed out
+        why = e.reason if isinstance(e, urllib.error.URLError) else e
+        print(f"cortex {command}: cannot reach {url}: {why}", file=sys.stderr)
+        return None
+    if status != 200 or not isinstance(body, dict):
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        message = error.get("message") or f"HTTP {status}"
+        code = error.get("code") or "error"
+        print(f"cortex {command}: {status} {code}: {message}", file=sys.stderr)
+        return None
+    return body
+
+
+def target(args: argparse.Namespace) -> tuple[str, str]:
+    """The cortex to ask and the admin key to ask with (see the module's docstring)."""
     url = args.url or os.environ.get(URL_ENV, "")
     key = os.environ.get(KEY_ENV, "")
     if url and key:
@@ -103,9 +120,12 @@ def _target(args: argparse.Namespace) -> tuple[str, str]:
     return url, key
 
 
-def _post(url: str, key: str, timeout: float) -> tuple[int, Any]:
+def _request(method: str, url: str, key: str, timeout: float) -> tuple[int, Any]:
     request = urllib.request.Request(
-        url, data=b"", method="POST", headers={"Authorization": f"Bearer {key}"}
+        url,
+        data=b"" if method == "POST" else None,
+        method=method,
+        headers={"Authorization": f"Bearer {key}"},
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as reply:

@@ -8,7 +8,9 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -28,30 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("serve", "serve the OpenAI-compatible API over the configured neurons"),
-        ("status", "poll every configured neuron once and print the fleet as a table"),
         ("check-config", "read cortex.toml and its models.toml and report the first error"),
     ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", type=Path, default=DEFAULT_PATH)
-        if name == "status":
-            sub.add_argument("--json", action="store_true", help="print the fleet as JSON")
-            sub.add_argument(
-                "--watch",
-                action="store_true",
-                help="poll again and redraw every --interval seconds until interrupted "
-                "(with --json: one JSON document per line)",
-            )
-            sub.add_argument(
-                "--interval",
-                type=_seconds,
-                default=2.0,
-                metavar="SECONDS",
-                help="seconds between polls with --watch (default 2)",
-            )
+    _add_status(commands)
     adminclient.add_commands(commands)
     args = parser.parse_args(argv)
     if args.command in adminclient.COMMANDS:
         return adminclient.run(args)
+    if args.command == "status" and not args.direct:
+        try:
+            return _status_of_cortex(args)
+        except KeyboardInterrupt:  # how --watch ends
+            return 0
 
     try:
         config, catalogue = load(args.config)
@@ -59,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         # `status` calls no API: it needs the neurons' token and TLS files, not the API keys.
         keyring = KeyRing(config.auth)
         admin_keys = AdminKeys(config.admin)
-        if args.command != "status":
+        if args.command != "status":  # --direct
             keyring.load()
             admin_keys.load()
     except ConfigError as e:
@@ -95,22 +87,74 @@ async def _serve(
     return await serve(config, catalogue, keyring, links, admin_keys, config_path)
 
 
+def _add_status(commands: Any) -> None:
+    sub = commands.add_parser(
+        "status",
+        help="print the fleet as the running cortex sees it (its admin API), or with --direct "
+        "as a poll of every configured neuron shows it",
+    )
+    adminclient.add_target_options(sub, timeout=30.0)
+    sub.add_argument(
+        "--direct",
+        action="store_true",
+        help="poll the neurons of --config once from here instead of asking cortex (works "
+        "while cortex is down; no drains or requests in flight, which only cortex knows)",
+    )
+    sub.add_argument("--json", action="store_true", help="print the fleet as JSON")
+    sub.add_argument(
+        "--watch",
+        action="store_true",
+        help="ask again and redraw every --interval seconds until interrupted "
+        "(with --json: one JSON document per line)",
+    )
+    sub.add_argument(
+        "--interval",
+        type=_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between polls with --watch (default 2)",
+    )
+
+
+def _show(body: dict[str, Any], args: argparse.Namespace) -> None:
+    from cortex.fleetstatus import as_table
+
+    if args.json:
+        print(json.dumps(body), flush=True)
+    else:
+        # Redrawn in place: the cursor home, the screen cleared.
+        clear = "\x1b[H\x1b[2J" if args.watch else ""
+        print(clear + as_table(body), flush=True)
+
+
+def _status_of_cortex(args: argparse.Namespace) -> int:
+    """``cortex status``: the admin API's fleet view; 0 while a neuron is up, else 1."""
+    try:
+        url, key = adminclient.target(args)
+    except ConfigError as e:
+        print(f"cortex: {e} (`cortex status --direct` polls the neurons itself)", file=sys.stderr)
+        return 2
+    while True:
+        body = adminclient.call("status", "GET", url, "/admin/v1/fleet", key, args.timeout)
+        if body is not None:
+            _show(body, args)
+        if not args.watch:
+            return 0 if body is not None and body["up"] else 1
+        time.sleep(args.interval)
+
+
 async def _status(
     config: CortexConfig, catalogue: Catalogue, links: dict[str, Link], args: argparse.Namespace
 ) -> int:
+    """``cortex status --direct``: the neurons polled from here."""
     from cortex.fleet import Fleet
-    from cortex.fleetstatus import as_json, as_table, up_count
+    from cortex.fleetstatus import as_json, up_count
 
     fleet = Fleet(config, links)
     try:
         while True:
             await fleet.poll_all()
-            if args.json:
-                print(json.dumps(as_json(fleet, catalogue)), flush=True)
-            else:
-                # Redrawn in place: the cursor home, the screen cleared.
-                clear = "\x1b[H\x1b[2J" if args.watch else ""
-                print(clear + as_table(fleet, catalogue), flush=True)
+            _show(as_json(fleet, catalogue), args)
             if not args.watch:
                 return 0 if up_count(fleet) else 1
             await asyncio.sleep(args.interval)

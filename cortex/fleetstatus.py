@@ -2,6 +2,8 @@
 
 Both say the same facts: each neuron's status, endpoint and devices, and each model's state;
 a loading model also its stage and progress (``LOADING 37% downloading 52.1 of 140.2 GB``).
+The table is drawn from the JSON: the admin API's fleet view (what a running cortex knows,
+its drains and requests in flight too) or a poll of the neurons by ``cortex status --direct``.
 """
 
 from __future__ import annotations
@@ -48,46 +50,53 @@ def as_json(fleet: Fleet, catalogue: Catalogue) -> dict[str, Any]:
     return {"neurons": neurons, "up": up_count(fleet), "total": len(fleet.neurons)}
 
 
-def as_table(fleet: Fleet, catalogue: Catalogue) -> str:
-    """The fleet as lines of text: a neuron per line, its models under it."""
+def as_table(body: dict[str, Any]) -> str:
+    """The fleet (``as_json``'s shape, or the admin API's fleet view that extends it) as lines
+    of text: a neuron per line, its models under it."""
     lines = [f"{'NEURON':<16} {'STATUS':<9} {'ENDPOINT':<22} DEVICES / MODELS"]
-    for n in fleet.neurons:
+    for n in body["neurons"]:
         devices = ", ".join(
-            f"{d.name} {_gib(d.free_bytes)} free of {_gib(d.total_bytes)}" for d in n.devices
+            f"{d['name']} {_gib(d['free_bytes'])} free of {_gib(d['total_bytes'])}"
+            for d in n["devices"]
         )
-        detail = devices or (n.error or "-")
-        lines.append(f"{n.name:<16} {n.status:<9} {n.endpoint:<22} {detail}")
-        for m in sorted(n.models.values(), key=lambda m: m.id):
-            if m.state == "LOADING":
-                lines.append(f"{'':<16}   {m.id:<28} {f'LOADING {load_text(m)}'.rstrip()}")
+        detail = devices or (n["error"] or "-")
+        status = "drained" if n.get("drained") else n["status"]
+        in_flight = f" in_flight={n['in_flight']}" if "in_flight" in n else ""
+        lines.append(f"{n['name']:<16} {status:<9} {n['endpoint']:<22} {detail}{in_flight}")
+        for m in n["models"]:
+            if m["state"] == "LOADING":
+                lines.append(f"{'':<16}   {m['id']:<28} {f'LOADING {load_text(m)}'.rstrip()}")
                 continue
-            pinned = " pinned" if _pinned(catalogue, m.id) else ""
+            pinned = " pinned" if m["pinned"] else ""
             lines.append(
-                f"{'':<16}   {m.id:<28} {m.state:<9} {m.device:<7} {_gib(m.resident_bytes):>9} "
-                f"in_flight={m.in_flight} waiting={m.waiting}{pinned}"
+                f"{'':<16}   {m['id']:<28} {m['state']:<9} {m['device']:<7} "
+                f"{_gib(m['resident_bytes']):>9} in_flight={m['in_flight']} "
+                f"waiting={m['waiting']}{pinned}"
             )
-    lines.append(f"{up_count(fleet)} of {len(fleet.neurons)} neurons up")
+    routable = f", {body['routable']} taking requests" if "routable" in body else ""
+    lines.append(f"{body['up']} of {body['total']} neurons up{routable}")
     return "\n".join(lines)
 
 
-def load_text(m: ModelView) -> str:
-    """A loading model's stage and progress: ``37% downloading 52.1 of 140.2 GB``,
-    ``materialising 110 of 272 tensors``, ``loading weights``; "" before its first stage."""
-    if not m.load_stage:
+def load_text(model: dict[str, Any]) -> str:
+    """A loading model's stage and progress (its ``load``): ``37% downloading 52.1 of 140.2
+    GB``, ``materialising 110 of 272 tensors``, ``loading weights``; "" before its first stage."""
+    load = model.get("load") or {}
+    stage, unit = load.get("stage", ""), load.get("unit", "")
+    done, total = load.get("done", 0), load.get("total", 0)
+    if not stage:
         return ""
-    percent = f"{100 * m.load_done // m.load_total}% " if m.load_total else ""
-    if m.load_unit == "bytes":
-        scale, name = _byte_unit(m.load_total or m.load_done)
-        done = f"{m.load_done / scale:.1f}"
-        amount = (
-            f"{done} of {m.load_total / scale:.1f} {name}" if m.load_total else f"{done} {name}"
-        )
-    elif m.load_unit:
-        of = f" of {m.load_total}" if m.load_total else ""
-        amount = f"{m.load_done}{of} {m.load_unit}"
+    percent = f"{100 * done // total}% " if total else ""
+    if unit == "bytes":
+        scale, name = _byte_unit(total or done)
+        amount = f"{done / scale:.1f}" + (f" of {total / scale:.1f}" if total else "")
+        amount += f" {name}"
+    elif unit:
+        of = f" of {total}" if total else ""
+        amount = f"{done}{of} {unit}"
     else:
         amount = ""
-    return f"{percent}{m.load_stage} {amount}".rstrip()
+    return f"{percent}{stage} {amount}".rstrip()
 
 
 def up_count(fleet: Fleet) -> int:

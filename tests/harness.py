@@ -437,6 +437,9 @@ async def serving(cortex: CortexProcess) -> AsyncIterator[CortexProcess]:
         cortex.stop()
 
 
+HARNESS_ADMIN_KEY = "harness-admin-key-7c2e9a4d1b"
+
+
 def cortex_config(
     neurons: list[NeuronProcess],
     names: list[str] | None = None,
@@ -455,6 +458,8 @@ def cortex_config(
         ],
         "fleet": {"poll_interval": poll_interval, "down_after_failures": 1, "rpc_timeout": 2.0},
         "shutdown": {"drain_timeout": drain_timeout},
+        # What `cortex status` and the other admin commands ask with (from this config).
+        "admin": {"keys": [f"harness {HARNESS_ADMIN_KEY}"]},
     }
     for name, values in sections.items():
         config.setdefault(name, {}).update(values)

@@ -219,25 +219,42 @@ async def test_cli_drain_and_undrain_a_running_cortex(
     assert code == 0, err
     assert out.startswith("neuron b drained")
     assert (await _neuron_view(cortex, "b"))["drained"] is True
-    # The key and address from cortex.toml alone ([admin] keys' first, listen).
-    code, out, err = await _cli("undrain", "b", "--config", str(cortex.config_path))
+    # `cortex status` shows the fleet view (the key and address from cortex.toml alone:
+    # [admin] keys' first, listen); `--direct` polls the neurons: the same facts, less what
+    # only the running cortex knows.
+    code, out, err = await _cli("status", "--config", str(cortex.config_path))
     assert code == 0, err
-    assert out.startswith("neuron b undrained")
-    assert (await _neuron_view(cortex, "b"))["drained"] is False
-    # The fleet view holds what `cortex status --json` shows.
+    lines = out.splitlines()
+    assert [line.split()[:2] for line in lines if line[:2] in ("a ", "b ")] == [
+        ["a", "up"],
+        ["b", "drained"],
+    ], lines
+    assert lines[-1] == "2 of 2 neurons up, 1 taking requests", lines
     code, out, err = await _cli("status", "--json", "--config", str(cortex.config_path))
     assert code == 0, err
     status, fleet = await _admin(cortex, "GET", "/fleet")
     assert status == 200, fleet
     shown = json.loads(out)
-    assert shown["total"] == fleet["total"] == 2
-    for polled, view in zip(shown["neurons"], fleet["neurons"], strict=True):
-        assert {k: view[k] for k in polled if k != "models"} == {
-            k: v for k, v in polled.items() if k != "models"
+    assert [n["drained"] for n in shown["neurons"]] == [False, True]
+    code, out, err = await _cli("status", "--direct", "--json", "--config", str(cortex.config_path))
+    assert code == 0, err
+    polled = json.loads(out)
+    assert shown["total"] == polled["total"] == fleet["total"] == 2
+    for direct, view in zip(polled["neurons"], shown["neurons"], strict=True):
+        assert "drained" not in direct and "in_flight" not in direct
+        assert {k: view[k] for k in direct if k != "models"} == {
+            k: v for k, v in direct.items() if k != "models"
         }
-        assert polled["models"] and len(polled["models"]) == len(view["models"])
-        for model, in_view in zip(polled["models"], view["models"], strict=True):
+        assert direct["models"] and len(direct["models"]) == len(view["models"])
+        for model, in_view in zip(direct["models"], view["models"], strict=True):
             assert {k: in_view[k] for k in model} == model
+    code, out, err = await _cli("undrain", "b", "--config", str(cortex.config_path))
+    assert code == 0, err
+    assert out.startswith("neuron b undrained")
+    assert (await _neuron_view(cortex, "b"))["drained"] is False
+    # Asked with a user key, the fleet view is refused: the status says so, and fails.
+    code, out, err = await _cli("status", "--url", cortex.url, key=USER_KEY)
+    assert code == 1 and not out and "403 admin_key_required" in err, err
     code, out, err = await _cli("drain", "nope", "--url", cortex.url, key=ALICE_KEY)
     assert code == 1 and not out
     assert "404 neuron_not_found" in err and "nope" in err

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,12 +21,14 @@ import pytest
 
 from tests.harness import (
     DEMO_ID,
+    HARNESS_ADMIN_KEY,
     CortexProcess,
     NeuronProcess,
     catalogue_model,
     cortex_config,
     leave_stream_and_see_it_cancelled,
     metric_value,
+    run_cli,
     until,
 )
 
@@ -278,11 +278,15 @@ async def test_openapi_lists_exactly_the_routes_cortex_serves(cortex: CortexProc
             if "{response_id}" in path:  # a kept response of its own (DELETE forgets it)
                 async with session.post(cortex.url + "/v1/responses", json=respond) as r:
                     url = url.replace("{response_id}", (await r.json())["id"])
-            if path.startswith("/admin/"):  # guarded: this cortex has no admin key
+            if path.startswith("/admin/"):  # guarded: no admin key, no action
                 url = url.replace("{neuron}", "n0")
                 async with session.request(method, url) as r:
-                    assert r.status == 403, (method, path, await r.text())
-                    assert (await r.json())["error"]["code"] == "admin_key_required"
+                    assert r.status == 401, (method, path, await r.text())
+                    assert (await r.json())["error"]["code"] == "invalid_api_key"
+                if method == "GET":  # the fleet view, with the harness's admin key
+                    admin = {"Authorization": f"Bearer {HARNESS_ADMIN_KEY}"}
+                    async with session.get(url, headers=admin) as r:
+                        assert r.status == 200, (method, path, await r.text())
                 continue
             async with session.request(method, url, json=bodies.get(path)) as r:
                 assert r.status == 200, (method, path, await r.text())
@@ -354,18 +358,19 @@ async def test_metrics_are_prefixed_histograms(cortex: CortexProcess) -> None:
     assert metric_value(text, "helexa_gateway_models_loaded", neuron="n0") == 1
 
 
-def test_cortex_status_prints_the_fleet(cortex: CortexProcess) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "cortex.cli", "status", "--config", str(cortex.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+@pytest.mark.parametrize("how", ["cortex", "direct"])
+def test_cortex_status_prints_the_fleet(cortex: CortexProcess, how: str) -> None:
+    """By the running cortex's admin API (its key from the config), or polled from here."""
+    direct = ["--direct"] if how == "direct" else []
+    result = run_cli("cortex", "status", cortex.config_path, *direct)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert any(line.split()[:2] == ["n0", "up"] and "cpu" in line for line in lines), lines
     assert any(DEMO_ID in line and "READY" in line and "pinned" in line for line in lines)
-    assert "1 of 1 neurons up" in result.stdout
+    # Only cortex knows its requests in flight and which neurons take requests.
+    summary = "1 of 1 neurons up" + ("" if direct else ", 1 taking requests")
+    assert lines[-1] == summary, lines
+    assert any(line.startswith("n0") and "in_flight=0" in line for line in lines) != bool(direct)
 
 
 def _loads(neuron: NeuronProcess) -> float:

@@ -87,8 +87,9 @@ async def _assert_refused(cortex: CortexProcess, neuron: NeuronProcess) -> None:
 
 
 async def _assert_status_sees_it_up(cortex: CortexProcess) -> None:
-    """``cortex status`` with the same config dials the neuron as ``cortex serve`` does."""
-    done = await asyncio.to_thread(run_cli, "cortex", "status", cortex.config_path)
+    """``cortex status --direct`` with the same config dials the neuron as ``cortex serve``
+    does."""
+    done = await asyncio.to_thread(run_cli, "cortex", "status", cortex.config_path, "--direct")
     assert done.returncode == 0 and "1 of 1 neurons up" in done.stdout, done.stdout + done.stderr
 
 

@@ -77,7 +77,8 @@ class WatchedLoad:
 
 
 def _watch(config: Path, lines: int) -> tuple[list[str], int]:
-    """``cortex status --watch --json``: read ``lines`` documents, then Ctrl-C it."""
+    """``cortex status --watch --json`` (cortex's view, by its admin API): read ``lines``
+    documents, then Ctrl-C it."""
     proc = subprocess.Popen(
         [*CORTEX_STATUS, "--config", str(config), "--json", "--watch", "--interval", "0.2"],
         stdout=subprocess.PIPE,
@@ -204,10 +205,13 @@ async def watched(
             first = await watcher.until(lambda m: m.load.done > 0, "no progress while held")
             watched.held.append(first)
             watched.metrics_held = neuron.metrics()
-            done = await asyncio.to_thread(run_cli, "cortex", "status", cortex.config_path)
+            # Polled from here (--direct): the neuron's figures now, not cortex's last poll.
+            done = await asyncio.to_thread(
+                run_cli, "cortex", "status", cortex.config_path, "--direct"
+            )
             watched.status_table = done.stdout + done.stderr
             result = await asyncio.to_thread(
-                run_cli, "cortex", "status", cortex.config_path, "--json"
+                run_cli, "cortex", "status", cortex.config_path, "--direct", "--json"
             )
             watched.status_json = json.loads(result.stdout)
             watched.watch_lines, watched.watch_exit = await asyncio.to_thread(
