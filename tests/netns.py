@@ -311,7 +311,11 @@ async def hosted_fleet(
             config["listen"] = hosts["cortex"].endpoint(CORTEX_PORT)
             config["metrics_listen"] = hosts["cortex"].endpoint(CORTEX_METRICS_PORT)
             config.setdefault("fleet", {})["token"] = TOKEN
-            config.setdefault("auth", {})["allow_unauthenticated"] = True
+            auth = config.setdefault("auth", {})
+            # Beyond loopback cortex asks for keys; a fleet given none lets anyone in.
+            auth.setdefault(
+                "allow_unauthenticated", not (auth.get("keys") or auth.get("keys_file"))
+            )
             cortex = CortexProcess(
                 root / "cortex",
                 config,
