@@ -97,6 +97,8 @@ class Resumable:
             last.finish_reason = pb.FINISH_REASON_UNSPECIFIED
             if not (last.text or last.tokens or last.tool_calls or last.logprobs):
                 messages.pop()
+        if not self.enabled:  # nothing to go on from: the text and counts are not kept
+            return messages
         first = not self._text and not self.tokens and not self.prompt_tokens
         for message in messages:
             if first:
