@@ -133,6 +133,7 @@ class Report:
     resumptions: dict[str, float]  # cortex's resumptions_total by result, during the run
     warmup: float
     window: float
+    commit: str  # what ran: the commit when the run started
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -142,7 +143,7 @@ class Report:
     def text(self) -> str:
         verdicts = Counter(a.verdict for a in self.answers)
         lines = [
-            f"soak: {self.seconds:.0f} s, {len(self.answers)} requests, commit {head_commit()}",
+            f"soak: {self.seconds:.0f} s, {len(self.answers)} requests, commit {self.commit}",
             "verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items())),
         ]
         for (route, stream), group in _grouped(self.answers).items():
@@ -166,10 +167,14 @@ class Report:
             f"RSS (MiB; warm-up {self.warmup:.0f} s, windows of {self.window:.0f} s): "
             "process, after warm-up, at the end, growth, peak"
         )
+        short = Counter(
+            s.name for s in self.rss if _rss_growth(s, self.warmup, self.window) is None
+        )
+        for name, n in short.items():
+            lines.append(f"  {name}: {n} process{'es' if n > 1 else ''}, each too short to judge")
         for s in self.rss:
             flat = _rss_growth(s, self.warmup, self.window)
             if flat is None:
-                lines.append(f"  {s.name} pid {s.pid}: too short to judge")
                 continue
             start, end = flat
             peak = max(r for _, r in s.samples)
@@ -349,6 +354,7 @@ class Soak:
         self.rotations = itertools.count(1)
         self.series: dict[int, Series] = {}
         self.netem = netem_refusal() is None
+        self.commit = head_commit()
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -554,6 +560,7 @@ class Soak:
             resumed,
             warmup,
             window,
+            self.commit,
         )
         bad = Counter(a.verdict for a in self.answers if a.verdict in ("wrong", "broken", "hung"))
         report.failures += [f"{n} {verdict}" for verdict, n in bad.items()]
