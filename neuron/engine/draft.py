@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from neuron.engine.sequence import Sequence
 
-# Longest and shortest n-gram looked up: a longer match is tried first (it predicts better),
-# a single token last.
+# Longest and shortest n-gram looked up; a longer match is tried first (it predicts better).
+# Not single tokens: on chat answers they matched often and were rarely right (drafts kept
+# 0.10 against 0.25 from 2, and one stream ran at 0.70x plain speed against 0.99x; BENCHMARKS.md 8).
 MAX_NGRAM = 3
-MIN_NGRAM = 1
+MIN_NGRAM = 2
 
 
 def draftable(seq: Sequence) -> bool:
