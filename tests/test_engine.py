@@ -3,7 +3,8 @@
 A device thread of its own runs the engine as the neuron does; requests go in through
 ``ModelEngine.stream`` on the test's event loop. What is checked: scheduling within the batch
 bound, requests joining and leaving a running batch without changing anyone's answer,
-cancellation and the queue bounds, and stop strings.
+cancellation and the queue bounds, stop strings, and speculative decoding (greedy answers
+token for token, sampled ones in distribution).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from neuron.engine import (
     Sequence,
     model_engine,
 )
+from neuron.engine.draft import PromptLookup
 from neuron.engine.output import held_back
 from neuron.engine.sampler import Sampler
 from neuron.errors import InvalidArgument, QueueFull, QueueTimeout
@@ -529,11 +531,26 @@ async def test_speculative_greedy_answers_equal_plain_ones_in_a_changing_batch(
     assert 0 < kept < drafted
 
 
+def test_prompt_lookup_continues_the_most_recent_longest_match() -> None:
+    lookup = PromptLookup()
+    # [7, 8] stood twice before the end: the later one's continuation, up to k tokens.
+    assert lookup.propose([7, 8, 1, 2, 7, 8, 3, 4, 5, 6, 7, 8], 3) == [3, 4, 5]
+    # As tokens arrive: [5, 6, 9] is new, but [6, 9] stood at the start.
+    assert PromptLookup().propose([6, 9, 4, 5, 6, 9], 2) == [4, 5]
+    lookup = PromptLookup()
+    assert lookup.propose([1, 2, 3], 4) == []
+    assert lookup.propose([1, 2, 3, 1], 4) == []  # a single token is no match (min 2)
+    assert lookup.propose([1, 2, 3, 1, 2], 4) == [3, 1, 2]
+    assert lookup.propose([1, 2, 3, 1, 2, 3], 4) == [1, 2, 3]  # the longer match, [1, 2, 3]
+
+
 async def test_prompt_lookup_drafts_from_the_prompt_and_changes_no_answer(
-    make_engine: Any,
+    make_engine: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     plain, engine = make_engine(), make_engine(speculative_tokens=4)
-    # Prompts that hold what this model likes to say, so the lookup finds its tokens there.
+    # Prompts that hold what this model likes to say, so the lookup finds its tokens there
+    # (single ones: a random model seldom says two in a row that it said before).
+    monkeypatch.setattr(model_engine, "PromptLookup", lambda: PromptLookup(min_ngram=1))
     said = " ".join([(await answer(plain, p, max_tokens=30))[0] for p in PROMPTS])
     prompts = [f"{said} {p}" for p in PROMPTS]
     expected = [await answer(plain, p, max_tokens=20) for p in prompts]
