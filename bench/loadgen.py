@@ -10,7 +10,8 @@ Requests are the same bytes for every server: request ``index`` of a run tagged 
 one text whoever receives it. Two prompt sets: ``shared`` (a user message only, so the chat
 template's default system prompt is a prefix every request shares, as for any chat client) and
 ``unique`` (a system prompt of its own per request, so a prefix cache has almost nothing to
-reuse).
+reuse). A third, ``echo``, asks for a ~300-token passage back with one word replaced: an
+answer that repeats its input, as code edits and quoting agents' answers do.
 """
 
 from __future__ import annotations
@@ -44,10 +45,45 @@ PROMPTS = [
 
 PROMPT_SETS = ("shared", "unique")
 
+# The ``echo`` set's passage (about 300 tokens) and the words its requests replace.
+PASSAGE = (
+    "The old lighthouse stood at the end of a narrow spit of rock, a mile from the nearest "
+    "house. Every evening the keeper climbed the one hundred and twelve steps of its tower, "
+    "trimmed the wick, polished the glass and lit the lantern, and every morning he climbed "
+    "them again to put it out. Ships that passed in the night never saw him, only the light "
+    "that turned above the water, once every ten seconds, as it had for sixty years. In "
+    "winter the storms came in from the west and threw the sea against the rock so hard that "
+    "the whole tower shook, and spray rattled on the windows of the lantern room like gravel. "
+    "In summer the water was calm and green, and seals slept on the flat stones below the "
+    "wall. The keeper kept a log of every ship he saw, the weather at dawn and at dusk, and "
+    "the hours the light had burned. He wrote in pencil, in a small neat hand, and when a "
+    "book was full he tied it with string and put it on the shelf beside the others. There "
+    "were forty-one books on the shelf when the letter came to say that the light would be "
+    "run by a machine from the following spring, and that his services would no longer be "
+    "needed. He read the letter twice, folded it, and climbed the stairs to light the lamp."
+)
+REPLACEMENTS = [
+    ("keeper", "warden"),
+    ("tower", "column"),
+    ("ships", "boats"),
+    ("rock", "stone"),
+    ("light", "beacon"),
+    ("sea", "ocean"),
+    ("winter", "autumn"),
+    ("books", "volumes"),
+]
+
 
 def messages(prompt_set: str, tag: str, index: int) -> list[tuple[str, str]]:
     """The (role, content) messages of request ``index`` in the run tagged ``tag``: never a
     whole earlier prompt (tags differ between runs), the same for every server."""
+    if prompt_set == "echo":
+        old, new = REPLACEMENTS[index % len(REPLACEMENTS)]
+        ask = (
+            f"Request {tag}-{index}: repeat this text exactly, word for word, but replace the "
+            f"word '{old}' with '{new}' everywhere. Write only the text.\n\n{PASSAGE}"
+        )
+        return [("user", ask)]
     user = ("user", f"Request {tag}-{index}: {PROMPTS[index % len(PROMPTS)]}")
     if prompt_set == "shared":
         return [user]
@@ -267,10 +303,12 @@ def grpc_sender(
         arrivals = Arrivals()
         tokens = 0
         finish: str | None = None
+        text: list[str] = []
         try:
             async for reply in stub.Generate(request, timeout=600):
                 if reply.text:
                     arrivals.chunk()
+                    text.append(reply.text)
                 if reply.finish_reason:
                     tokens = reply.usage.completion_tokens
                     finish = FINISH.get(
@@ -278,7 +316,9 @@ def grpc_sender(
                     )
         except grpc.aio.AioRpcError as e:
             return arrivals.result(0, f"{e.code().name}: {e.details()}")
-        return judged(arrivals.result(tokens), finish, max_tokens)
+        result = arrivals.result(tokens)
+        result.text = "".join(text)
+        return judged(result, finish, max_tokens)
 
     return send
 

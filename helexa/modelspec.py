@@ -16,6 +16,10 @@ from helexa.configfile import ConfigError
 from helexa.neuron.v1 import neuron_pb2 as pb
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Speculative decoding methods ("": the neuron's engine.speculative).
+SPECULATIVE = ("off", "prompt_lookup")
+# Most draft tokens a row may verify in one step.
+MAX_SPECULATIVE_TOKENS = 16
 
 
 class SpecError(ValueError):
@@ -47,6 +51,10 @@ class ModelSpec:
     # Requests that may wait for a batch slot; 0: the neuron's engine.max_waiting (a spec may
     # lower it, never raise it).
     max_waiting: int = 0
+    # Speculative decoding: "off" or "prompt_lookup"; "": the neuron's engine.speculative.
+    speculative: str = ""
+    # Draft tokens a row may verify per step; 0: the neuron's engine.speculative_tokens.
+    speculative_tokens: int = 0
 
     def check(self, key: str = "spec") -> None:
         """Raise ``SpecError`` naming the first wrong field, under ``key``."""
@@ -67,6 +75,12 @@ class ModelSpec:
         for name in ("max_batch_size", "max_context", "max_waiting"):
             if getattr(self, name) < 0:
                 raise SpecError(f"{prefix}{name}", "must not be negative")
+        if self.speculative not in ("", *SPECULATIVE):
+            raise SpecError(f"{prefix}speculative", f"must be one of {', '.join(SPECULATIVE)}")
+        if not 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise SpecError(
+                f"{prefix}speculative_tokens", f"must be between 0 and {MAX_SPECULATIVE_TOKENS}"
+            )
 
     def check_config(self, key: str) -> None:
         """Called by the strict config loader for each spec table it builds."""
@@ -93,6 +107,8 @@ class ModelSpec:
             max_batch_size=self.max_batch_size,
             max_context=self.max_context,
             max_waiting=self.max_waiting,
+            speculative=self.speculative,
+            speculative_tokens=self.speculative_tokens,
         )
         if self.hf_repo:
             message.huggingface.CopyFrom(
@@ -122,6 +138,8 @@ class ModelSpec:
             max_batch_size=message.max_batch_size,
             max_context=message.max_context,
             max_waiting=message.max_waiting,
+            speculative=message.speculative,
+            speculative_tokens=message.speculative_tokens,
         )
         if hub and not spec.hf_repo:
             raise SpecError("spec.huggingface.repo", "must not be empty")

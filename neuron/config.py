@@ -16,7 +16,7 @@ from helexa.configfile import (
     check_log_level,
     load_file,
 )
-from helexa.modelspec import ModelSpec
+from helexa.modelspec import MAX_SPECULATIVE_TOKENS, SPECULATIVE, ModelSpec
 from helexa.secretfiles import check_token
 from neuron.errors import NotAllowed
 from neuron.loadpolicy import check_source
@@ -64,8 +64,19 @@ class EngineConfig:
     # prompts it has (at most 5 such windows), so requests that arrive together are
     # prefilled together; 0: at once.
     batch_window: float = 0.005
+    # Speculative decoding for models whose spec does not say: "prompt_lookup" (drafts from
+    # the row's own prompt and answer, verified in one step) or "off".
+    speculative: str = "off"
+    # Draft tokens a row may verify per step (a model's spec may say otherwise).
+    speculative_tokens: int = 4
 
     def check_config(self, key: str) -> None:
+        if self.speculative not in SPECULATIVE:
+            raise ConfigError(f"{key}.speculative: must be one of {', '.join(SPECULATIVE)}")
+        if not 1 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(
+                f"{key}.speculative_tokens: must be between 1 and {MAX_SPECULATIVE_TOKENS}"
+            )
         if not 0 <= self.batch_window <= 1:
             raise ConfigError(f"{key}.batch_window: must be between 0 and 1 second")
         if self.prefix_cache < 0:

@@ -96,6 +96,19 @@ MASK_SECONDS = Histogram(
 GENERATION_TOKENS = Counter(
     "helexa_neuron_generation_tokens", "Tokens generated", ["model"], registry=REGISTRY
 )
+DRAFT_TOKENS = Counter(
+    "helexa_neuron_speculative_draft_tokens",
+    "Draft tokens proposed by prompt lookup and run in a verifying step (speculative decoding)",
+    ["model"],
+    registry=REGISTRY,
+)
+ACCEPTED_TOKENS = Counter(
+    "helexa_neuron_speculative_accepted_tokens",
+    "Draft tokens the model agreed with and kept; the acceptance rate is this over "
+    "speculative_draft_tokens",
+    ["model"],
+    registry=REGISTRY,
+)
 RUNNING = Gauge(
     "helexa_neuron_requests_running", "Requests in a running batch", ["model"], registry=REGISTRY
 )

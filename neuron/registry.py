@@ -21,7 +21,7 @@ import torch
 
 from helexa.modelspec import ModelSpec
 from neuron import metrics
-from neuron.config import NeuronConfig
+from neuron.config import EngineConfig, NeuronConfig
 from neuron.devices import Device, cpu_has_fast_bf16, cuda_free_bytes, discover
 from neuron.engine import DeviceWorker, ModelEngine
 from neuron.errors import LoadFailed, ModelNotFound, NeuronError, NoRoom, ShuttingDown, SpecConflict
@@ -193,6 +193,7 @@ class Registry:
                 max_context=max_context,
                 prefix_cache=self.config.engine.prefix_cache,
                 batch_window=self.config.engine.batch_window,
+                speculative_tokens=_speculative_tokens(spec, self.config.engine),
                 max_waiting=min(
                     spec.max_waiting or self.config.engine.max_waiting,
                     self.config.engine.max_waiting,
@@ -329,6 +330,13 @@ class Registry:
     def _update_device_gauges(self) -> None:
         for device in self.devices:
             metrics.DEVICE_FREE_BYTES.labels(device=device.name).set(self.free_bytes(device))
+
+
+def _speculative_tokens(spec: ModelSpec, engine: EngineConfig) -> int:
+    """Draft tokens per row and step for ``spec``'s model: 0 where speculation is off."""
+    if (spec.speculative or engine.speculative) != "prompt_lookup":
+        return 0
+    return spec.speculative_tokens or engine.speculative_tokens
 
 
 def _matches(wanted: str, device: Device) -> bool:

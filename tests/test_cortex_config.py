@@ -81,6 +81,7 @@ def test_example_configs_document_every_key(tmp_path: Path) -> None:
     for key in [
         "id", "aliases", "hf_repo", "revision", "path", "gguf_file", "dtype", "device",
         "max_batch_size", "max_context", "max_waiting", "memory", "neurons", "pinned",
+        "speculative", "speculative_tokens",
     ]:  # fmt: skip
         assert f"{key} =" in models_text, key
     # The commented blocks, uncommented, load with the real loader.

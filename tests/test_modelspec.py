@@ -28,6 +28,7 @@ BAD_SPECS = [
     ("id = 'm'\npath = '/x'\nmax_batch_size = -1", "max_batch_size"),
     ("id = 'm'\npath = '/x'\nmax_context = -1", "max_context"),
     ("id = 'm'\npath = '/x'\nmax_waiting = -1", "max_waiting"),
+    ("id = 'm'\npath = '/x'\nspeculative_tokens = 17", "speculative_tokens"),
 ]
 
 
@@ -100,7 +101,7 @@ def test_catalogue_entry_and_neuron_default_model_from_the_same_keys_send_the_sa
     keys = (
         "id = 'smol'\nhf_repo = 'org/smol'\nrevision = 'v2'\ngguf_file = 'smol.Q4.gguf'\n"
         "dtype = 'bfloat16'\ndevice = 'cuda:0'\nmax_batch_size = 8\nmax_context = 4096\n"
-        "max_waiting = 32\n"
+        "max_waiting = 32\nspeculative = 'prompt_lookup'\nspeculative_tokens = 6\n"
     )
     (tmp_path / "models.toml").write_text(
         f"[[models]]\n{keys}memory = '2GiB'\naliases = ['s']\npinned = true\n"

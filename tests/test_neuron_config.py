@@ -29,10 +29,11 @@ def test_example_config_documents_every_key() -> None:
         "default_models", "hf_repo", "revision", "gguf_file", "path", "dtype", "device",
         "max_context", "token", "token_file", "cert_file", "key_file", "client_ca_file",
         "prefix_cache", "batch_window", "allow_unauthenticated", "local_dirs", "hf_repos",
-        "failed_ttl",
+        "failed_ttl", "speculative", "speculative_tokens",
     ]:  # fmt: skip
         assert f"{key} =" in text or f"[[{key}]]" in text, key
     assert text.count("max_waiting =") == 2, "engine.max_waiting and a default model's"
+    assert text.count("speculative =") == 2, "engine.speculative and a default model's"
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -50,6 +51,12 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("[engine]\nmax_batch_size = 0", "engine.max_batch_size: must be at least 1"),
         ("[engine]\nmax_waiting = 0", "engine.max_waiting: must be at least 1"),
         ("[engine]\nbatch_window = 2.5", "engine.batch_window: must be between 0 and 1 second"),
+        ("[engine]\nspeculative = 'medusa'", "engine.speculative: must be one of off"),
+        ("[engine]\nspeculative_tokens = 0", "engine.speculative_tokens: must be between 1"),
+        (
+            "[[default_models]]\nid='m'\npath='/x'\nspeculative='ngram'",
+            "default_models[0].speculative",
+        ),
         ("[[default_models]]\nid='m'\npath='/x'\nmax_waiting=-1", "default_models[0].max_waiting"),
         ("[shutdown]\ndrain_timeout = -1", "shutdown.drain_timeout"),
         ("listen = 'nowhere'", "listen: expected HOST:PORT"),

@@ -335,3 +335,49 @@ async def test_bad_generate_requests_get_clear_statuses_and_the_neuron_keeps_ser
     assert named in (error.value.details() or "")
     text, _, _ = await collect(shared_stub, chat(DEMO_ID, QUESTION, max_tokens=16, temperature=0))
     assert "Paris" in text
+
+
+async def test_prompt_lookup_answers_greedy_requests_as_plain_decoding_does(
+    shared_neuron: NeuronProcess, shared_stub: pb_grpc.NeuronStub
+) -> None:
+    # float32, so that greedy answers can be compared exactly: the same model loaded with
+    # speculative decoding off and with prompt lookup.
+    plain, lookup = "smollm2-f32-plain", "smollm2-f32-lookup"
+    small = dict(dtype="float32", max_batch_size=4, max_context=1024)  # room for both
+    await shared_stub.LoadModel(
+        pb.LoadModelRequest(spec=demo_spec(plain, speculative="off", **small))
+    )
+    await shared_stub.LoadModel(
+        pb.LoadModelRequest(
+            spec=demo_spec(lookup, speculative="prompt_lookup", speculative_tokens=5, **small)
+        )
+    )
+    passage = (
+        "The keeper climbed the one hundred and twelve steps of the tower every evening, "
+        "trimmed the wick, polished the glass and lit the lamp."
+    )
+    asks = [
+        f"Repeat this text exactly, but replace 'keeper' with 'warden':\n\n{passage}",
+        f"Repeat this text exactly:\n\n{passage}",
+        QUESTION,
+        "Name three colours.",
+    ]
+    try:
+        answers: dict[str, list[tuple[str, int]]] = {}
+        for model in (plain, lookup):
+            requests = [chat(model, a, max_tokens=48, temperature=0) for a in asks]
+            stopped = chat(model, asks[1], max_tokens=48, temperature=0, stop=["polished"])
+            results = await asyncio.gather(*(collect(shared_stub, r) for r in requests))
+            answers[model] = [(t, last.usage.completion_tokens) for t, last, _ in results]
+            stopped_text, stopped_last, _ = await collect(shared_stub, stopped)
+            answers[model].append((stopped_text, stopped_last.usage.completion_tokens))
+        assert answers[lookup] == answers[plain]
+        assert "polished" not in answers[lookup][-1][0]
+        text = shared_neuron.metrics()
+        drafted = metric_value(text, "helexa_neuron_speculative_draft_tokens_total", model=lookup)
+        kept = metric_value(text, "helexa_neuron_speculative_accepted_tokens_total", model=lookup)
+        assert 0 < kept <= drafted
+        assert metric_value(text, "helexa_neuron_speculative_draft_tokens_total", model=plain) == 0
+    finally:
+        for model in (plain, lookup):
+            await shared_stub.UnloadModel(pb.UnloadModelRequest(id=model))

@@ -3,9 +3,10 @@
 Split as nano-vllm's engine is: ``sequence`` (one request's state and sampling parameters),
 ``scheduler`` (waiting and running, bounds, batch window: it decides, it does not run),
 ``runner`` (the batch's tensors, prefill and decode over the model), ``sampler`` (picking
-tokens), ``output`` (detokenising, stop strings, chunks), ``worker`` (the device thread that
-owns torch) and ``model_engine`` (one model's engine: the asyncio bridge, and one ``step``
-that reads schedule → run → sample → output).
+tokens), ``output`` (detokenising, stop strings, chunks), ``draft`` (prompt-lookup drafts for
+speculative decoding), ``worker`` (the device thread that owns torch) and ``model_engine``
+(one model's engine: the asyncio bridge, and one ``step`` that reads schedule → run → sample
+→ output).
 """
 
 from neuron.engine import tools

@@ -21,6 +21,7 @@ import torch
 
 from neuron import metrics
 from neuron.engine import tools
+from neuron.engine.draft import PromptLookup, draftable
 from neuron.engine.grammar import Grammars
 from neuron.engine.output import Chunk, Output
 from neuron.engine.runner import Runner
@@ -51,6 +52,7 @@ class ModelEngine:
         max_waiting: int,
         prefix_cache: int = 0,
         batch_window: float = 0.0,
+        speculative_tokens: int = 0,
     ) -> None:
         self.model_id = model_id
         self.tokenizer = tokenizer
@@ -64,6 +66,8 @@ class ModelEngine:
         self.sampler = Sampler(model_id)
         self.output = Output(tokenizer, self.eos_ids, max_context)
         self.vocab_size = forward.vocab_size
+        # Draft tokens a row may verify per step (prompt lookup, see ``draft``); 0: none.
+        self.speculative_tokens = speculative_tokens
         self._grammars: Grammars | None = None
         self._grammars_lock = threading.Lock()
         self.worker: DeviceWorker | None = None
@@ -282,11 +286,12 @@ class ModelEngine:
             return
         first_row = len(self.running)
         self.running.extend(seqs)
-        self._advance(first_row, self._sample(logits, seqs))
+        self._advance(first_row, self._sample(logits, seqs, []))
 
     def _decode(self) -> None:
+        drafts = self._drafts()
         try:
-            logits = self.runner.decode()
+            logits = self.runner.verify(drafts) if drafts else self.runner.decode()
         except Exception:
             log.exception("decode step failed model=%s: rebuilding the batch", self.model_id)
             rows = list(self.running)
@@ -295,44 +300,89 @@ class ModelEngine:
             for seq in rows:  # alone, so a row that fails is the one that fails
                 self._prefill([seq], rerun=True)
             return
-        self._advance(0, self._sample(logits, self.running))
+        sampled = self._sample(logits, self.running, drafts)
+        if drafts:
+            kept = [len(a) for a in sampled.accepted]
+            self.runner.settle(kept)
+            metrics.DRAFT_TOKENS.labels(**self._labels).inc(sum(len(d) for d in drafts))
+            metrics.ACCEPTED_TOKENS.labels(**self._labels).inc(sum(kept))
+        self._advance(0, sampled)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
-        """Sample every row; if that fails, row by row, marking the rows that fail alone."""
+    def _drafts(self) -> list[list[int]]:
+        """Each running row's draft tokens for this step (prompt lookup), or [] when no row
+        has any (a plain decode step). A draft never runs past what the row may still
+        generate (max_tokens, the context)."""
+        if not self.speculative_tokens:
+            return []
+        drafts: list[list[int]] = []
+        for seq in self.running:
+            room = min(
+                seq.params.max_tokens - len(seq.generated),
+                self.max_context - len(seq.prompt_ids) - len(seq.generated),
+            )
+            if room < 2 or not draftable(seq):
+                drafts.append([])
+                continue
+            if seq.lookup is None:
+                seq.lookup = PromptLookup()
+            k = min(self.speculative_tokens, room - 1)
+            drafts.append(seq.lookup.propose(seq.prompt_ids + seq.generated, k))
+        return drafts if any(drafts) else []
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]
+    ) -> Sampled:
+        """Sample every row (verify its draft, where it has one); if that fails, row by row,
+        marking the rows that fail alone."""
+
+        def pick(rows: slice) -> Sampled:
+            if drafts:
+                return self.sampler.verify(logits[rows], seqs[rows], drafts[rows])
+            return self.sampler.sample(logits[rows], seqs[rows])
+
         try:
-            return self.sampler.sample(logits, seqs)
+            return pick(slice(None))
         except Exception:
             if len(seqs) == 1:
                 raise
-        tokens, logprobs, failed = [], [], {}
+        tokens, logprobs, accepted, failed = [], [], [], {}
         for i, seq in enumerate(seqs):
             try:
-                one = self.sampler.sample(logits[i : i + 1], [seq])
+                one = pick(slice(i, i + 1))
                 tokens.append(int(one.tokens[0]))
                 logprobs.append(one.logprobs[0])
+                accepted.append(one.accepted[0] if one.accepted else [])
             except Exception as e:
                 log.exception(
                     "sampling failed model=%s request_id=%s", self.model_id, seq.request_id
                 )
                 tokens.append(0)
                 logprobs.append(None)
+                accepted.append([])
                 failed[i] = f"sampling failed: {e}"
-        return Sampled(torch.tensor(tokens, device=logits.device), logprobs, failed)
+        return Sampled(torch.tensor(tokens, device=logits.device), logprobs, failed, accepted)
 
     def _advance(self, first_row: int, sampled: Sampled) -> None:
-        """Account the new token of rows ``first_row``..., send text, let finished rows leave."""
+        """Account the new tokens of rows ``first_row``... (a row's kept draft tokens, then
+        its new token), send text, let finished rows leave. A row that finishes inside its
+        run (a stop, its last token) takes none of the run's later tokens."""
         tokens = sampled.tokens
         self.runner.accept(first_row, tokens)
         now = time.monotonic()
         keep = list(range(first_row))
         rows = self.running[first_row:]
         labels = self._labels
-        pairs = zip(rows, tokens.tolist(), sampled.logprobs, strict=True)
-        for i, (seq, token, logprob) in enumerate(pairs, first_row):
+        accepted = sampled.accepted or [[] for _ in rows]
+        pairs = zip(rows, tokens.tolist(), sampled.logprobs, accepted, strict=True)
+        for i, (seq, token, logprob, kept) in enumerate(pairs, first_row):
             failure = sampled.failed.get(i - first_row)
-            if failure is None:
+            reason = None
+            run = [*kept, token]
+            while failure is None and reason is None and run:
+                token = run.pop(0)
                 seq.generated.append(token)
                 seq.unsent_tokens += 1
+                # Tokens of one run arrive together: those after the first have no gap.
                 if seq.first_token_at == 0.0:
                     seq.first_token_at = now
                     metrics.TIME_TO_FIRST_TOKEN.labels(**labels).observe(now - seq.arrived_at)
@@ -341,7 +391,7 @@ class ModelEngine:
                 seq.last_token_at = now
                 metrics.GENERATION_TOKENS.labels(**labels).inc()
                 try:
-                    reason = self.output.advance(seq, token, logprob)
+                    reason = self.output.advance(seq, token, logprob if not run else None)
                 except Exception as e:
                     log.exception(
                         "output failed model=%s request_id=%s", self.model_id, seq.request_id

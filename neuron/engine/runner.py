@@ -5,6 +5,14 @@ each row's own positions and a mask of its real columns. A prefill runs new prom
 (what the prefix cache holds of their beginnings is copied in, not run) and merges them into
 the batch; a decode step runs every row's last token; rows that leave are cut out, with the
 padding columns no row needs any more.
+
+A verifying step (speculative decoding) runs each row's last token and its draft tokens
+together, as new columns: a row with a shorter draft (or none) has padding columns after it.
+Once the sampler has said how many draft tokens each row keeps, the columns of the ones it
+rejected become padding (mask 0) and the columns no row kept are cut, so the next step
+appends after the longest row's kept tokens; positions are each row's own, never read from
+the mask. The holes this leaves in the rows are packed out (each row's real columns gathered
+to the right end) once the cache is ``holes`` columns longer than its longest row.
 """
 
 from __future__ import annotations
@@ -41,6 +49,10 @@ class Runner:
         self._mask: torch.Tensor | None = None  # [B, T] 1 for real tokens, 0 for padding
         self._positions: torch.Tensor | None = None  # [B] position of each row's next token
         self._next_tokens: torch.Tensor | None = None  # [B] last sampled token per row
+        self._verifying = 0  # columns the last verifying step ran
+        # Columns of holes (rejected drafts) the batch's longest row may hold before the
+        # cache is packed: one copy of the cache per that many, as its growth costs.
+        self.holes = GROWTH // 2
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], rerun: bool = False) -> torch.Tensor:
@@ -105,6 +117,55 @@ class Runner:
             )
         self._positions = self._positions + 1
         return logits
+
+    @torch.inference_mode()
+    def verify(self, drafts: list[list[int]]) -> torch.Tensor:
+        """Run every row's last token and then its ``drafts`` (none for some rows) in one
+        step; returns the logits of every column, [rows, 1 + longest draft, vocab] (a row's
+        columns past its own draft are padding). ``settle`` then says what was kept."""
+        assert self._mask is not None and self._positions is not None
+        assert self._next_tokens is not None and self._cache is not None
+        assert self.forward is not None
+        width = 1 + max(len(d) for d in drafts)
+        ids = torch.full((self.rows, width), self.pad_id, dtype=torch.long)
+        for row, draft in enumerate(drafts):
+            ids[row, 1 : 1 + len(draft)] = torch.tensor(draft, dtype=torch.long)
+        ids = ids.to(self.device)
+        ids[:, 0] = self._next_tokens
+        lengths = torch.tensor([1 + len(d) for d in drafts], device=self.device)
+        offsets = torch.arange(width, device=self.device)
+        real = offsets[None, :] < lengths[:, None]
+        positions = self._positions[:, None] + torch.where(real, offsets, 0)
+        self._mask = torch.cat([self._mask, real.to(self._mask.dtype)], dim=1)
+        self._verifying = width
+        with self.threads():
+            return self.forward(ids, positions, self._mask, self._cache, every=True)
+
+    def settle(self, kept: list[int]) -> None:
+        """After ``verify``: row ``i`` kept its first ``kept[i]`` draft tokens. Columns of
+        the rejected ones become padding, and those no row kept are cut."""
+        assert self._mask is not None and self._positions is not None
+        assert self._cache is not None
+        ran = torch.tensor([1 + k for k in kept], device=self.device)
+        width = self._verifying
+        start = self._mask.shape[1] - width
+        offsets = torch.arange(width, device=self.device)
+        self._mask[:, start:] *= (offsets[None, :] < ran[:, None]).to(self._mask.dtype)
+        used = int(ran.max())
+        self._mask = self._mask[:, : start + used]
+        self._cache.length -= width - used
+        self._positions = self._positions + ran
+        if self._cache.length - int(self._mask.sum(dim=1).max()) >= self.holes:
+            self._pack()
+
+    def _pack(self) -> None:
+        """Gather each row's real columns to the right end, dropping every hole."""
+        assert self._mask is not None and self._cache is not None
+        columns = int(self._mask.sum(dim=1).max())
+        # Per row, padding columns first and real ones after, each in their own order.
+        order = torch.argsort(self._mask, dim=1, stable=True)[:, -columns:]
+        self._cache.pack(order)
+        self._mask = self._mask.gather(1, order)
 
     def accept(self, first_row: int, tokens: torch.Tensor) -> None:
         """The tokens sampled for rows ``first_row``..., to run in the next decode step."""

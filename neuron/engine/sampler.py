@@ -32,9 +32,11 @@ class Logprob:
 
 @dataclass
 class Sampled:
-    tokens: torch.Tensor  # [rows]
+    tokens: torch.Tensor  # [rows]: each row's new token (the next step runs it)
     logprobs: list[Logprob | None]  # per row, where asked for
     failed: dict[int, str] = field(default_factory=dict)  # rows that could not be sampled
+    # A verifying step's: per row, the draft tokens kept, which come before its new token.
+    accepted: list[list[int]] = field(default_factory=list)
 
 
 class Sampler:
@@ -53,25 +55,57 @@ class Sampler:
             self._mask(logits, constrained, seqs)
         tokens = logits.argmax(dim=-1)
         for i, seq in enumerate(seqs):
-            p = seq.params
-            if p.temperature == 0:
+            if seq.params.temperature == 0:
                 continue
-            row = logits[i] / p.temperature
-            if p.top_k > 0 and p.top_k < row.numel():
-                kth = torch.topk(row, p.top_k).values[-1]
-                row = row.masked_fill(row < kth, float("-inf"))
-            if p.top_p < 1.0:
-                sorted_logits, order = torch.sort(row, descending=True)
-                probs = torch.softmax(sorted_logits, dim=-1)
-                drop = probs.cumsum(-1) - probs > p.top_p
-                row = row.scatter(0, order[drop], float("-inf"))
-            probs = torch.softmax(row, dim=-1)
+            probs = _distribution(logits[i], seq)
             tokens[i] = torch.multinomial(probs, 1, generator=seq.generator)[0]
         chosen = tokens.tolist()
         for i in constrained:
             # The grammar advances only on the token really sampled.
             seqs[i].matcher.accept_token(chosen[i])
         return Sampled(tokens, [_logprob(raw, i, s, chosen[i]) for i, s in enumerate(seqs)])
+
+    def verify(
+        self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]
+    ) -> Sampled:
+        """A verifying step's choices: ``logits`` [rows, n, vocab] are those of each row's
+        last token and then of its draft tokens (``drafts``, none for most rows).
+
+        A row's draft tokens are kept while the model agrees, and its new token is the
+        model's own at the first disagreement (or after the whole draft), so each row's
+        tokens follow the distribution plain decoding gives. Greedy: kept while each is the
+        argmax. Sampled (the draft is one token for certain, not a distribution): draft
+        token ``d`` is kept with probability ``p(d)``; on a rejection the new token is drawn
+        from ``p`` without ``d`` (renormalised); with all kept, from the next position's
+        ``p``. Then a token comes out as ``p(d) + (1 - p(d)) * 0`` for ``d`` and
+        ``(1 - p(d)) * p(x) / (1 - p(d)) = p(x)`` for any other ``x``: exactly ``p``.
+        Rows with no draft are sampled as in a plain step (from their first column).
+        """
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        logprobs: list[Logprob | None] = [None] * len(seqs)
+        accepted: list[list[int]] = [[] for _ in seqs]
+        plain = [i for i, d in enumerate(drafts) if not d]
+        if plain:
+            one = self.sample(logits[plain, 0], [seqs[i] for i in plain])
+            tokens[plain] = one.tokens
+            for i, logprob in zip(plain, one.logprobs, strict=True):
+                logprobs[i] = logprob
+        for i, (seq, draft) in enumerate(zip(seqs, drafts, strict=True)):
+            if not draft:
+                continue
+            # Drafted rows have no penalties, bias or grammar (``draft.draftable``).
+            columns = logits[i, : len(draft) + 1].float()
+            if seq.params.temperature == 0:
+                choices = columns.argmax(dim=-1).tolist()
+                kept = 0
+                while kept < len(draft) and choices[kept] == draft[kept]:
+                    kept += 1
+                token = choices[kept]
+            else:
+                kept, token = _speculate(_distribution(columns, seq), draft, seq)
+            accepted[i] = draft[:kept]
+            tokens[i] = token
+        return Sampled(tokens, logprobs, accepted=accepted)
 
     def _mask(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
         started = time.perf_counter()
@@ -80,6 +114,36 @@ class Sampler:
         masked = logits.index_select(0, index).masked_fill(~allowed.to(logits.device), -torch.inf)
         logits.index_copy_(0, index, masked)
         metrics.MASK_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
+
+
+def _distribution(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """The probabilities ``seq`` samples from, [..., vocab]: its temperature, top-k, top-p."""
+    p = seq.params
+    row = logits / p.temperature
+    if p.top_k > 0 and p.top_k < row.shape[-1]:
+        kth = torch.topk(row, p.top_k).values[..., -1:]
+        row = row.masked_fill(row < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(row, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs > p.top_p
+        row = row.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.softmax(row, dim=-1)
+
+
+def _speculate(probs: torch.Tensor, draft: list[int], seq: Sequence) -> tuple[int, int]:
+    """Sampled verification (see ``Sampler.verify``) of ``draft`` against ``probs``
+    [len(draft) + 1, vocab]: how many draft tokens are kept, and the new token."""
+    k = len(draft)
+    chance = probs[torch.arange(k, device=probs.device), torch.tensor(draft, device=probs.device)]
+    draws = torch.rand(k, generator=seq.generator, device=probs.device)
+    rejected = (draws >= chance).nonzero()
+    if not rejected.numel():
+        return k, int(torch.multinomial(probs[k], 1, generator=seq.generator)[0])
+    kept = int(rejected[0])
+    rest = probs[kept].clone()
+    rest[draft[kept]] = 0  # multinomial renormalises
+    return kept, int(torch.multinomial(rest, 1, generator=seq.generator)[0])
 
 
 def _penalise(logits: torch.Tensor, i: int, seq: Sequence) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from neuron.engine.draft import PromptLookup
     from neuron.engine.output import Chunk, TokenLogprob
     from neuron.engine.tools import CallReader
 
@@ -65,6 +66,7 @@ class Sequence:
     generator: torch.Generator | None = None
     matcher: Any = None  # the grammar's state, where the answer is constrained
     reader: CallReader | None = None  # where tool calls are read out of the text
+    lookup: PromptLookup | None = None  # its n-grams, where its tokens are drafted
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens the prefix cache held
     stop_sequence: str = ""  # the stop string that ended it, if one did

@@ -86,6 +86,15 @@ class KVCache:
         merged.data[:, :, self.rows :, :, : total - other.length] = 0
         self.data, self.length = merged.data, total
 
+    def pack(self, columns: torch.Tensor) -> None:
+        """Keep, as the only columns, those ``columns`` [rows, n] names for each row, in order."""
+        layers, two, rows, heads, _, dim = self.data.shape
+        n = columns.shape[1]
+        packed = KVCache.empty(self, rows, n + GROWTH)
+        index = columns[None, None, :, None, :, None].expand(layers, two, rows, heads, n, dim)
+        packed.data[..., :n, :] = self.data.gather(4, index)
+        self.data, self.length = packed.data, n
+
     def keep(self, rows: torch.Tensor, cut: int) -> None:
         """Keep only ``rows`` and drop the first ``cut`` columns (padding in all of them)."""
         kept = self.data.index_select(2, rows)[..., cut : self.length, :]
@@ -187,11 +196,14 @@ class Forward:
         positions: torch.Tensor,
         mask: torch.Tensor,
         cache: KVCache,
+        every: bool = False,
     ) -> torch.Tensor:
         """Run ``ids`` [rows, n] at ``positions`` [rows, n] and append them to ``cache``.
 
         ``mask`` [rows, length + n] marks each row's real columns (1) and padding (0) once
-        the new columns are appended. Returns the logits of the last column, [rows, vocab].
+        the new columns are appended. Returns the logits of the last column, [rows, vocab];
+        with ``every`` (a decode step that verifies draft tokens), those of every new
+        column, [rows, n, vocab].
         """
         rows, n = ids.shape
         cache.reserve(n)
@@ -200,7 +212,8 @@ class Forward:
         cos, sin = self.rotary(x, positions)
         cos, sin = cos[:, None], sin[:, None]
         attend = self._attention_mask(mask.bool(), n)
-        decode = n == 1
+        # A verifying step is a decode step (a few tokens per row): it runs the 4-bit codes.
+        decode = n == 1 or every
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.attn_norm, self.eps)
@@ -216,7 +229,7 @@ class Forward:
             gate, up = layer.gate_up(h, decode).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up, decode)
         cache.length = end
-        return self.lm_head(_rms_norm(x[:, -1], self.norm, self.eps))
+        return self.lm_head(_rms_norm(x if every else x[:, -1], self.norm, self.eps))
 
     def _attention_mask(self, real: torch.Tensor, n: int) -> torch.Tensor:
         """For ``n`` new columns: each sees the real columns up to itself.

@@ -126,7 +126,7 @@ class LocalSource(_message.Message):
     def __init__(self, path: _Optional[str] = ..., gguf_file: _Optional[str] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("id", "huggingface", "local", "dtype", "device", "max_batch_size", "max_context", "max_waiting")
+    __slots__ = ("id", "huggingface", "local", "dtype", "device", "max_batch_size", "max_context", "max_waiting", "speculative", "speculative_tokens")
     ID_FIELD_NUMBER: _ClassVar[int]
     HUGGINGFACE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,8 @@ class ModelSpec(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     id: str
     huggingface: HuggingFaceSource
     local: LocalSource
@@ -143,7 +145,9 @@ class ModelSpec(_message.Message):
     max_batch_size: int
     max_context: int
     max_waiting: int
-    def __init__(self, id: _Optional[str] = ..., huggingface: _Optional[_Union[HuggingFaceSource, _Mapping]] = ..., local: _Optional[_Union[LocalSource, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_waiting: _Optional[int] = ...) -> None: ...
+    speculative: str
+    speculative_tokens: int
+    def __init__(self, id: _Optional[str] = ..., huggingface: _Optional[_Union[HuggingFaceSource, _Mapping]] = ..., local: _Optional[_Union[LocalSource, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_waiting: _Optional[int] = ..., speculative: _Optional[str] = ..., speculative_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
     __slots__ = ("id", "state", "error", "device", "resident_bytes", "loaded_at", "last_used", "in_flight", "waiting", "max_context", "spec", "max_batch_size", "max_waiting", "kv_cache_bytes", "load")
