@@ -69,6 +69,9 @@ class EngineConfig:
     speculative: str = "off"
     # Draft tokens a row may verify per step (a model's spec may say otherwise).
     speculative_tokens: int = 4
+    # Rows a model's batch may have for its rows to verify drafts; at more, every row decodes
+    # a token a step (a verifying step widens every row of the batch; BENCHMARKS.md 8).
+    speculative_max_rows: int = 2
 
     def check_config(self, key: str) -> None:
         if self.speculative not in SPECULATIVE:
@@ -77,6 +80,8 @@ class EngineConfig:
             raise ConfigError(
                 f"{key}.speculative_tokens: must be between 1 and {MAX_SPECULATIVE_TOKENS}"
             )
+        if self.speculative_max_rows < 1:
+            raise ConfigError(f"{key}.speculative_max_rows: must be at least 1")
         if not 0 <= self.batch_window <= 1:
             raise ConfigError(f"{key}.batch_window: must be between 0 and 1 second")
         if self.prefix_cache < 0:

@@ -194,6 +194,7 @@ class Registry:
                 prefix_cache=self.config.engine.prefix_cache,
                 batch_window=self.config.engine.batch_window,
                 speculative_tokens=_speculative_tokens(spec, self.config.engine),
+                speculative_max_rows=self.config.engine.speculative_max_rows,
                 max_waiting=min(
                     spec.max_waiting or self.config.engine.max_waiting,
                     self.config.engine.max_waiting,

@@ -29,7 +29,7 @@ def test_example_config_documents_every_key() -> None:
         "default_models", "hf_repo", "revision", "gguf_file", "path", "dtype", "device",
         "max_context", "token", "token_file", "cert_file", "key_file", "client_ca_file",
         "prefix_cache", "batch_window", "allow_unauthenticated", "local_dirs", "hf_repos",
-        "failed_ttl", "speculative", "speculative_tokens",
+        "failed_ttl", "speculative", "speculative_tokens", "speculative_max_rows",
     ]:  # fmt: skip
         assert f"{key} =" in text or f"[[{key}]]" in text, key
     assert text.count("max_waiting =") == 2, "engine.max_waiting and a default model's"
@@ -53,6 +53,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("[engine]\nbatch_window = 2.5", "engine.batch_window: must be between 0 and 1 second"),
         ("[engine]\nspeculative = 'medusa'", "engine.speculative: must be one of off"),
         ("[engine]\nspeculative_tokens = 0", "engine.speculative_tokens: must be between 1"),
+        ("[engine]\nspeculative_max_rows = 0", "engine.speculative_max_rows: must be at least 1"),
         (
             "[[default_models]]\nid='m'\npath='/x'\nspeculative='ngram'",
             "default_models[0].speculative",

@@ -19,6 +19,17 @@ from neuron.engine.sequence import Sequence
 MAX_NGRAM = 3
 MIN_NGRAM = 2
 
+# Back-off of a row whose drafts keep failing (chat answers kept 0.25 of their draft tokens,
+# and each drafting row widens the whole batch's step; BENCHMARKS.md 8). A row's acceptance
+# is an average over its recent drafts, the newest weighing RECENT. Under MIN_ACCEPTANCE (a
+# draft of 4 keeping about one token, which does not pay for its wider step) the row drafts
+# nothing for FIRST_PAUSE steps, twice as many after each further failure, up to MAX_PAUSE;
+# a draft kept at least half resets the pause.
+RECENT = 0.5
+MIN_ACCEPTANCE = 0.3
+FIRST_PAUSE = 4
+MAX_PAUSE = 64
+
 
 def draftable(seq: Sequence) -> bool:
     """Whether ``seq``'s tokens may be drafted. Not drafted (they decode a token a step):
@@ -34,6 +45,35 @@ def draftable(seq: Sequence) -> bool:
         or p.presence_penalty
         or p.frequency_penalty
     )
+
+
+class Backoff:
+    """One row's recent acceptance of its drafts, and the steps it waits before it drafts
+    again after they kept failing."""
+
+    def __init__(self) -> None:
+        self.acceptance = 1.0  # a new row may draft
+        self.pause = FIRST_PAUSE  # steps of its next wait
+        self.waiting = 0  # steps left of its current wait
+
+    def ready(self) -> bool:
+        """Whether the row may draft this step (called once a step; counts its wait down)."""
+        if self.waiting:
+            self.waiting -= 1
+            return False
+        return True
+
+    def record(self, drafted: int, kept: int) -> None:
+        """A verifying step kept ``kept`` of the row's ``drafted`` draft tokens."""
+        rate = kept / drafted
+        self.acceptance = (1 - RECENT) * self.acceptance + RECENT * rate
+        if rate >= 0.5:
+            self.pause = FIRST_PAUSE
+        if self.acceptance < MIN_ACCEPTANCE:
+            self.waiting = self.pause
+            self.pause = min(2 * self.pause, MAX_PAUSE)
+            # On probation after the wait: a draft that keeps nothing waits again.
+            self.acceptance = 0.5
 
 
 class PromptLookup:

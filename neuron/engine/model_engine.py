@@ -21,7 +21,7 @@ import torch
 
 from neuron import metrics
 from neuron.engine import tools
-from neuron.engine.draft import PromptLookup, draftable
+from neuron.engine.draft import Backoff, PromptLookup, draftable
 from neuron.engine.grammar import Grammars
 from neuron.engine.output import Chunk, Output
 from neuron.engine.runner import Runner
@@ -53,6 +53,7 @@ class ModelEngine:
         prefix_cache: int = 0,
         batch_window: float = 0.0,
         speculative_tokens: int = 0,
+        speculative_max_rows: int | None = None,
     ) -> None:
         self.model_id = model_id
         self.tokenizer = tokenizer
@@ -68,6 +69,11 @@ class ModelEngine:
         self.vocab_size = forward.vocab_size
         # Draft tokens a row may verify per step (prompt lookup, see ``draft``); 0: none.
         self.speculative_tokens = speculative_tokens
+        # Rows a batch may have for a step to verify drafts (None: any). Every row of a
+        # verifying step runs 1 + the longest draft's columns, drafted or not: at one or two
+        # rows a step is bound by memory and the columns come nearly free; at four and more
+        # it is bound by compute here, and the wider step lost to plain decoding (BENCHMARKS.md 8).
+        self.speculative_max_rows = speculative_max_rows
         self._grammars: Grammars | None = None
         self._grammars_lock = threading.Lock()
         self.worker: DeviceWorker | None = None
@@ -306,13 +312,19 @@ class ModelEngine:
             self.runner.settle(kept)
             metrics.DRAFT_TOKENS.labels(**self._labels).inc(sum(len(d) for d in drafts))
             metrics.ACCEPTED_TOKENS.labels(**self._labels).inc(sum(kept))
+            for seq, draft, n in zip(self.running, drafts, kept, strict=True):
+                if draft and seq.backoff is not None:
+                    seq.backoff.record(len(draft), n)
         self._advance(0, sampled)
 
     def _drafts(self) -> list[list[int]]:
         """Each running row's draft tokens for this step (prompt lookup), or [] when no row
         has any (a plain decode step). A draft never runs past what the row may still
-        generate (max_tokens, the context)."""
+        generate (max_tokens, the context). None in a batch over ``speculative_max_rows``,
+        and none from a row whose recent drafts failed (``draft.Backoff``)."""
         if not self.speculative_tokens:
+            return []
+        if self.speculative_max_rows is not None and len(self.running) > self.speculative_max_rows:
             return []
         drafts: list[list[int]] = []
         for seq in self.running:
@@ -323,8 +335,11 @@ class ModelEngine:
             if room < 2 or not draftable(seq):
                 drafts.append([])
                 continue
-            if seq.lookup is None:
-                seq.lookup = PromptLookup()
+            if seq.lookup is None or seq.backoff is None:
+                seq.lookup, seq.backoff = PromptLookup(), Backoff()
+            if not seq.backoff.ready():
+                drafts.append([])
+                continue
             k = min(self.speculative_tokens, room - 1)
             drafts.append(seq.lookup.propose(seq.prompt_ids + seq.generated, k))
         return drafts if any(drafts) else []

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from neuron.engine.draft import PromptLookup
+    from neuron.engine.draft import Backoff, PromptLookup
     from neuron.engine.output import Chunk, TokenLogprob
     from neuron.engine.tools import CallReader
 
@@ -67,6 +67,7 @@ class Sequence:
     matcher: Any = None  # the grammar's state, where the answer is constrained
     reader: CallReader | None = None  # where tool calls are read out of the text
     lookup: PromptLookup | None = None  # its n-grams, where its tokens are drafted
+    backoff: Backoff | None = None  # how its drafts fared, where its tokens are drafted
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens the prefix cache held
     stop_sequence: str = ""  # the stop string that ended it, if one did
