@@ -13,7 +13,7 @@ At each concurrency it prints tokens/s, TTFT and ITL per model (``bench.loadgen`
 acceptance rate of the drafts (the neuron's accepted over drafted token counters), and how
 many of the lookup model's answers are the plain model's, word for word.
 
-    .venv/bin/python -m bench.speculative [--concurrency 1,4,8] [--rounds 2] [--k 4]
+    .venv/bin/python -m bench.speculative [--concurrency 1,4,8] [--rounds 2] [--k 4] [--max-rows 2]
 """
 
 from __future__ import annotations
@@ -52,9 +52,10 @@ async def run(args: argparse.Namespace) -> str:
         demo_model(name, dtype=args.dtype, speculative=method, speculative_tokens=args.k)
         for name, method in MODELS.items()
     ]
-    neuron = NeuronProcess(
-        workdir / "neuron", neuron_config(models, max_batch_size=32, cpu_threads=args.threads)
-    )
+    config = neuron_config(models, max_batch_size=32, cpu_threads=args.threads)
+    if args.max_rows:
+        config["engine"]["speculative_max_rows"] = args.max_rows
+    neuron = NeuronProcess(workdir / "neuron", config)
     runs: dict[Key, list[Summary]] = {}
     texts: Answers = {}
     drafted = {w: 0.0 for w in WORKLOADS}
@@ -88,6 +89,7 @@ async def run(args: argparse.Namespace) -> str:
         shutil.rmtree(workdir, ignore_errors=True)
     out = [
         f"commit {head_commit()}; dtype {args.dtype}; speculative_tokens {args.k}; "
+        f"speculative_max_rows {args.max_rows or 'the default'}; "
         f"{args.threads or 'all'} torch threads; "
         f"{args.rounds} rounds; echo {args.echo_tokens} tokens at most, chat {args.tokens}; "
         f"{args.per_stream} requests a stream",
@@ -159,6 +161,9 @@ def main() -> None:
     parser.add_argument("--per-stream", type=int, default=1, help="requests each stream sends")
     parser.add_argument("--rounds", type=int, default=2, help="each model's runs, interleaved")
     parser.add_argument("--k", type=int, default=4, help="speculative_tokens of the lookup model")
+    parser.add_argument(
+        "--max-rows", type=int, default=0, help="engine.speculative_max_rows (0: the default)"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     # One: on a host whose cores other processes share, a torch thread that is not scheduled
     # stalls every step (25-70x slower ones were seen); 0: one per core.
