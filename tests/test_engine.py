@@ -35,7 +35,7 @@ from neuron.engine import (
     Sequence,
     model_engine,
 )
-from neuron.engine.draft import PromptLookup
+from neuron.engine.draft import FIRST_PAUSE, MAX_PAUSE, Backoff, PromptLookup
 from neuron.engine.output import held_back
 from neuron.engine.sampler import Sampler
 from neuron.errors import InvalidArgument, QueueFull, QueueTimeout
@@ -558,6 +558,94 @@ async def test_prompt_lookup_drafts_from_the_prompt_and_changes_no_answer(
     together = await asyncio.gather(*(answer(engine, p, max_tokens=20) for p in prompts))
     assert [t for t, _ in together] == [t for t, _ in expected]
     assert counted("speculative_draft_tokens") > drafted
+
+
+async def test_speculative_gate_decodes_plainly_in_a_batch_over_its_bound(
+    make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = make_engine()
+    known = recorded(plain)
+    # Rows leave at different lengths, so the batch shrinks under the bound before the end.
+    cases = [(p, 8 + 12 * i) for i, p in enumerate(PROMPTS[:4])]
+    expected = [await answer(plain, p, max_tokens=n) for p, n in cases]
+
+    monkeypatch.setattr(model_engine, "PromptLookup", lambda: Oracle(known))
+    engine = make_engine(speculative_tokens=4, speculative_max_rows=2)
+    rows: dict[str, list[int]] = {"verify": [], "decode": []}
+    for step in rows:
+        run = getattr(engine.runner, step)
+
+        def counting(*args: Any, _run: Any = run, _step: str = step) -> Any:
+            rows[_step].append(len(engine.running))
+            return _run(*args)
+
+        monkeypatch.setattr(engine.runner, step, counting)
+    together = await asyncio.gather(*(answer(engine, p, max_tokens=n) for p, n in cases))
+    assert [t for t, _ in together] == [t for t, _ in expected]
+    assert rows["verify"] and max(rows["verify"]) <= 2, rows
+    assert max(rows["decode"]) > 2, "every row had a draft: steps over the bound ran plainly"
+
+
+def test_backoff_waits_longer_after_each_failure_and_a_good_draft_resets_it() -> None:
+    backoff = Backoff()
+
+    def waited() -> int:
+        steps = 0
+        while not backoff.ready():
+            steps += 1
+        return steps
+
+    assert waited() == 0
+    backoff.record(4, 0)
+    assert waited() == 0, "one rejected draft is not yet a pattern"
+    backoff.record(4, 0)
+    assert waited() == FIRST_PAUSE
+    backoff.record(4, 0)
+    assert waited() == 2 * FIRST_PAUSE
+    backoff.record(4, 4)  # kept whole: the next failures start from the first pause again
+    backoff.record(4, 0)
+    assert waited() == 0
+    backoff.record(4, 0)
+    assert waited() == FIRST_PAUSE
+    for _ in range(10):
+        backoff.record(4, 0)
+        pause = waited()
+    assert pause == MAX_PAUSE
+
+
+class Wrong(Oracle):
+    """A drafter whose every draft is wrong from its first token; records how many tokens
+    the row had generated at each draft."""
+
+    def __init__(self, known: dict[tuple[int, ...], list[int]]) -> None:
+        super().__init__(known)
+        self.at: list[int] = []
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        for prompt, answer_ in self.known.items():
+            if tuple(tokens[: len(prompt)]) == prompt:
+                done = len(tokens) - len(prompt)
+                self.at.append(done)
+                return [t + 1 for t in answer_[done : done + k]]
+        return []
+
+
+async def test_speculative_row_whose_drafts_fail_backs_off_and_drafts_again_later(
+    make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = make_engine()
+    known = recorded(plain)
+    expected, _ = await answer(plain, PROMPTS[0], max_tokens=LONG)
+
+    drafter = Wrong(known)
+    monkeypatch.setattr(model_engine, "PromptLookup", lambda: drafter)
+    engine = make_engine(speculative_tokens=4)
+    text, _ = await answer(engine, PROMPTS[0], max_tokens=LONG)
+    assert text == expected
+    # Two rejected drafts, then waits of 4, 8, 16 steps between single tries (32 runs past
+    # the answer's end): 5 drafts in 60 tokens, not 59.
+    first = FIRST_PAUSE
+    assert drafter.at == [1, 2, 3 + first, 4 + 3 * first, 5 + 7 * first], drafter.at
 
 
 def test_speculative_sampling_draws_from_the_models_distribution() -> None:
