@@ -68,7 +68,8 @@ async def run(args: argparse.Namespace) -> str:
             for name in MODELS:  # warm-up: connections, lazy initialisation
                 await closed_loop(grpc_sender(stub, name, 8), max(args.concurrency), 1)
             for round_ in range(args.rounds):
-                for workload, prompt_set in WORKLOADS.items():
+                for workload in args.workloads:
+                    prompt_set = WORKLOADS[workload]
                     tokens = args.echo_tokens if workload == "echo" else args.tokens
                     for streams in args.concurrency:
                         for name in MODELS:
@@ -97,7 +98,7 @@ async def run(args: argparse.Namespace) -> str:
         "acceptance (accepted / drafted tokens): "
         + ", ".join(
             f"{w} {kept[w] / drafted[w]:.2f} of {drafted[w]:.0f}" if drafted[w] else f"{w} -"
-            for w in WORKLOADS
+            for w in args.workloads
         ),
     ]
     failed = [e for summaries in runs.values() for s in summaries for e in s.errors]
@@ -161,6 +162,12 @@ def main() -> None:
     parser.add_argument("--per-stream", type=int, default=1, help="requests each stream sends")
     parser.add_argument("--rounds", type=int, default=2, help="each model's runs, interleaved")
     parser.add_argument("--k", type=int, default=4, help="speculative_tokens of the lookup model")
+    parser.add_argument(
+        "--workloads",
+        type=lambda text: text.split(","),
+        default=list(WORKLOADS),
+        help="comma-separated: echo, chat",
+    )
     parser.add_argument(
         "--max-rows", type=int, default=0, help="engine.speculative_max_rows (0: the default)"
     )
