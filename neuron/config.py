@@ -65,13 +65,15 @@ class EngineConfig:
     # prefilled together; 0: at once.
     batch_window: float = 0.005
     # Speculative decoding for models whose spec does not say: "prompt_lookup" (drafts from
-    # the row's own prompt and answer, verified in one step) or "off".
-    speculative: str = "off"
+    # the row's own prompt and answer, verified in one step) or "off". On: with the gate below
+    # it measured a gain where answers repeat their input and no loss elsewhere (BENCHMARKS.md 8).
+    speculative: str = "prompt_lookup"
     # Draft tokens a row may verify per step (a model's spec may say otherwise).
     speculative_tokens: int = 4
     # Rows a model's batch may have for its rows to verify drafts; at more, every row decodes
-    # a token a step (a verifying step widens every row of the batch; BENCHMARKS.md 8).
-    speculative_max_rows: int = 2
+    # a token a step (a verifying step widens every row of the batch: at 2 rows chat answers
+    # ran 0.82x plain, at 1 row even; BENCHMARKS.md 8).
+    speculative_max_rows: int = 1
 
     def check_config(self, key: str) -> None:
         if self.speculative not in SPECULATIVE:

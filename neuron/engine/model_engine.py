@@ -70,9 +70,9 @@ class ModelEngine:
         # Draft tokens a row may verify per step (prompt lookup, see ``draft``); 0: none.
         self.speculative_tokens = speculative_tokens
         # Rows a batch may have for a step to verify drafts (None: any). Every row of a
-        # verifying step runs 1 + the longest draft's columns, drafted or not: at one or two
-        # rows a step is bound by memory and the columns come nearly free; at four and more
-        # it is bound by compute here, and the wider step lost to plain decoding (BENCHMARKS.md 8).
+        # verifying step runs 1 + the longest draft's columns, drafted or not: at one row a
+        # step is bound by memory and the columns come nearly free; with more rows on a CPU
+        # the wider step costs more than chat's few kept drafts gain (BENCHMARKS.md 8).
         self.speculative_max_rows = speculative_max_rows
         self._grammars: Grammars | None = None
         self._grammars_lock = threading.Lock()
