@@ -188,25 +188,28 @@ def transformers_server(model_dir: Path, continuous: bool) -> Any:
 
 def llama_cpp_server(args: argparse.Namespace, workdir: Path) -> Any:
     """llama-cpp-python's server on the demo GGUF itself: its Q4_1 weights run natively in
-    llama.cpp's kernels (no dequantising, so no ``--dtype``), under the GGUF's own chat template.
+    llama.cpp's kernels (no dequantising, so no ``--dtype``), under the GGUF's chat template.
 
     It holds one sequence and serves one request at a time: a lock queues the rest, and
     ``interrupt_requests`` (on by default) would end the stream in flight, without a finish
     reason, whenever another request waits; it is off here, so concurrent requests wait their
     turn. Its ``Llama`` has no parallel slots or continuous batching for generation (the
-    ``n_seq_max`` it sets is for embeddings only), so ``n_ctx`` needs to hold one request, not
-    16. Threads: the cores, as neuron's. Greedy as every server, with its default
+    ``n_seq_max`` it sets is for embeddings only; llama.cpp's own C++ ``llama-server`` has
+    them, and is not what this runs), so ``n_ctx`` needs to hold one request, not 16. Threads:
+    the cores, as neuron's (``--llama-threads``: 2 threads' spinning barriers collapse when
+    another process takes a core). Logits of the last position only (the server's default
+    keeps every prompt position's, for ``echo``). Greedy as every server, its default
     ``repeat_penalty`` of 1.1 turned off (the others apply none). It streams no usage, so its
     tokens are counted by ``bench.loadgen`` (``length``: all of ``max_tokens``).
     """
     port = free_port()
-    threads = str(len(os.sched_getaffinity(0)))
+    threads = str(args.llama_threads or len(os.sched_getaffinity(0)))
     command = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(DEMO_GGUF),
         "--host", "127.0.0.1", "--port", str(port),
         "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "2048",
         "--chat_format", "chat_template.default", "--interrupt_requests", "false",
-        "--verbose", "false",
+        "--logits_all", "false", "--verbose", "false",
     ]  # fmt: skip
     log = workdir / "llama-cpp-server.log"
     extra = {"repeat_penalty": 1.0}
@@ -421,6 +424,9 @@ def main() -> None:
         help=f"which servers, comma-separated (default: all of {','.join(SERVERS)})",
     )
     parser.add_argument("--skip-transformers", action="store_true", help="drop both transformers")
+    parser.add_argument(
+        "--llama-threads", type=int, default=0, help="llama.cpp's threads (default: the cores)"
+    )
     report, failed = asyncio.run(run(parser.parse_args()))
     print(report)
     if failed:
