@@ -194,16 +194,18 @@ def llama_cpp_server(args: argparse.Namespace, workdir: Path) -> Any:
     ``interrupt_requests`` (on by default) would end the stream in flight, without a finish
     reason, whenever another request waits; it is off here, so concurrent requests wait their
     turn. Its ``Llama`` has no parallel slots or continuous batching for generation (the
-    ``n_seq_max`` it sets is for embeddings only; llama.cpp's own C++ ``llama-server`` has
-    them, and is not what this runs), so ``n_ctx`` needs to hold one request, not 16. Threads:
-    the cores, as neuron's (``--llama-threads``: 2 threads' spinning barriers collapse when
-    another process takes a core). Logits of the last position only (the server's default
-    keeps every prompt position's, for ``echo``). Greedy as every server, its default
-    ``repeat_penalty`` of 1.1 turned off (the others apply none). It streams no usage, so its
-    tokens are counted by ``bench.loadgen`` (``length``: all of ``max_tokens``).
+    ``n_seq_max`` it sets is for embeddings only; llama.cpp's own C++ ``llama-server`` has them,
+    and is not what this runs), so ``n_ctx`` needs to hold one request, not 16. Threads
+    (``--llama-threads``): the cores less one, left to its Python server and the client: its
+    threads spin at every barrier of a step, and one of them preempted stalls the step (on 2
+    cores, 1 thread served 1.2-1.4x the tokens/s of 2, steadier, at the same TTFT). Logits of
+    the last position only (the server's default keeps every prompt position's, for ``echo``).
+    Greedy as every server, its default ``repeat_penalty`` of 1.1 turned off (the others apply
+    none). It streams no usage, so its tokens are counted by ``bench.loadgen`` (``length``: all
+    of ``max_tokens``).
     """
     port = free_port()
-    threads = str(args.llama_threads or len(os.sched_getaffinity(0)))
+    threads = str(args.llama_threads or max(1, len(os.sched_getaffinity(0)) - 1))
     command = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(DEMO_GGUF),
         "--host", "127.0.0.1", "--port", str(port),
@@ -425,7 +427,7 @@ def main() -> None:
     )
     parser.add_argument("--skip-transformers", action="store_true", help="drop both transformers")
     parser.add_argument(
-        "--llama-threads", type=int, default=0, help="llama.cpp's threads (default: the cores)"
+        "--llama-threads", type=int, default=0, help="llama.cpp's (default: the cores less one)"
     )
     report, failed = asyncio.run(run(parser.parse_args()))
     print(report)
