@@ -70,10 +70,16 @@ test: $(VENV)/.installed $(DEMO_GGUF) system-deps lint
 run: $(VENV)/.installed $(DEMO_GGUF)
 	$(BIN)/python scripts/run_demo.py
 
-# Benchmarks: figures for BENCHMARKS.md. transformers' own server is the baseline to beat.
-bench: SYSTEM_TOOLS += wrk:wrk
+# Benchmarks: figures for BENCHMARKS.md. transformers' own server is the baseline to beat, and
+# llama.cpp the peer on the GGUF itself: llama-cpp-python is built from its source here (g++;
+# scikit-build-core fetches cmake and ninja where the system lacks them), for this CPU, without its
+# multimodal library; once built, a rerun costs nothing.
+LLAMA_CPP ?= llama-cpp-python[server]==0.3.36
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF
+bench: SYSTEM_TOOLS += wrk:wrk g++:g++
 bench: $(VENV)/.installed $(DEMO_GGUF) system-deps
 	$(BIN)/pip install -q "transformers[serving]"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/pip install -q "$(LLAMA_CPP)"
 	# xgrammar without its deps: they would add triton (286 MB, GPU only) beside CPU torch.
 	$(BIN)/pip install -q llguidance outlines-core apache-tvm-ffi
 	$(BIN)/pip install -q --no-deps xgrammar

@@ -1,10 +1,10 @@
 """Closed-loop load: N concurrent streams, each sending requests back to back.
 
-Clients for an OpenAI-compatible SSE endpoint (cortex, transformers serve) and for a neuron's
-gRPC ``Generate``. Each request records its time to first token, the gaps between the chunks
-that followed, its completion tokens and how it ended. A request that fails (a status, an
-error event, no finish reason, or fewer tokens than asked without a ``stop`` to explain them)
-is an error, counted apart from the figures.
+Clients for an OpenAI-compatible SSE endpoint (cortex, transformers serve, llama.cpp) and for a
+neuron's gRPC ``Generate``. Each request records its time to first token, the gaps between the
+chunks that followed, its completion tokens and how it ended. A request that fails (a status,
+an error event, no finish reason, or fewer tokens than asked without a ``stop`` to explain
+them) is an error, counted apart from the figures.
 
 Requests are the same bytes for every server: request ``index`` of a run tagged ``tag`` has
 one text whoever receives it. Two prompt sets: ``shared`` (a user message only, so the chat
@@ -218,10 +218,13 @@ def openai_sender(
     model: str,
     max_tokens: int,
     prompt_set: str = "shared",
+    extra: dict[str, Any] | None = None,
 ) -> Send:
+    """Chat requests over SSE; ``extra``: body fields a server needs for the same sampling."""
+
     async def send(tag: str, index: int) -> Result:
         chat = [{"role": r, "content": c} for r, c in messages(prompt_set, tag, index)]
-        return await chat_stream(session, base_url, model, chat, max_tokens)
+        return await chat_stream(session, base_url, model, chat, max_tokens, extra)
 
     return send
 
@@ -232,8 +235,12 @@ async def chat_stream(
     model: str,
     chat: list[dict[str, str]],
     max_tokens: int,
+    extra: dict[str, Any] | None = None,
 ) -> Result:
-    """One greedy streamed chat completion of ``chat``: its arrivals, text and usage, judged."""
+    """One greedy streamed chat completion of ``chat``: its arrivals, text and usage, judged.
+
+    A server that streams no usage is counted by its finish: ``length`` is ``max_tokens``
+    reached; otherwise its chunks of text are counted (one a token, or fewer)."""
     body = {
         "model": model,
         "messages": chat,
@@ -241,6 +248,7 @@ async def chat_stream(
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     arrivals = Arrivals()
     usage: dict[str, Any] = {}
@@ -267,9 +275,9 @@ async def chat_stream(
                     finish = choices[0]["finish_reason"]
     except (aiohttp.ClientError, TimeoutError) as e:
         return arrivals.result(0, f"{type(e).__name__}: {e}")
-    usage_tokens = usage.get("completion_tokens", 0)
-    exact = bool(usage_tokens)  # else only the text chunks were counted
-    result = arrivals.result(usage_tokens or arrivals.chunks)
+    tokens = usage.get("completion_tokens", 0) or (max_tokens if finish == "length" else 0)
+    exact = bool(tokens)  # else only the text chunks were counted
+    result = arrivals.result(tokens or arrivals.chunks)
     result.text = "".join(text)
     result.prompt_tokens = usage.get("prompt_tokens", 0)
     result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
