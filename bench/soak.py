@@ -53,6 +53,8 @@ from tests.harness import (
     CortexProcess,
     NeuronProcess,
     demo_model,
+    metric_sum,
+    metric_value,
     neurons_up,
 )
 from tests.netns import Host, HostedFleet, hosted_fleet, namespaces_refusal, netem_refusal
@@ -83,6 +85,8 @@ FLEET = {"keepalive_time": 5.0, "keepalive_timeout": 2.0}
 # Statuses that refuse clearly: capacity (429, 503, 529), a neuron that failed (502), a stall (504).
 REFUSALS = {429, 502, 503, 504, 529}
 MIB = 1 << 20
+# What came of a generation whose neuron failed mid-way (cortex's resumptions_total).
+RESULTS = ("resumed", "failed", "not_resumable")
 
 
 @dataclass
@@ -523,8 +527,7 @@ class Soak:
             self._watch(self.cortex, "cortex", required=True)
             for i, neuron in enumerate(self.neurons):
                 self._watch(neuron, self.names[i], required=i == 0)
-            before = _counted(self.cortex)
-            resumed_before = _resumptions(self.cortex)
+            before = _cortex_counts(self.cortex)
             tasks = [asyncio.create_task(self.client(session, i)) for i in range(self.clients)]
             faults = asyncio.create_task(self.fault_loop(session))
             sampler = asyncio.create_task(self.sample_rss())
@@ -539,12 +542,9 @@ class Soak:
                     task.cancel()
                 await asyncio.gather(*tasks, faults, sampler, return_exceptions=True)
             elapsed = self.now()
-        counted = _counted(self.cortex) - before
-        resumed = {
-            k: v - resumed_before.get(k, 0.0)
-            for k, v in _resumptions(self.cortex).items()
-            if v - resumed_before.get(k, 0.0)
-        }
+        grown = {k: v - before[k] for k, v in _cortex_counts(self.cortex).items()}
+        counted = grown.pop("requests")
+        resumed = {result: n for result, n in grown.items() if n}
         return self.judge(elapsed, counted, resumed, seconds)
 
     def judge(
@@ -602,26 +602,16 @@ def _rss(pid: int) -> int | None:
     return None
 
 
-def _counted(cortex: CortexProcess) -> float:
-    """Requests cortex counted on the chat and completions routes, whatever their status."""
+def _cortex_counts(cortex: CortexProcess) -> dict[str, float]:
+    """What cortex has counted: ``requests`` on the chat and completions routes (whatever
+    their status), and generations whose neuron failed mid-way by result (resumptions_total)."""
     text = cortex.metrics()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("helexa_gateway_requests_total{") and any(
-            f'route="{route}"' in line for route in (CHAT, COMPLETIONS)
-        ):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def _resumptions(cortex: CortexProcess) -> dict[str, float]:
-    """cortex's ``resumptions_total`` by result."""
-    found = {}
-    for line in cortex.metrics().splitlines():
-        if line.startswith("helexa_gateway_resumptions_total{"):
-            result = line.split('result="', 1)[1].split('"', 1)[0]
-            found[result] = float(line.rsplit(" ", 1)[1])
-    return found
+    counts = {r: metric_value(text, "helexa_gateway_resumptions_total", result=r) for r in RESULTS}
+    counts["requests"] = sum(
+        metric_sum(text, "helexa_gateway_requests_total", route=route)
+        for route in (CHAT, COMPLETIONS)
+    )
+    return counts
 
 
 @contextlib.asynccontextmanager

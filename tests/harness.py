@@ -340,6 +340,15 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of every sample of ``name`` that has ``labels`` (whatever its other labels)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
+    )
+
+
 async def collect(stub: pb_grpc.NeuronStub, request: pb.GenerateRequest) -> tuple[str, Any, int]:
     """Run one Generate to its end: (text, last message, number of messages)."""
     text, last, count = "", None, 0
@@ -670,11 +679,7 @@ async def wait_up(cortex: CortexProcess, expected: list[str], within: float = 60
 
 def served(neuron: NeuronProcess, model: str = DEMO_ID) -> float:
     """Requests for ``model`` the neuron finished, whatever their finish reason."""
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in neuron.metrics().splitlines()
-        if line.startswith("helexa_neuron_requests_total{") and f'model="{model}"' in line
-    )
+    return metric_sum(neuron.metrics(), "helexa_neuron_requests_total", model=model)
 
 
 def _chunk(event: bytes) -> dict[str, Any]:
