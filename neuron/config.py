@@ -65,9 +65,10 @@ class EngineConfig:
     # prefilled together; 0: at once.
     batch_window: float = 0.005
     # Speculative decoding for models whose spec does not say: "prompt_lookup" (drafts from
-    # the row's own prompt and answer, verified in one step) or "off". On: with the gate below
-    # it measured a gain where answers repeat their input and no loss elsewhere (BENCHMARKS.md 8).
-    speculative: str = "prompt_lookup"
+    # the row's own prompt and answer, verified in one step) or "off". Off: a verifying step's
+    # attention rounds differently from a one-token step's, so a greedy answer could depend on
+    # whether its row ran alone (gated to 1 row); a soak with it on once had one answer differ.
+    speculative: str = "off"
     # Draft tokens a row may verify per step (a model's spec may say otherwise).
     speculative_tokens: int = 4
     # Rows a model's batch may have for its rows to verify drafts; at more, every row decodes
