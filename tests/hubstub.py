@@ -86,6 +86,11 @@ class HubStub:
             self.allowed = max(self.allowed, total)
             self._pace.notify_all()
 
+    def holding(self) -> bool:
+        """Whether the downloads have sent all they may (less than a chunk short of it)."""
+        with self._pace:
+            return self.allowed - self.sent < CHUNK
+
     def close(self) -> None:
         self.allow(1 << 62)
         self.server.shutdown()

@@ -174,6 +174,20 @@ class Watcher:
             await asyncio.sleep(0.05)
         return model.load
 
+    async def held(self, hub: HubStub, above: int, what: str) -> pb.LoadProgress:
+        """Once the stub has sent every byte it may, poll until the count is past ``above``
+        and stays put for half a second: the download standing still at the hold (the count
+        can lag the bytes sent by a read, so the first rise is not yet the hold)."""
+        await self.until(lambda m: hub.holding() and m.load.done > above, what)
+        deadline = time.monotonic() + 120.0
+        while True:
+            before = (await self.look()).load
+            await asyncio.sleep(0.5)
+            after = (await self.look()).load
+            if after.done == before.done:
+                return after
+            assert time.monotonic() < deadline, f"{what}: the count never stood still"
+
     async def to_the_end(self) -> pb.ModelStatus:
         """Poll until the load ends; the model as listed after it."""
         while not self.load.done():
@@ -202,7 +216,7 @@ async def watched(
             # A quarter of the file, held: the download stands still part-way.
             start = hub.sent
             hub.allow(start + size // 4)
-            first = await watcher.until(lambda m: m.load.done > 0, "no progress while held")
+            first = await watcher.held(hub, 0, "no progress while held")
             watched.held.append(first)
             watched.metrics_held = neuron.metrics()
             # Polled from here (--direct): the neuron's figures now, not cortex's last poll.
@@ -219,9 +233,7 @@ async def watched(
             )
             # Three quarters: the count rises and holds again.
             hub.allow(start + 3 * size // 4)
-            watched.held.append(
-                await watcher.until(lambda m: m.load.done > first.done, "the count never rose")
-            )
+            watched.held.append(await watcher.held(hub, first.done, "the count never rose"))
             # The rest: watch every stage go by until the load ends.
             hub.allow(start + size)
             final = await watcher.to_the_end()
