@@ -82,7 +82,9 @@ def bare_step_ceiling(
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from neuron.model.forward import Forward, KVCache
+    from neuron.engine.runner import Runner
+    from neuron.engine.sequence import SamplingParams, Sequence
+    from neuron.model.forward import Forward
     from neuron.model.quant import int4_kernel_usable, load_int4
 
     dtype = getattr(torch, dtype_name)
@@ -95,10 +97,15 @@ def bare_step_ceiling(
         for batch in batches:
             prompt = torch.randint(0, 1000, (batch, 64))
             if engine == "neuron":
-                cache = KVCache.empty(forward, batch, 128)
-                positions = torch.arange(64).expand(batch, 64)
-                forward(prompt, positions, torch.ones(batch, 64, dtype=torch.long), cache)
-                step = functools.partial(_neuron_step, forward, cache)
+                # The engine's runner over its paged cache, without prefix cache (the prompts
+                # are random): a step is its ``decode``.
+                runner = Runner("bench", forward, torch.device("cpu"), 0, 16 * batch + 1, 0)
+                seqs = [
+                    Sequence(str(i), row, SamplingParams(max_tokens=64), print, None)  # type: ignore[arg-type]
+                    for i, row in enumerate(prompt.tolist())
+                ]
+                runner.prefill(seqs)
+                step = functools.partial(_neuron_step, runner)
             else:
                 cache = DynamicCache(config=model.config)
                 model(input_ids=prompt, past_key_values=cache)
@@ -114,12 +121,9 @@ def bare_step_ceiling(
     return ceiling
 
 
-def _neuron_step(forward: Any, cache: Any, token: Any) -> Any:
-    import torch
-
-    rows = token.shape[0]
-    mask = torch.ones(rows, cache.length + 1, dtype=torch.long)
-    return forward(token, torch.full((rows, 1), cache.length), mask, cache)
+def _neuron_step(runner: Any, token: Any) -> Any:
+    runner.accept(0, token[:, 0])
+    return runner.decode()
 
 
 def _transformers_step(model: Any, cache: Any, token: Any) -> Any:

@@ -57,8 +57,14 @@ class EngineConfig:
     max_batch_size: int = 16
     # Requests waiting for a batch slot per model before new ones are refused (a spec may lower it).
     max_waiting: int = 256
-    # Keys and values of prompt beginnings kept per model, so a prompt that starts like an
-    # earlier one runs only its new tokens; 0: off. Outside the models' memory budget.
+    # Tokens each model's paged KV cache holds, all its rows together; 0: max_batch_size x
+    # the model's context (no request ever waits for cache room). Fewer fit more models on a
+    # device: a batch holds only the tokens it has, and when the cache is full the newest
+    # request waits (preempted, its tokens run again) while the others go on.
+    kv_cache_tokens: int = 0
+    # Blocks of the KV cache no request holds any more kept per model for prompts that begin
+    # the same way (such a prompt runs only its new tokens); 0: no prefix cache. Inside the
+    # KV cache (a new request takes them back when it needs the room).
     prefix_cache: int = field(default=256 << 20, metadata={"unit": "bytes"})
     # Seconds a model with no batch running waits for another request before it runs the
     # prompts it has (at most 5 such windows), so requests that arrive together are
@@ -87,6 +93,8 @@ class EngineConfig:
             raise ConfigError(f"{key}.speculative_max_rows: must be at least 1")
         if not 0 <= self.batch_window <= 1:
             raise ConfigError(f"{key}.batch_window: must be between 0 and 1 second")
+        if self.kv_cache_tokens < 0:
+            raise ConfigError(f"{key}.kv_cache_tokens: must not be negative")
         if self.prefix_cache < 0:
             raise ConfigError(f"{key}.prefix_cache: must not be negative")
         if self.max_batch_size < 1:

@@ -68,7 +68,21 @@ PREFIX_CACHE_HITS = Counter(
 )
 PREFIX_CACHE_BYTES = Gauge(
     "helexa_neuron_prefix_cache_bytes",
-    "Memory the prefix cache holds for a loaded model (engine.prefix_cache bounds it)",
+    "Memory of a loaded model's KV cache blocks that hold a known prompt beginning, held by "
+    "running requests or idle (engine.prefix_cache bounds the idle ones)",
+    ["model"],
+    registry=REGISTRY,
+)
+KV_CACHE_USAGE = Gauge(
+    "helexa_neuron_kv_cache_usage",
+    "Fraction of a loaded model's KV cache blocks that running requests hold",
+    ["model"],
+    registry=REGISTRY,
+)
+PREEMPTIONS = Counter(
+    "helexa_neuron_preemptions",
+    "Running requests sent back to wait (their tokens run again later) because the KV "
+    "cache had no block for the next step",
     ["model"],
     registry=REGISTRY,
 )

@@ -24,12 +24,13 @@ from neuron import metrics
 from neuron.config import EngineConfig, NeuronConfig
 from neuron.devices import Device, cpu_has_fast_bf16, cuda_free_bytes, discover
 from neuron.engine import DeviceWorker, ModelEngine
+from neuron.engine.blocks import pool_blocks
 from neuron.errors import LoadFailed, ModelNotFound, NeuronError, NoRoom, ShuttingDown, SpecConflict
 from neuron.loadpolicy import check_source
 from neuron.loadprogress import LOADING_WEIGHTS, WARMING_UP, LoadProgress
 from neuron.model.forward import (
     ARCHITECTURES,
-    GROWTH,
+    BLOCK,
     Forward,
     kv_elements_per_token,
     served_context,
@@ -172,7 +173,9 @@ class Registry:
             device, dtype, weights, kv = self._place(
                 spec,
                 model_dir,
-                kv_elements_per_token(config) * max_batch_size * (max_context + GROWTH),
+                kv_elements_per_token(config)
+                * BLOCK
+                * pool_blocks(self.config.engine.kv_cache_tokens, max_batch_size, max_context),
             )
             held.device, held.resident_bytes = device.name, weights  # reserved while loading
             held.kv_bytes = kv
@@ -192,6 +195,7 @@ class Registry:
                 max_batch_size=max_batch_size,
                 max_context=max_context,
                 prefix_cache=self.config.engine.prefix_cache,
+                kv_cache_tokens=self.config.engine.kv_cache_tokens,
                 batch_window=self.config.engine.batch_window,
                 speculative_tokens=_speculative_tokens(spec, self.config.engine),
                 speculative_max_rows=self.config.engine.speculative_max_rows,
@@ -230,9 +234,8 @@ class Registry:
         self, spec: ModelSpec, model_dir: Path, kv_elements: int
     ) -> tuple[Device, torch.dtype, int, int]:
         """The device with the most room, the dtype, and the bytes the weights and the KV
-        cache need there. ``kv_elements``: what a full batch at the model's context holds in
-        its KV cache (with the room a cache grows by), so that no prompt, however long, can
-        take a device past what was counted here."""
+        cache need there. ``kv_elements``: what the model's paged KV cache holds (it is
+        allocated whole at load, as its blocks are handed out from it)."""
         candidates = [d for d in self.devices if _matches(spec.device, d)]
         if not candidates:
             names = ", ".join(d.name for d in self.devices)
@@ -255,7 +258,7 @@ class Registry:
         if not options:
             raise NoRoom(
                 f"model {spec.id!r} does not fit: {'; '.join(needs)} (the KV cache is "
-                "max_batch_size x max_context tokens)"
+                "engine.kv_cache_tokens, or max_batch_size x max_context tokens)"
             )
         best = min(options, key=lambda o: o[:3])
         return best[3], best[4], best[5], best[6]

@@ -187,6 +187,37 @@ async def test_batch_never_holds_more_than_max_batch_size(make_engine: Any) -> N
     assert all(last.completion_tokens >= 1 for _, last in results)
 
 
+async def test_a_full_kv_cache_preempts_the_newest_rows_and_every_answer_is_as_alone(
+    make_engine: Any,
+) -> None:
+    # One context's worth of blocks (512 tokens) for eight rows of ~10 prompt tokens and 60
+    # generated: the batch outgrows the cache, the newest rows wait and run again.
+    engine = make_engine(kv_cache_tokens=1)
+    usable = engine.runner.blocks.count - 1
+    alone = [await answer(engine, p, max_tokens=LONG) for p in PROMPTS]
+    preempted = counted("preemptions")
+    most = 0
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, engine.runner.blocks.held)
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.create_task(watch())
+    together = await asyncio.gather(
+        *[answer(engine, p, max_tokens=LONG) for p in PROMPTS + PROMPTS[:2]]
+    )
+    watcher.cancel()
+    assert counted("preemptions") > preempted
+    assert most <= usable
+    for (text, last), (text_alone, last_alone) in zip(together, alone + alone[:2], strict=True):
+        assert text == text_alone
+        assert last.completion_tokens == last_alone.completion_tokens
+    # Every block is back: none held, the prompts' beginnings cached within the bound.
+    assert engine.runner.blocks.held == 0
+
+
 async def test_cancelled_stream_leaves_the_batch_and_frees_its_slot(make_engine: Any) -> None:
     engine = make_engine(max_batch_size=1)
     stream = engine.stream(ids(engine, PROMPTS[1]), SamplingParams(max_tokens=200, temperature=0))
@@ -515,7 +546,6 @@ async def test_speculative_greedy_answers_equal_plain_ones_in_a_changing_batch(
 
     monkeypatch.setattr(model_engine, "PromptLookup", lambda: Oracle(known))
     engine = make_engine(speculative_tokens=5)
-    engine.runner.holes = 3  # rejected drafts' columns are packed out every few steps
     drafted, kept = counted("speculative_draft_tokens"), counted("speculative_accepted_tokens")
     early = [asyncio.create_task(answer(engine, p, **o)) for p, o in cases[:3]]
     await until(lambda: engine.running, 30, "the first requests never ran")

@@ -1,20 +1,32 @@
 """The engine's forward pass against transformers' own, on tiny random models.
 
-Each supported architecture: rows of different lengths, left-padded, prefilled together,
-decoded, joined by a new row mid-way and trimmed when one leaves, exactly as the engine
-drives it. Every row's logits must match transformers' forward over that row alone.
+Each supported architecture: rows of different lengths prefilled together through the paged
+KV cache, decoded, joined by a new row mid-way (one that begins like an earlier prompt, so it
+shares that prompt's cached blocks) and trimmed when one leaves, a verifying step with drafts
+of different lengths, all through the engine's ``Runner`` as the engine drives it. Every
+row's logits must match transformers' forward over that row alone.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from neuron.engine.runner import Runner
+from neuron.engine.sequence import SamplingParams, Sequence
 from neuron.model import quant
-from neuron.model.forward import Forward, KVCache
+from neuron.model.forward import BLOCK, Forward
+
+
+@pytest.fixture(autouse=True)
+def inference_mode() -> Iterator[None]:
+    """As the engine's step runs: the runner's tensors are inference tensors."""
+    with torch.inference_mode():
+        yield
+
 
 SIZES = dict(
     vocab_size=97,
@@ -58,50 +70,48 @@ def alone(reference: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
 
 
 class Batch:
-    """The engine's bookkeeping for a batch: rows, their tokens, mask, positions, cache."""
+    """A ``Runner`` over ``forward``, fed tokens as the engine feeds it."""
 
-    def __init__(self, forward: Forward) -> None:
-        self.forward = forward
-        self.rows: list[list[int]] = []
-        self.cache: KVCache | None = None
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
+    def __init__(self, forward: Forward, prefix_cache: int = 1 << 20) -> None:
+        self.runner = Runner("tiny", forward, torch.device("cpu"), 0, 64, prefix_cache)
+        # What a fresh pool's memory may hold: a row must never read it unmasked, and the
+        # masked columns must leave nothing of it.
+        self.runner.pool.data[:, :, :, BLOCK:] = float("nan")
+        self.seqs: list[Sequence] = []
+
+    @property
+    def rows(self) -> list[list[int]]:
+        return [s.prompt_ids + s.generated for s in self.seqs]
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        longest = max(len(p) for p in prompts)
-        ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = KVCache.empty(self.forward, len(prompts), longest + 2)
-        logits = self.forward(ids, positions, mask, cache)
-        if self.cache is None:
-            self.cache, self.mask = cache, mask
-        else:
-            total = max(self.mask.shape[1], mask.shape[1])
-            self.cache.merge(cache)
-            self.mask = torch.cat(
-                [
-                    F.pad(self.mask, (total - self.mask.shape[1], 0)),
-                    F.pad(mask, (total - mask.shape[1], 0)),
-                ]
-            )
-        self.rows.extend(list(p) for p in prompts)
+        seqs = [
+            Sequence(str(i), list(p), SamplingParams(max_tokens=8), print, None)  # type: ignore[arg-type]
+            for i, p in enumerate(prompts)
+        ]
+        logits = self.runner.prefill(seqs)
+        self.seqs.extend(seqs)
         return logits
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
-        assert self.cache is not None
-        positions = torch.tensor([[len(r)] for r in self.rows])
-        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], 1)
-        for row, token in zip(self.rows, tokens, strict=True):
-            row.append(token)
-        return self.forward(torch.tensor(tokens)[:, None], positions, self.mask, self.cache)
+        self.runner.accept(0, torch.tensor(tokens))
+        for seq, token in zip(self.seqs, tokens, strict=True):
+            seq.generated.append(token)
+        return self.runner.decode()
+
+    def verify(self, tokens: list[int], drafts: list[list[int]]) -> torch.Tensor:
+        self.runner.accept(0, torch.tensor(tokens))
+        for seq, token in zip(self.seqs, tokens, strict=True):
+            seq.generated.append(token)
+        return self.runner.verify(drafts)
+
+    def settle(self, drafts: list[list[int]], kept: list[int]) -> None:
+        self.runner.settle(kept)
+        for seq, draft, n in zip(self.seqs, drafts, kept, strict=True):
+            seq.generated.extend(draft[:n])
 
     def keep(self, keep: list[int]) -> None:
-        assert self.cache is not None
-        mask = self.mask[keep]
-        cut = int(mask.any(0).nonzero()[0])
-        self.cache.keep(torch.tensor(keep), cut)
-        self.mask = mask[:, cut:]
-        self.rows = [self.rows[i] for i in keep]
+        self.runner.keep(keep)
+        self.seqs = [self.seqs[i] for i in keep]
 
 
 def check(batch: Batch, reference: torch.nn.Module, logits: torch.Tensor, atol: float) -> None:
@@ -119,15 +129,40 @@ def test_forward_matches_transformers_through_join_and_leave(architecture: str) 
     reference = copy.deepcopy(model)
     forward = Forward(model, {}, use_int4=False)
     batch = Batch(forward)
-    check(batch, reference, batch.prefill([[5, 6, 7, 8, 9], [10, 11]]), 1e-4)
+    system = list(range(3, 3 + 2 * BLOCK))  # two whole blocks, cached once run
+    check(batch, reference, batch.prefill([[*system, 5, 6, 7], [10, 11]]), 1e-4)
     for step in range(3):
         check(batch, reference, batch.decode([20 + step, 30 + step]), 1e-4)
-    # A longer prompt joins mid-way, then the first row leaves.
-    check(batch, reference, batch.prefill([[40, 41, 42, 43, 44, 45, 46, 47, 48]]), 1e-4)
+    # A prompt that begins like the first joins mid-way: it takes that prompt's two cached
+    # blocks and runs only its own tokens. Then the first row leaves.
+    hits = batch.runner.blocks.cached
+    joined = batch.prefill([[*system, 40, 41, 42, 43, 44, 45, 46, 47, 48]])
+    assert batch.seqs[-1].cached_tokens == 2 * BLOCK and batch.runner.blocks.cached == hits
+    check(batch, reference, joined, 1e-4)
     check(batch, reference, batch.decode([50, 51, 52]), 1e-4)
     batch.keep([1, 2])
-    for step in range(3):  # enough to grow the cache past its first capacity
+    for step in range(BLOCK + 2):  # across a block boundary in every row
         check(batch, reference, batch.decode([60 + step, 70 + step]), 1e-4)
+
+
+def test_a_verifying_step_gives_each_columns_logits_and_keeps_what_was_accepted() -> None:
+    model = tiny("LlamaForCausalLM")
+    reference = copy.deepcopy(model)
+    batch = Batch(Forward(model, {}, use_int4=False))
+    batch.prefill([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]])
+    batch.decode([1, 2, 3])
+    drafts = [[21, 22, 23], [], [31]]
+    logits = batch.verify([4, 5, 6], drafts)
+    assert logits.shape[:2] == (3, 4)
+    for i, (row, draft) in enumerate(zip(batch.rows, drafts, strict=True)):
+        for column in range(1 + len(draft)):
+            want = alone(reference, row + draft[:column])
+            assert torch.allclose(logits[i, column], want, atol=1e-4), (i, column)
+    # The first row keeps two of its three draft tokens, the last none: the next step runs
+    # after what each kept, the rejected tokens' slots written over.
+    batch.settle(drafts, [2, 0, 0])
+    for step in range(3):
+        check(batch, reference, batch.decode([60 + step, 70 + step, 80 + step]), 1e-4)
 
 
 def four_bit(model: torch.nn.Module) -> None:

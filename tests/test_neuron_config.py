@@ -28,7 +28,8 @@ def test_example_config_documents_every_key() -> None:
         "cuda_memory_reserve", "cpu_threads", "max_batch_size", "max_waiting", "drain_timeout",
         "default_models", "hf_repo", "revision", "gguf_file", "path", "dtype", "device",
         "max_context", "token", "token_file", "cert_file", "key_file", "client_ca_file",
-        "prefix_cache", "batch_window", "allow_unauthenticated", "local_dirs", "hf_repos",
+        "kv_cache_tokens", "prefix_cache", "batch_window", "allow_unauthenticated", "local_dirs",
+        "hf_repos",
         "failed_ttl", "speculative", "speculative_tokens", "speculative_max_rows",
     ]:  # fmt: skip
         assert f"{key} =" in text or f"[[{key}]]" in text, key
@@ -50,6 +51,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("[engine]\nmax_batch_size = 'four'", "engine.max_batch_size: expected an integer"),
         ("[engine]\nmax_batch_size = 0", "engine.max_batch_size: must be at least 1"),
         ("[engine]\nmax_waiting = 0", "engine.max_waiting: must be at least 1"),
+        ("[engine]\nkv_cache_tokens = -1", "engine.kv_cache_tokens: must not be negative"),
         ("[engine]\nbatch_window = 2.5", "engine.batch_window: must be between 0 and 1 second"),
         ("[engine]\nspeculative = 'medusa'", "engine.speculative: must be one of off"),
         ("[engine]\nspeculative_tokens = 0", "engine.speculative_tokens: must be between 1"),

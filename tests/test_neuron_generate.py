@@ -11,6 +11,7 @@ import pytest
 
 from helexa.neuron.v1 import neuron_pb2 as pb
 from helexa.neuron.v1 import neuron_pb2_grpc as pb_grpc
+from neuron.model.forward import BLOCK
 from tests.harness import (
     DEMO_ID,
     NeuronProcess,
@@ -233,11 +234,11 @@ async def test_prompts_reuse_cached_beginnings_and_answer_as_if_run_whole(
         again = await collect(shared_stub, follow_up)  # the conversation so far is cached
         answers = [alone[0]] + [t[0] for t in together] + [again[0]]
         assert answers == [expected[0], *expected], "reused keys and values changed an answer"
-        # The template's system prompt (20+ tokens) came from the cache for every prompt after
-        # the first, the whole repeated question but its last token, and the first turn of the
-        # conversation for the follow-up.
+        # Whole blocks come from the cache: the template's system prompt (20+ tokens, so its
+        # first block) for every prompt after the first, the repeated question's blocks (all
+        # but its last token), and the first turn of the conversation for the follow-up.
         reused = metric_value(shared_neuron.metrics(), hits, model=model) - before
-        assert reused >= 5 * 20 + alone[1].usage.prompt_tokens - 1
+        assert reused >= 5 * BLOCK + (alone[1].usage.prompt_tokens - 1) // BLOCK * BLOCK
     finally:
         plain.stop()
         await shared_stub.UnloadModel(pb.UnloadModelRequest(id=model))

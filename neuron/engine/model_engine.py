@@ -14,13 +14,14 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from neuron import metrics
 from neuron.engine import tools
+from neuron.engine.blocks import needed, pool_blocks
 from neuron.engine.draft import Backoff, PromptLookup, draftable
 from neuron.engine.grammar import Grammars
 from neuron.engine.output import Chunk, Output
@@ -51,6 +52,7 @@ class ModelEngine:
         max_context: int,
         max_waiting: int,
         prefix_cache: int = 0,
+        kv_cache_tokens: int = 0,
         batch_window: float = 0.0,
         speculative_tokens: int = 0,
         speculative_max_rows: int | None = None,
@@ -63,7 +65,8 @@ class ModelEngine:
         self._longest_token = _longest_token(tokenizer)
         self.scheduler = Scheduler(model_id, max_batch_size, max_waiting, batch_window)
         pad = self.eos_ids[0] if self.eos_ids else 0
-        self.runner = Runner(model_id, forward, device, pad, prefix_cache)
+        blocks = pool_blocks(kv_cache_tokens, max_batch_size, max_context)
+        self.runner = Runner(model_id, forward, device, pad, blocks, prefix_cache)
         self.sampler = Sampler(model_id)
         self.output = Output(tokenizer, self.eos_ids, max_context)
         self.vocab_size = forward.vocab_size
@@ -252,7 +255,7 @@ class ModelEngine:
         alone too.
         """
         try:
-            plan = self.scheduler.schedule()
+            plan = self.scheduler.schedule(self._admits())
             for seq in plan.dropped:
                 self._finish(seq, CANCELLED)
             if plan.leaving:
@@ -275,15 +278,31 @@ class ModelEngine:
             self.output.flush()
             self.scheduler.update_gauges()
 
-    def _prefill(self, seqs: list[Sequence], rerun: bool = False) -> None:
+    def _admits(self) -> Callable[[Sequence], bool]:
+        """Whether a waiting sequence may join the batch now: the KV cache has blocks for
+        its tokens and one more, beside a block of room for every row running or joining
+        (so that the next steps do not preempt at once)."""
+        free = self.runner.blocks.available - len(self.running)
+
+        def admits(seq: Sequence) -> bool:
+            nonlocal free
+            cost = needed(len(seq.prompt_ids) + len(seq.generated) + 1) + 1
+            if cost > free:
+                return False
+            free -= cost
+            return True
+
+        return admits
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
         """Prefill ``seqs`` into the batch; on failure, halves, down to the one that fails."""
         try:
-            logits = self.runner.prefill(seqs, rerun)
+            logits = self.runner.prefill(seqs)
         except Exception as e:
             if len(seqs) > 1:
                 half = len(seqs) // 2
-                self._prefill(seqs[:half], rerun)
-                self._prefill(seqs[half:], rerun)
+                self._prefill(seqs[:half])
+                self._prefill(seqs[half:])
                 return
             log.exception(
                 "prefill failed model=%s request_id=%s", self.model_id, seqs[0].request_id
@@ -296,6 +315,9 @@ class ModelEngine:
 
     def _decode(self) -> None:
         drafts = self._drafts()
+        if drafts and self.runner.room([1 + len(d) for d in drafts]) > self.runner.blocks.available:
+            drafts = []  # no room for them: a plain step
+        self._make_room()
         try:
             logits = self.runner.verify(drafts) if drafts else self.runner.decode()
         except Exception:
@@ -304,7 +326,7 @@ class ModelEngine:
             self.scheduler.running = []
             self.runner.reset()
             for seq in rows:  # alone, so a row that fails is the one that fails
-                self._prefill([seq], rerun=True)
+                self._prefill([seq])
             return
         sampled = self._sample(logits, self.running, drafts)
         if drafts:
@@ -316,6 +338,23 @@ class ModelEngine:
                 if draft and seq.backoff is not None:
                     seq.backoff.record(len(draft), n)
         self._advance(0, sampled)
+
+    def _make_room(self) -> None:
+        """Preempt the newest rows until the KV cache has a block for every row's next token:
+        each goes back to the front of the queue with what it has generated, to be run again
+        (its tokens through the prefix cache where it still holds them) when there is room."""
+        while len(self.running) > 1 and (
+            self.runner.room([1] * len(self.running)) > self.runner.blocks.available
+        ):
+            row = len(self.running) - 1
+            seq = self.running[row]
+            log.info(
+                "request preempted model=%s request_id=%s tokens=%d running=%d",
+                self.model_id, seq.request_id, len(seq.prompt_ids) + len(seq.generated), row,
+            )  # fmt: skip
+            self._keep(list(range(row)))
+            self.scheduler.requeue(seq)
+            metrics.PREEMPTIONS.labels(**self._labels).inc()
 
     def _drafts(self) -> list[list[int]]:
         """Each running row's draft tokens for this step (prompt lookup), or [] when no row

@@ -1,18 +1,13 @@
-"""The running batch as tensors, and the model run over it: prefill and decode.
+"""The running batch as tensors, and the model run over it: prefill, decode and verify.
 
-The batch's KV cache has a row per running sequence, left-padded to a common length, with
-each row's own positions and a mask of its real columns. A prefill runs new prompts together
-(what the prefix cache holds of their beginnings is copied in, not run) and merges them into
-the batch; a decode step runs every row's last token; rows that leave are cut out, with the
-padding columns no row needs any more.
-
-A verifying step (speculative decoding) runs each row's last token and its draft tokens
-together, as new columns: a row with a shorter draft (or none) has padding columns after it.
-Once the sampler has said how many draft tokens each row keeps, the columns of the ones it
-rejected become padding (mask 0) and the columns no row kept are cut, so the next step
-appends after the longest row's kept tokens; positions are each row's own, never read from
-the mask. The holes this leaves in the rows are packed out (each row's real columns gathered
-to the right end) once the cache is ``holes`` columns longer than its longest row.
+Each running row holds its tokens' keys and values in blocks of the model's paged pool
+(``KVPool``) through its own block table: a row takes a block when its tokens fill the last
+one, and lets its blocks go when it leaves (``Blocks``), so the batch holds the memory of the
+tokens it has. A prefill runs new prompts together; the blocks the prefix cache knows of
+their beginnings are taken, not run. A decode step runs every row's last token at its own
+position; a verifying step (speculative decoding) runs each row's last token and its draft
+tokens, and the row keeps as many as the sampler accepted: the rejected ones' slots are
+simply written over by the next step.
 """
 
 from __future__ import annotations
@@ -22,100 +17,122 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
-import torch.nn.functional as F
 
 from neuron import metrics
+from neuron.engine.blocks import Blocks, needed
 from neuron.engine.sequence import Sequence
-from neuron.model.forward import GROWTH, Forward, KVCache
-from neuron.prefix import PrefixCache
+from neuron.model.forward import BLOCK, Forward, KVPool
 
 
 class Runner:
     """One model's forward pass over its running batch (device thread only)."""
 
     def __init__(
-        self, model_id: str, forward: Forward, device: torch.device, pad_id: int, prefix_cache: int
+        self,
+        model_id: str,
+        forward: Forward,
+        device: torch.device,
+        pad_id: int,
+        blocks: int,
+        prefix_cache: int,
     ) -> None:
         self.forward: Forward | None = forward
         self.device = device
         self.pad_id = pad_id
-        # Keys and values of prompt beginnings, at most ``prefix_cache`` bytes.
-        self.prefixes = PrefixCache(prefix_cache)
+        self.pool = KVPool(forward, blocks)
+        block_bytes = self.pool.data[:, :, :, :BLOCK].numel() * self.pool.data.element_size()
+        self.block_bytes = block_bytes
+        # What the prefix cache may keep that no row holds: ``prefix_cache`` bytes of blocks.
+        self.blocks = Blocks(blocks, prefix_cache // block_bytes)
         # torch's threads for one forward pass (set by the device worker that runs this).
         self.threads: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
         self._labels = {"model": model_id}
         self.rows = 0
-        self._cache: KVCache | None = None
-        self._mask: torch.Tensor | None = None  # [B, T] 1 for real tokens, 0 for padding
-        self._positions: torch.Tensor | None = None  # [B] position of each row's next token
+        self._seqs: list[Sequence] = []
+        self._tables: list[list[int]] = []  # each row's blocks
+        self._lengths: list[int] = []  # each row's tokens in the pool
         self._next_tokens: torch.Tensor | None = None  # [B] last sampled token per row
-        self._verifying = 0  # columns the last verifying step ran
-        # Columns of holes (rejected drafts) the batch's longest row may hold before the
-        # cache is packed: one copy of the cache per that many, as its growth costs.
-        self.holes = GROWTH // 2
+
+    def room(self, tokens: list[int]) -> int:
+        """Blocks the rows need so that each row ``i`` can take ``tokens[i]`` more tokens,
+        beyond those they hold."""
+        return sum(
+            max(0, needed(length + n) - len(table))
+            for length, n, table in zip(self._lengths, tokens, self._tables, strict=True)
+        )
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence], rerun: bool = False) -> torch.Tensor:
-        """Run the prompts of ``seqs`` together, add them as the batch's last rows, and
-        return their logits (one row each). ``accept`` then takes their sampled tokens.
-        ``rerun``: run each sequence's prompt and every token it generated (to rebuild a
-        batch that failed), so the logits are those of its next token. On failure nothing
-        has changed.
-
-        Columns ``[0, past)`` hold the cached beginnings and ``[past, past + longest)`` the
-        tokens run now, each part right-aligned per row.
+    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Run the prompts of ``seqs`` together (with what each has generated already: a row
+        rebuilt after a failure, or after it was preempted), add them as the batch's last
+        rows, and return their logits (one row each). ``accept`` then takes their sampled
+        tokens. On failure nothing has changed (``OutOfBlocks`` if the pool has no room).
         """
         assert self.forward is not None
-        prompts = [s.prompt_ids + s.generated if rerun else s.prompt_ids for s in seqs]
-        matches = [self.prefixes.match(p[:-1]) for p in prompts]
-        suffixes = [p[m:] for p, (m, _) in zip(prompts, matches, strict=True)]
-        past = max(m for m, _ in matches)
-        longest = max(len(x) for x in suffixes)
-        columns = past + longest
-        pad = self.pad_id
-        ids = torch.tensor([[pad] * (longest - len(x)) + x for x in suffixes], device=self.device)
-        cache = KVCache.empty(self.forward, len(seqs), columns + GROWTH)
-        mask = torch.zeros(len(seqs), columns, dtype=torch.long, device=self.device)
-        if past:
-            cache.data[..., :past, :] = 0  # padding there must not be garbage (NaN * 0)
-        for row, (m, pieces) in enumerate(matches):
-            at = past - m
-            for piece in pieces:
-                cache.data[:, :, row, :, at : at + piece.shape[3]] = piece
-                at += piece.shape[3]
-            mask[row, past - m : past] = 1
-            mask[row, columns - len(suffixes[row]) :] = 1
-        cache.length = past
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
-        with self.threads():
-            logits = self.forward(ids, position_ids, mask, cache)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        self._remember_prompts(prompts, cache, mask)
-        if not rerun:
-            for seq, (m, _) in zip(seqs, matches, strict=True):
-                seq.cached_tokens = m
+        prompts = [s.prompt_ids + s.generated for s in seqs]
+        tables: list[list[int]] = []
+        cached: list[int] = []  # tokens of each prompt the prefix cache holds
+        try:
+            for prompt in prompts:
+                # At least the last token runs: its logits are the answer's next token.
+                matched = self.blocks.match(prompt[:-1])
+                tables.append(matched)
+                cached.append(len(matched) * BLOCK)
+                tables[-1] = matched + self._allocate(needed(len(prompt)) - len(matched))
+            suffixes = [p[c:] for p, c in zip(prompts, cached, strict=True)]
+            longest = max(len(x) for x in suffixes)
+            # Left-padded to the longest suffix; padding runs at position 0 into scratch.
+            ids = torch.tensor(
+                [[self.pad_id] * (longest - len(x)) + x for x in suffixes], device=self.device
+            )
+            positions = torch.tensor(
+                [[0] * (longest - len(x)) + list(range(c, c + len(x)))
+                 for x, c in zip(suffixes, cached, strict=True)],
+                device=self.device,
+            )  # fmt: skip
+            real = (
+                torch.arange(longest, device=self.device)[None, :]
+                >= torch.tensor([longest - len(x) for x in suffixes], device=self.device)[:, None]
+            )
+            table = self._table_tensor(tables)
+            slots = torch.where(real, KVPool.slots(table, positions), 0)
+            context = self._context(table, max(len(p) for p in prompts))
+            with self.threads():
+                logits = self.forward(ids, positions, slots, context, self.pool)
+        except BaseException:
+            for t in tables:
+                self.blocks.release(t)
+            raise
+        for prompt, t in zip(prompts, tables, strict=True):
+            self.blocks.publish(prompt, t)
+        for seq, c in zip(seqs, cached, strict=True):
+            if not seq.generated:
+                seq.cached_tokens = c
         metrics.PREFILL_BATCH.labels(**self._labels).observe(len(seqs))
-        metrics.PROMPT_TOKENS.labels(**self._labels).inc(int(lengths.sum()))
-        metrics.PREFIX_CACHE_HITS.labels(**self._labels).inc(sum(m for m, _ in matches))
-        metrics.PREFIX_CACHE_BYTES.labels(**self._labels).set(self.prefixes.bytes)
-        self._merge(cache, mask, lengths)
+        metrics.PROMPT_TOKENS.labels(**self._labels).inc(sum(len(p) for p in prompts))
+        metrics.PREFIX_CACHE_HITS.labels(**self._labels).inc(sum(cached))
+        self._seqs.extend(seqs)
+        self._tables.extend(tables)
+        self._lengths.extend(len(p) for p in prompts)
+        tokens = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
+        old = self._next_tokens
+        self._next_tokens = tokens if old is None else torch.cat([old, tokens])
+        self.rows += len(seqs)
+        self._update_gauges()
         return logits
 
     @torch.inference_mode()
     def decode(self) -> torch.Tensor:
         """Run every row's last token; returns the next logits, one row each."""
-        assert self._mask is not None and self._positions is not None
-        assert self._next_tokens is not None and self._cache is not None
-        assert self.forward is not None
-        self._mask = torch.cat(
-            [self._mask, torch.ones(self.rows, 1, dtype=self._mask.dtype, device=self.device)],
-            dim=1,
-        )
+        assert self._next_tokens is not None and self.forward is not None
+        self._grow([1] * self.rows)
+        positions = torch.tensor(self._lengths, device=self.device)[:, None]
+        table = self._table_tensor(self._tables)
+        slots = KVPool.slots(table, positions)
+        context = self._context(table, max(self._lengths) + 1)
         with self.threads():
-            logits = self.forward(
-                self._next_tokens[:, None], self._positions[:, None], self._mask, self._cache
-            )
-        self._positions = self._positions + 1
+            logits = self.forward(self._next_tokens[:, None], positions, slots, context, self.pool)
+        self._lengths = [n + 1 for n in self._lengths]
         return logits
 
     @torch.inference_mode()
@@ -123,49 +140,63 @@ class Runner:
         """Run every row's last token and then its ``drafts`` (none for some rows) in one
         step; returns the logits of every column, [rows, 1 + longest draft, vocab] (a row's
         columns past its own draft are padding). ``settle`` then says what was kept."""
-        assert self._mask is not None and self._positions is not None
-        assert self._next_tokens is not None and self._cache is not None
-        assert self.forward is not None
+        assert self._next_tokens is not None and self.forward is not None
+        self._grow([1 + len(d) for d in drafts])
         width = 1 + max(len(d) for d in drafts)
         ids = torch.full((self.rows, width), self.pad_id, dtype=torch.long)
         for row, draft in enumerate(drafts):
             ids[row, 1 : 1 + len(draft)] = torch.tensor(draft, dtype=torch.long)
         ids = ids.to(self.device)
         ids[:, 0] = self._next_tokens
-        lengths = torch.tensor([1 + len(d) for d in drafts], device=self.device)
+        lengths = torch.tensor(self._lengths, device=self.device)
+        ran = torch.tensor([1 + len(d) for d in drafts], device=self.device)
         offsets = torch.arange(width, device=self.device)
-        real = offsets[None, :] < lengths[:, None]
-        positions = self._positions[:, None] + torch.where(real, offsets, 0)
-        self._mask = torch.cat([self._mask, real.to(self._mask.dtype)], dim=1)
-        self._verifying = width
+        real = offsets[None, :] < ran[:, None]
+        # Padding after a shorter draft runs at its row's last real position, into scratch.
+        positions = lengths[:, None] + torch.minimum(offsets[None, :], ran[:, None] - 1)
+        table = self._table_tensor(self._tables)
+        slots = torch.where(real, KVPool.slots(table, positions), 0)
+        context = self._context(table, int((lengths + ran).max()))
         with self.threads():
-            return self.forward(ids, positions, self._mask, self._cache, every=True)
+            return self.forward(ids, positions, slots, context, self.pool, every=True)
 
     def settle(self, kept: list[int]) -> None:
-        """After ``verify``: row ``i`` kept its first ``kept[i]`` draft tokens. Columns of
-        the rejected ones become padding, and those no row kept are cut."""
-        assert self._mask is not None and self._positions is not None
-        assert self._cache is not None
-        ran = torch.tensor([1 + k for k in kept], device=self.device)
-        width = self._verifying
-        start = self._mask.shape[1] - width
-        offsets = torch.arange(width, device=self.device)
-        self._mask[:, start:] *= (offsets[None, :] < ran[:, None]).to(self._mask.dtype)
-        used = int(ran.max())
-        self._mask = self._mask[:, : start + used]
-        self._cache.length -= width - used
-        self._positions = self._positions + ran
-        if self._cache.length - int(self._mask.sum(dim=1).max()) >= self.holes:
-            self._pack()
+        """After ``verify``: row ``i`` kept its first ``kept[i]`` draft tokens (and the token
+        it ran them after)."""
+        self._lengths = [n + 1 + k for n, k in zip(self._lengths, kept, strict=True)]
 
-    def _pack(self) -> None:
-        """Gather each row's real columns to the right end, dropping every hole."""
-        assert self._mask is not None and self._cache is not None
-        columns = int(self._mask.sum(dim=1).max())
-        # Per row, padding columns first and real ones after, each in their own order.
-        order = torch.argsort(self._mask, dim=1, stable=True)[:, -columns:]
-        self._cache.pack(order)
-        self._mask = self._mask.gather(1, order)
+    def _grow(self, tokens: list[int]) -> None:
+        """Give each row the blocks for ``tokens[i]`` more tokens (the engine has made room:
+        see ``room``)."""
+        for table, length, n in zip(self._tables, self._lengths, tokens, strict=True):
+            more = needed(length + n) - len(table)
+            if more > 0:
+                table.extend(self._allocate(more))
+        self._update_gauges()
+
+    def _allocate(self, n: int) -> list[int]:
+        """``n`` blocks, zeroed: the columns of a row's last block past its length are read
+        (masked out), and what a block held before, or a fresh one's memory, must be finite
+        for the mask to leave nothing of it (0 x NaN is NaN)."""
+        blocks = self.blocks.allocate(n)
+        if blocks:
+            index = torch.tensor(blocks, device=self.device)
+            slots = (index[:, None] * BLOCK + torch.arange(BLOCK, device=self.device)).flatten()
+            self.pool.data.index_fill_(3, slots, 0)
+        return blocks
+
+    def _table_tensor(self, tables: list[list[int]]) -> torch.Tensor:
+        """The block tables as one tensor, each padded with block 0 (scratch) to the longest."""
+        width = max(len(t) for t in tables)
+        return torch.tensor([t + [0] * (width - len(t)) for t in tables], device=self.device)
+
+    def _context(self, table: torch.Tensor, columns: int) -> torch.Tensor:
+        """Slots of positions ``[0, columns)`` of every row (past a row's table: scratch)."""
+        short = needed(columns) - table.shape[1]
+        if short > 0:
+            table = torch.nn.functional.pad(table, (0, short))
+        positions = torch.arange(columns, device=self.device).expand(table.shape[0], columns)
+        return KVPool.slots(table, positions)
 
     def accept(self, first_row: int, tokens: torch.Tensor) -> None:
         """The tokens sampled for rows ``first_row``..., to run in the next decode step."""
@@ -173,60 +204,51 @@ class Runner:
         self._next_tokens[first_row : first_row + len(tokens)] = tokens
 
     def keep(self, keep: list[int]) -> None:
-        """Keep only the rows ``keep`` and cut the padding columns no row needs any more."""
+        """Keep only the rows ``keep``, in that order; the others let their blocks go (what
+        they ran stays cached for prompts that begin with it)."""
+        kept = set(keep)
+        for row in range(self.rows):
+            if row not in kept:
+                self._let_go(row)
         if not keep:
-            self.reset()
+            self._clear_rows()
             return
-        assert self._mask is not None and self._positions is not None
-        assert self._next_tokens is not None and self._cache is not None
-        index = torch.tensor(keep, device=self.device)
-        mask = self._mask.index_select(0, index)
-        # Leading columns that are padding in every remaining row can go.
-        real = mask.any(dim=0).nonzero()
-        cut = int(real[0]) if real.numel() else 0
-        self._cache.keep(index, cut)
-        self._mask = mask[:, cut:]
-        self._positions = self._positions.index_select(0, index)
-        self._next_tokens = self._next_tokens.index_select(0, index)
+        assert self._next_tokens is not None
+        self._seqs = [self._seqs[i] for i in keep]
+        self._tables = [self._tables[i] for i in keep]
+        self._lengths = [self._lengths[i] for i in keep]
+        self._next_tokens = self._next_tokens.index_select(
+            0, torch.tensor(keep, device=self.device)
+        )
         self.rows = len(keep)
+        self._update_gauges()
 
     def reset(self) -> None:
-        """Drop the batch."""
-        self.rows = 0
-        self._cache = self._mask = self._positions = self._next_tokens = None
+        """Drop the batch (a failed step: what it ran is not cached)."""
+        for table in self._tables:
+            self.blocks.release(table)
+        self._clear_rows()
 
     def release(self) -> None:
         """Drop every reference to the model's tensors."""
-        self.forward = None
-        self.prefixes.clear()
-        metrics.PREFIX_CACHE_BYTES.labels(**self._labels).set(0)
         self.reset()
+        self.blocks.clear()
+        self.forward = None
+        self.pool.data = torch.empty(0)
+        self._update_gauges()
 
-    def _remember_prompts(
-        self, prompts: list[list[int]], cache: KVCache, mask: torch.Tensor
-    ) -> None:
-        """Keep each prompt's keys and values (its row's real columns) in the prefix cache."""
-        if self.prefixes.budget <= 0:
-            return
-        used = cache.data[..., : mask.shape[1], :]
-        for row, prompt in enumerate(prompts):
-            self.prefixes.insert(prompt, used[:, :, row, :, mask[row].bool()])
+    def _let_go(self, row: int) -> None:
+        seq, table = self._seqs[row], self._tables[row]
+        self.blocks.publish((seq.prompt_ids + seq.generated)[: self._lengths[row]], table)
+        self.blocks.release(table)
 
-    def _merge(self, cache: KVCache, mask: torch.Tensor, lengths: torch.Tensor) -> None:
-        tokens = torch.zeros(len(lengths), dtype=torch.long, device=self.device)
-        if self.rows == 0:
-            self._cache, self._mask, self._positions = cache, mask, lengths
-            self._next_tokens = tokens
-            self.rows = len(lengths)
-            return
-        assert self._mask is not None and self._positions is not None
-        assert self._next_tokens is not None and self._cache is not None
-        old_len, new_len = self._mask.shape[1], mask.shape[1]
-        total = max(old_len, new_len)
-        self._cache.merge(cache)
-        self._mask = torch.cat(
-            [F.pad(self._mask, (total - old_len, 0)), F.pad(mask, (total - new_len, 0))]
-        )
-        self._positions = torch.cat([self._positions, lengths])
-        self._next_tokens = torch.cat([self._next_tokens, tokens])
-        self.rows += len(lengths)
+    def _clear_rows(self) -> None:
+        self.rows = 0
+        self._seqs, self._tables, self._lengths = [], [], []
+        self._next_tokens = None
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        usable = self.blocks.count - 1
+        metrics.KV_CACHE_USAGE.labels(**self._labels).set(self.blocks.held / usable)
+        metrics.PREFIX_CACHE_BYTES.labels(**self._labels).set(self.blocks.cached * self.block_bytes)

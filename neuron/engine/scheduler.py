@@ -12,6 +12,7 @@ import collections
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from neuron import metrics
@@ -111,21 +112,28 @@ class Scheduler:
                 self.waiting[0].arrived_at + WINDOW_CAP * window,
             )
 
-    def schedule(self) -> Schedule:
-        """Drop what is cancelled, then take waiting sequences into the free batch slots."""
+    def schedule(self, admits: Callable[[Sequence], bool]) -> Schedule:
+        """Drop what is cancelled, then take waiting sequences, in order, into the free batch
+        slots while ``admits`` them (the KV cache has room)."""
         plan = Schedule(leaving=[i for i, s in enumerate(self.running) if s.leaving])
         room = self.max_batch_size - (len(self.running) - len(plan.leaving))
         with self._lock:
             plan.dropped = [s for s in self.waiting if s.leaving]
             for seq in plan.dropped:
                 self.waiting.remove(seq)
-            while room > 0 and self.waiting:
+            while room > 0 and self.waiting and admits(self.waiting[0]):
                 plan.joining.append(self.waiting.popleft())
                 room -= 1
         now = time.monotonic()
         for seq in plan.joining:
-            metrics.QUEUE_TIME.labels(**self._labels).observe(now - seq.arrived_at)
+            if not seq.generated:  # a preempted one was counted when it first joined
+                metrics.QUEUE_TIME.labels(**self._labels).observe(now - seq.arrived_at)
         return plan
+
+    def requeue(self, seq: Sequence) -> None:
+        """``seq``, taken out of the running batch, goes back to wait first in line."""
+        with self._lock:
+            self.waiting.appendleft(seq)
 
     def keep(self, rows: list[int]) -> None:
         """Only ``rows`` of the running batch stay, in that order."""

@@ -1,17 +1,21 @@
-"""The decoder forward pass the engine runs: Llama-family models, batched over a shared cache.
+"""The decoder forward pass the engine runs: Llama-family models, batched over a paged cache.
 
 transformers' own forward is written for generality: per step it builds masks, walks module
 hooks and issues thousands of small tensor ops, which at decode (one token per row) cost as
 much as the matmuls. This one takes the weights of a loaded transformers model and runs the
-same arithmetic with fused projections (one matmul for q, k and v, one for gate and up), a
-preallocated KV cache written in place, attention with grouped heads (computed directly for a
-decode step), and the vocabulary projection for the last position only. Projections
-whose weights are exactly 4-bit run as 4-bit on the CPU (``neuron.model.quant``).
+same arithmetic with fused projections (one matmul for q, k and v, one for gate and up), keys
+and values written in place into a paged pool (``KVPool``), attention with grouped heads
+(computed directly for a decode or verifying step), and the vocabulary projection for the
+last position only. Projections whose weights are exactly 4-bit run as 4-bit on the CPU
+(``neuron.model.quant``).
 
-The batch layout is the engine's: every row of the cache is left-padded to a common length
-(``KVCache.length``), so a decode step writes one column for all rows; each row has its own
-positions and a mask of its real columns. ``tests/test_forward.py`` checks this forward
-against transformers' on tiny random models of every supported architecture.
+The cache is paged, as vLLM's: the pool is fixed-size blocks of ``BLOCK`` tokens, and each
+row reads and writes its tokens through its own block table, so a batch holds the memory of
+the tokens it has, and rows share the blocks of a common prompt beginning. The caller says,
+per new token, the slot it is written to, and per row, the slots of every column it attends
+to (``KVPool.slots`` makes both from block tables); a column is seen by the new tokens at
+positions at or after its own. ``tests/test_forward.py`` checks this forward against
+transformers' on tiny random models of every supported architecture.
 """
 
 from __future__ import annotations
@@ -23,83 +27,37 @@ import torch.nn.functional as F
 
 from neuron.model.quant import Codes, Linear
 
-# Columns a cache gains beyond what it needs when it grows or merges: one copy every GROWTH
-# decode steps, and never more than GROWTH columns unused per row.
-GROWTH = 64
+# Tokens per block of the paged KV cache (vLLM's default): the granularity of the memory a
+# row holds and of the prompt beginnings rows share.
+BLOCK = 16
 # transformers architectures this forward runs (same decoder block; qwen2 adds q/k/v biases).
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
-class KVCache:
-    """Keys and values of a batch: ``[layers, 2, rows, kv_heads, capacity, head_dim]``.
+class KVPool:
+    """Keys and values in blocks: ``[layers, 2, kv_heads, blocks * BLOCK, head_dim]``.
 
-    Columns ``[0, length)`` are in use; each row's real columns are at its right end (the
-    engine's left padding). Capacity grows by doubling, so appending a token is a write.
+    Slot ``b * BLOCK + i`` is token ``i`` of block ``b``. Block 0 is scratch: it is never
+    handed out, padding writes there and reads from there (masked), and it is zeroed so that
+    what padding reads is finite. The rest is allocated untouched: on a CPU a block's pages
+    are taken only once it is first written.
     """
 
-    def __init__(self, data: torch.Tensor, length: int) -> None:
-        self.data = data
-        self.length = length
+    def __init__(self, like: Forward, blocks: int) -> None:
+        shape = (len(like.layers), 2, like.kv_heads, blocks * BLOCK, like.head_dim)
+        self.data = torch.empty(shape, dtype=like.dtype, device=like.device)
+        self.data[:, :, :, :BLOCK] = 0
+        self.blocks = blocks
 
-    @classmethod
-    def empty(cls, like: KVCache | Forward, rows: int, capacity: int) -> KVCache:
-        shape = like.cache_shape(rows, max(capacity, 16))
-        return cls(torch.empty(shape, dtype=like.dtype, device=like.device), 0)
+    @staticmethod
+    def bytes_per_block(config: Any, element: int) -> int:
+        return kv_elements_per_token(config) * BLOCK * element
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.data.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    def cache_shape(self, rows: int, capacity: int) -> tuple[int, ...]:
-        layers, two, _, heads, _, dim = self.data.shape
-        return (layers, two, rows, heads, capacity, dim)
-
-    @property
-    def rows(self) -> int:
-        return int(self.data.shape[2])
-
-    def reserve(self, columns: int) -> None:
-        """Make room for ``columns`` more columns."""
-        capacity = self.data.shape[4]
-        if self.length + columns <= capacity:
-            return
-        # Grown by a bounded step, not doubled: a batch's cache stays near its longest row.
-        grown = KVCache.empty(self, self.rows, self.length + columns + GROWTH)
-        grown.data[..., : self.length, :] = self.data[..., : self.length, :]
-        self.data = grown.data
-
-    def merge(self, other: KVCache) -> None:
-        """Append ``other``'s rows, both right-aligned at the longer of the two lengths."""
-        total = max(self.length, other.length)
-        merged = KVCache.empty(self, self.rows + other.rows, total + GROWTH)
-        merged.data[:, :, : self.rows, :, total - self.length : total] = self.data[
-            ..., : self.length, :
-        ]
-        merged.data[:, :, self.rows :, :, total - other.length : total] = other.data[
-            ..., : other.length, :
-        ]
-        merged.data[:, :, : self.rows, :, : total - self.length] = 0
-        merged.data[:, :, self.rows :, :, : total - other.length] = 0
-        self.data, self.length = merged.data, total
-
-    def pack(self, columns: torch.Tensor) -> None:
-        """Keep, as the only columns, those ``columns`` [rows, n] names for each row, in order."""
-        layers, two, rows, heads, _, dim = self.data.shape
-        n = columns.shape[1]
-        packed = KVCache.empty(self, rows, n + GROWTH)
-        index = columns[None, None, :, None, :, None].expand(layers, two, rows, heads, n, dim)
-        packed.data[..., :n, :] = self.data.gather(4, index)
-        self.data, self.length = packed.data, n
-
-    def keep(self, rows: torch.Tensor, cut: int) -> None:
-        """Keep only ``rows`` and drop the first ``cut`` columns (padding in all of them)."""
-        kept = self.data.index_select(2, rows)[..., cut : self.length, :]
-        self.data = kept.contiguous()
-        self.length -= cut
+    @staticmethod
+    def slots(tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The slots of ``positions`` [rows, n] through each row's block table ``tables``
+        [rows, blocks] (a table padded with block 0 maps what it pads to scratch)."""
+        return tables.gather(1, positions // BLOCK) * BLOCK + positions % BLOCK
 
 
 def served_context(config: Any) -> int:
@@ -172,9 +130,6 @@ class Forward:
         # The fused copies replace the model's own decoder layers.
         inner.layers = torch.nn.ModuleList()
 
-    def cache_shape(self, rows: int, capacity: int) -> tuple[int, ...]:
-        return (len(self.layers), 2, rows, self.kv_heads, capacity, self.head_dim)
-
     def resident_bytes(self) -> int:
         tensors = {id(t): t for t in [self.embed, self.norm, *self.lm_head.tensors()]}
         for layer in self.layers:
@@ -194,78 +149,99 @@ class Forward:
         self,
         ids: torch.Tensor,
         positions: torch.Tensor,
-        mask: torch.Tensor,
-        cache: KVCache,
+        slots: torch.Tensor,
+        context: torch.Tensor,
+        pool: KVPool,
         every: bool = False,
     ) -> torch.Tensor:
-        """Run ``ids`` [rows, n] at ``positions`` [rows, n] and append them to ``cache``.
+        """Run ``ids`` [rows, n] at ``positions`` [rows, n], writing their keys and values to
+        ``slots`` [rows, n] of ``pool``.
 
-        ``mask`` [rows, length + n] marks each row's real columns (1) and padding (0) once
-        the new columns are appended. Returns the logits of the last column, [rows, vocab];
+        ``context`` [rows, columns] is the slots of the columns each row attends to, column
+        ``j`` holding position ``j`` (the new tokens' among them): a new token sees the
+        columns up to its own position. Padding tokens write to scratch (slot 0..BLOCK-1) and
+        their outputs are never used. Returns the logits of the last column, [rows, vocab];
         with ``every`` (a decode step that verifies draft tokens), those of every new
         column, [rows, n, vocab].
         """
         rows, n = ids.shape
-        cache.reserve(n)
-        start, end = cache.length, cache.length + n
+        columns = context.shape[1]
         x = F.embedding(ids, self.embed)
         cos, sin = self.rotary(x, positions)
         cos, sin = cos[:, None], sin[:, None]
-        attend = self._attention_mask(mask.bool(), n)
-        # A verifying step is a decode step (a few tokens per row): it runs the 4-bit codes.
+        # Column j is seen by a new token at position p when j <= p: [rows, n, columns].
+        sees = torch.arange(columns, device=ids.device)[None, None, :] <= positions[:, :, None]
+        # A decode step, or a verifying one (a few tokens per row): direct attention and the
+        # 4-bit codes. Prompts: the fused kernel.
         decode = n == 1 or every
+        attend = self._decode_mask(sees) if decode else sees[:, None]
+        write, read = slots.reshape(-1), context.reshape(-1)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.attn_norm, self.eps)
             q, k, v = layer.qkv(h, decode).split((q_size, kv_size, kv_size), dim=-1)
             q = _rotate(q.view(rows, n, self.heads, self.head_dim).transpose(1, 2), cos, sin)
             k = _rotate(k.view(rows, n, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-            keys, values = cache.data[i, 0], cache.data[i, 1]
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v.view(rows, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            a = self._attention(q, keys[:, :, :end], values[:, :, :end], attend)
-            x = x + layer.o(a.transpose(1, 2).reshape(rows, n, q_size), decode)
+            keys, values = pool.data[i, 0], pool.data[i, 1]  # [kv_heads, slots, dim]
+            keys.index_copy_(
+                1, write, k.permute(1, 0, 2, 3).reshape(self.kv_heads, -1, self.head_dim)
+            )
+            values.index_copy_(
+                1, write, v.view(rows * n, self.kv_heads, self.head_dim).transpose(0, 1)
+            )
+            shape = (self.kv_heads, rows, columns, self.head_dim)
+            seen_keys = keys.index_select(1, read).view(shape)
+            seen_values = values.index_select(1, read).view(shape)
+            a = self._attention(q, seen_keys, seen_values, attend, decode)
+            x = x + layer.o(a, decode)
             h = _rms_norm(x, layer.mlp_norm, self.eps)
             gate, up = layer.gate_up(h, decode).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up, decode)
-        cache.length = end
         return self.lm_head(_rms_norm(x if every else x[:, -1], self.norm, self.eps))
 
-    def _attention_mask(self, real: torch.Tensor, n: int) -> torch.Tensor:
-        """For ``n`` new columns: each sees the real columns up to itself.
-
-        One new column (a decode step): an additive mask [rows, 1, 1, columns], 0 or -inf.
-        Several (prompts): a boolean one [rows, 1, n, columns] where a padding column sees
-        itself, so no row of the softmax is empty (its output is never used: real columns
-        never attend to padding).
-        """
-        if n == 1:
-            bias = torch.zeros(real.shape, dtype=self.dtype, device=real.device)
-            return bias.masked_fill_(~real, float("-inf"))[:, None, None, :]
-        columns = real.shape[1]
-        new = torch.arange(columns - n, columns, device=real.device)
-        causal = torch.arange(columns, device=real.device)[None, :] <= new[:, None]
-        itself = torch.arange(columns, device=real.device)[None, :] == new[:, None]
-        return (real[:, None, None, :] & causal[None, None]) | itself[None, None]
+    def _decode_mask(self, sees: torch.Tensor) -> torch.Tensor:
+        """``sees`` as the direct attention adds it: [1, rows, groups * n, columns], 0 or -inf
+        (each query head of a group at each new token)."""
+        rows, n, columns = sees.shape
+        groups = self.heads // self.kv_heads
+        bias = torch.zeros(sees.shape, dtype=self.dtype, device=sees.device)
+        bias.masked_fill_(~sees, float("-inf"))
+        return bias[:, None].expand(rows, groups, n, columns).reshape(1, rows, groups * n, columns)
 
     def _attention(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attend: torch.Tensor
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attend: torch.Tensor,
+        decode: bool,
     ) -> torch.Tensor:
-        """Attention of ``q`` [rows, heads, n, dim] over the cache's columns, grouped heads.
+        """Attention of ``q`` [rows, heads, n, dim] over ``keys`` and ``values``
+        [kv_heads, rows, columns, dim]; returns [rows, n, heads * dim].
 
-        A decode step computes it directly (query heads sharing a key head in one matmul):
-        ``scaled_dot_product_attention``'s CPU kernel costs 6-12x more for a single query
-        at 8 rows and more. Prompts go through that kernel.
+        A decode or verifying step computes it directly (the query heads sharing a key head
+        in one matmul, per key head and row): ``scaled_dot_product_attention``'s CPU kernel
+        costs 6-12x more for a single query at 8 rows and more, and one path for both keeps a
+        verifying step's arithmetic a decode step's. Prompts go through that kernel.
         """
         rows, heads, n, dim = q.shape
-        if n > 1:
-            return F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=attend, enable_gqa=self.kv_heads != heads
+        if not decode:
+            a = F.scaled_dot_product_attention(
+                q,
+                keys.transpose(0, 1),
+                values.transpose(0, 1),
+                attn_mask=attend,
+                enable_gqa=self.kv_heads != heads,
             )
-        grouped = q.reshape(rows, self.kv_heads, heads // self.kv_heads, dim)
+            return a.transpose(1, 2).reshape(rows, n, heads * dim)
+        groups = heads // self.kv_heads
+        # [rows, kv_heads * groups, n, dim] -> [kv_heads, rows, groups * n, dim]
+        grouped = q.reshape(rows, self.kv_heads, groups * n, dim).transpose(0, 1)
         scores = torch.matmul(grouped, keys.transpose(-1, -2)) * dim**-0.5 + attend
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, values).reshape(rows, heads, 1, dim)
+        a = torch.matmul(probs, values)  # [kv_heads, rows, groups * n, dim]
+        a = a.view(self.kv_heads, rows, groups, n, dim).permute(1, 3, 0, 2, 4)
+        return a.reshape(rows, n, heads * dim)
 
 
 class _Layer:
