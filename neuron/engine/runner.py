@@ -96,9 +96,8 @@ class Runner:
             )
             table = self._table_tensor(tables)
             slots = torch.where(real, KVPool.slots(table, positions), 0)
-            context = self._context(table, max(len(p) for p in prompts))
             with self.threads():
-                logits = self.forward(ids, positions, slots, context, self.pool)
+                logits = self.forward(ids, positions, slots, table, self.pool)
         except BaseException:
             for t in tables:
                 self.blocks.release(t)
@@ -129,9 +128,8 @@ class Runner:
         positions = torch.tensor(self._lengths, device=self.device)[:, None]
         table = self._table_tensor(self._tables)
         slots = KVPool.slots(table, positions)
-        context = self._context(table, max(self._lengths) + 1)
         with self.threads():
-            logits = self.forward(self._next_tokens[:, None], positions, slots, context, self.pool)
+            logits = self.forward(self._next_tokens[:, None], positions, slots, table, self.pool)
         self._lengths = [n + 1 for n in self._lengths]
         return logits
 
@@ -156,9 +154,8 @@ class Runner:
         positions = lengths[:, None] + torch.minimum(offsets[None, :], ran[:, None] - 1)
         table = self._table_tensor(self._tables)
         slots = torch.where(real, KVPool.slots(table, positions), 0)
-        context = self._context(table, int((lengths + ran).max()))
         with self.threads():
-            return self.forward(ids, positions, slots, context, self.pool, every=True)
+            return self.forward(ids, positions, slots, table, self.pool, every=True)
 
     def settle(self, kept: list[int]) -> None:
         """After ``verify``: row ``i`` kept its first ``kept[i]`` draft tokens (and the token
@@ -189,14 +186,6 @@ class Runner:
         """The block tables as one tensor, each padded with block 0 (scratch) to the longest."""
         width = max(len(t) for t in tables)
         return torch.tensor([t + [0] * (width - len(t)) for t in tables], device=self.device)
-
-    def _context(self, table: torch.Tensor, columns: int) -> torch.Tensor:
-        """Slots of positions ``[0, columns)`` of every row (past a row's table: scratch)."""
-        short = needed(columns) - table.shape[1]
-        if short > 0:
-            table = torch.nn.functional.pad(table, (0, short))
-        positions = torch.arange(columns, device=self.device).expand(table.shape[0], columns)
-        return KVPool.slots(table, positions)
 
     def accept(self, first_row: int, tokens: torch.Tensor) -> None:
         """The tokens sampled for rows ``first_row``..., to run in the next decode step."""

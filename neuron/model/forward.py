@@ -11,10 +11,9 @@ last position only. Projections whose weights are exactly 4-bit run as 4-bit on 
 
 The cache is paged, as vLLM's: the pool is fixed-size blocks of ``BLOCK`` tokens, and each
 row reads and writes its tokens through its own block table, so a batch holds the memory of
-the tokens it has, and rows share the blocks of a common prompt beginning. The caller says,
-per new token, the slot it is written to, and per row, the slots of every column it attends
-to (``KVPool.slots`` makes both from block tables); a column is seen by the new tokens at
-positions at or after its own. ``tests/test_forward.py`` checks this forward against
+the tokens it has, and rows share the blocks of a common prompt beginning. The caller gives
+each new token's slot (``KVPool.slots``) and each row's block table; a step gathers the
+rows' blocks whole, and a column is seen by the new tokens at positions at or after its own. ``tests/test_forward.py`` checks this forward against
 transformers' on tiny random models of every supported architecture.
 """
 
@@ -49,9 +48,10 @@ class KVPool:
         self.data[:, :, :, :BLOCK] = 0
         self.blocks = blocks
 
-    @staticmethod
-    def bytes_per_block(config: Any, element: int) -> int:
-        return kv_elements_per_token(config) * BLOCK * element
+    def blocks_of(self, layer: int, kv: int) -> torch.Tensor:
+        """Keys (``kv`` 0) or values (1) of ``layer`` by block: [kv_heads, blocks, BLOCK * dim]."""
+        heads, _, dim = self.data.shape[2:]
+        return self.data[layer, kv].view(heads, self.blocks, BLOCK * dim)
 
     @staticmethod
     def slots(tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -150,22 +150,22 @@ class Forward:
         ids: torch.Tensor,
         positions: torch.Tensor,
         slots: torch.Tensor,
-        context: torch.Tensor,
+        tables: torch.Tensor,
         pool: KVPool,
         every: bool = False,
     ) -> torch.Tensor:
         """Run ``ids`` [rows, n] at ``positions`` [rows, n], writing their keys and values to
         ``slots`` [rows, n] of ``pool``.
 
-        ``context`` [rows, columns] is the slots of the columns each row attends to, column
-        ``j`` holding position ``j`` (the new tokens' among them): a new token sees the
-        columns up to its own position. Padding tokens write to scratch (slot 0..BLOCK-1) and
-        their outputs are never used. Returns the logits of the last column, [rows, vocab];
+        ``tables`` [rows, blocks] is each row's block table: the blocks of the columns it
+        attends to, in order (column ``j`` holds position ``j``, the new tokens' among them;
+        block 0 pads a shorter table). A new token sees the columns up to its own position.
+        Padding tokens write to scratch (block 0) and their outputs are never used. Returns the logits of the last column, [rows, vocab];
         with ``every`` (a decode step that verifies draft tokens), those of every new
         column, [rows, n, vocab].
         """
         rows, n = ids.shape
-        columns = context.shape[1]
+        columns = tables.shape[1] * BLOCK
         x = F.embedding(ids, self.embed)
         cos, sin = self.rotary(x, positions)
         cos, sin = cos[:, None], sin[:, None]
@@ -175,7 +175,7 @@ class Forward:
         # 4-bit codes. Prompts: the fused kernel.
         decode = n == 1 or every
         attend = self._decode_mask(sees) if decode else sees[:, None]
-        write, read = slots.reshape(-1), context.reshape(-1)
+        write, read = slots.reshape(-1), tables.reshape(-1)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.attn_norm, self.eps)
@@ -189,9 +189,10 @@ class Forward:
             values.index_copy_(
                 1, write, v.view(rows * n, self.kv_heads, self.head_dim).transpose(0, 1)
             )
+            # Whole blocks gathered (a block's columns are contiguous per head).
             shape = (self.kv_heads, rows, columns, self.head_dim)
-            seen_keys = keys.index_select(1, read).view(shape)
-            seen_values = values.index_select(1, read).view(shape)
+            seen_keys = pool.blocks_of(i, 0).index_select(1, read).view(shape)
+            seen_values = pool.blocks_of(i, 1).index_select(1, read).view(shape)
             a = self._attention(q, seen_keys, seen_values, attend, decode)
             x = x + layer.o(a, decode)
             h = _rms_norm(x, layer.mlp_norm, self.eps)
