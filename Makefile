@@ -89,6 +89,7 @@ bench: $(VENV)/.installed $(DEMO_GGUF) system-deps
 	$(BIN)/python -m bench.grammar
 	$(BIN)/python -m bench.affinity
 	$(BIN)/python -m bench.speculative
+	$(BIN)/python -m bench.kvcache
 
 # The GPU check's bundle (.gpu, ignored; it travels with the tree): wheels of what a GPU host's
 # own python may lack, for its python version (GPU_PYTHON_VERSION), and the demo tokenizer.
