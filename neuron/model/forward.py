@@ -171,7 +171,7 @@ class Forward:
         columns = tables.shape[1] * BLOCK
         x = F.embedding(ids, self.embed)
         cos, sin = self.rotary(x, positions)
-        cos, sin = cos[:, None], sin[:, None]
+        cos, sin = cos[:, :, None], sin[:, :, None]  # [rows, n, 1, dim]: every head alike
         # Column j is seen by a new token at position p when j <= p: [rows, n, columns].
         sees = torch.arange(columns, device=ids.device)[None, None, :] <= positions[:, :, None]
         # A decode step, or a verifying one (a few tokens per row): direct attention and the
@@ -179,21 +179,18 @@ class Forward:
         decode = n == 1 or every
         attend = self._decode_mask(sees) if decode else sees[:, None]
         write, read = slots.reshape(-1), tables.reshape(-1)
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.attn_norm, self.eps)
-            q, k, v = layer.qkv(h, decode).split((q_size, kv_size, kv_size), dim=-1)
-            q = _rotate(q.view(rows, n, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = _rotate(k.view(rows, n, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            qkv = layer.qkv(h, decode).view(rows, n, heads + 2 * kv_heads, dim)
+            # Queries and keys rotated together: [rows, n, heads + kv_heads, dim].
+            qk = _rotate(qkv[:, :, : heads + kv_heads], cos, sin)
+            q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads :]
             keys, values = pool.data[i, 0], pool.data[i, 1]  # [kv_heads, slots, dim]
-            keys.index_copy_(
-                1, write, k.permute(1, 0, 2, 3).reshape(self.kv_heads, -1, self.head_dim)
-            )
-            values.index_copy_(
-                1, write, v.view(rows * n, self.kv_heads, self.head_dim).transpose(0, 1)
-            )
+            keys.index_copy_(1, write, k.reshape(rows * n, kv_heads, dim).transpose(0, 1))
+            values.index_copy_(1, write, v.reshape(rows * n, kv_heads, dim).transpose(0, 1))
             # Whole blocks gathered (a block's columns are contiguous per head).
-            shape = (self.kv_heads, rows, columns, self.head_dim)
+            shape = (kv_heads, rows, columns, dim)
             seen_keys = pool.blocks_of(i, 0).index_select(1, read).view(shape)
             seen_values = pool.blocks_of(i, 1).index_select(1, read).view(shape)
             a = self._attention(q, seen_keys, seen_values, attend, decode)
@@ -220,7 +217,7 @@ class Forward:
         attend: torch.Tensor,
         decode: bool,
     ) -> torch.Tensor:
-        """Attention of ``q`` [rows, heads, n, dim] over ``keys`` and ``values``
+        """Attention of ``q`` [rows, n, heads, dim] over ``keys`` and ``values``
         [kv_heads, rows, columns, dim]; returns [rows, n, heads * dim].
 
         A decode or verifying step computes it directly (the query heads sharing a key head
@@ -228,10 +225,10 @@ class Forward:
         costs 6-12x more for a single query at 8 rows and more, and one path for both keeps a
         verifying step's arithmetic a decode step's. Prompts go through that kernel.
         """
-        rows, heads, n, dim = q.shape
+        rows, n, heads, dim = q.shape
         if not decode:
             a = F.scaled_dot_product_attention(
-                q,
+                q.transpose(1, 2),
                 keys.transpose(0, 1),
                 values.transpose(0, 1),
                 attn_mask=attend,
@@ -240,8 +237,10 @@ class Forward:
             return a.transpose(1, 2).reshape(rows, n, heads * dim)
         groups = heads // self.kv_heads
         work = self.attention_dtype
-        # [rows, kv_heads * groups, n, dim] -> [kv_heads, rows, groups * n, dim]
-        grouped = q.reshape(rows, self.kv_heads, groups * n, dim).transpose(0, 1).to(work)
+        # [rows, n, kv_heads, groups, dim] -> [kv_heads, rows, groups, n, dim], groups * n
+        # queries per key head and row.
+        grouped = q.reshape(rows, n, self.kv_heads, groups, dim).permute(2, 0, 3, 1, 4)
+        grouped = grouped.reshape(self.kv_heads, rows, groups * n, dim).to(work)
         scores = torch.matmul(grouped, keys.to(work).transpose(-1, -2)) * dim**-0.5 + attend
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(work)
         a = torch.matmul(probs, values.to(work))  # [kv_heads, rows, groups * n, dim]
@@ -270,10 +269,11 @@ class _Layer:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # As transformers' LlamaRMSNorm: normalise in float32, scale in the model's dtype.
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    # As transformers' LlamaRMSNorm: normalise in float32, scale in the model's dtype (the
+    # fused kernel, to the same bits: fewer operators a step).
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
