@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from neuron.devices import cpu_has_fast_bf16
 from neuron.model.quant import Codes, Linear
 
 # Tokens per block of the paged KV cache (vLLM's default): the granularity of the memory a
@@ -100,7 +101,12 @@ class Forward:
         self.embed = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb
         self.norm = inner.norm.weight
-        self.lm_head = Linear(model.lm_head.weight, model.lm_head.bias)
+        upcast = (
+            self.device.type == "cpu"
+            and self.dtype in (torch.bfloat16, torch.float16)
+            and not cpu_has_fast_bf16()
+        )
+        self.lm_head = Linear(model.lm_head.weight, model.lm_head.bias, upcast=upcast)
         # Rows of the logits: may be wider than the tokenizer (padded vocabularies).
         self.vocab_size = int(model.lm_head.weight.shape[0])
 
@@ -115,7 +121,7 @@ class Forward:
             codes = None
             if use_int4 and all(p is not None for p in parts):
                 codes = Codes.cat([p for p in parts if p is not None])
-            return Linear(weight.detach(), bias, codes)
+            return Linear(weight.detach(), bias, codes, upcast)
 
         self.layers = []
         for i, layer in enumerate(inner.layers):
