@@ -82,6 +82,10 @@ class ModelEngine:
         self.worker: DeviceWorker | None = None
         self.last_used = 0.0
         self._labels = {"model": model_id}
+        # Counted from zero for every loaded model, so their series exist before anything
+        # happens (a rate of none is 0, not missing).
+        for counter in (metrics.PREEMPTIONS, metrics.DRAFT_TOKENS, metrics.ACCEPTED_TOKENS):
+            counter.labels(**self._labels)
 
     @property
     def max_batch_size(self) -> int:
