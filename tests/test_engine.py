@@ -218,6 +218,21 @@ async def test_a_full_kv_cache_preempts_the_newest_rows_and_every_answer_is_as_a
     assert engine.runner.blocks.held == 0
 
 
+async def test_a_prompt_near_the_context_runs_in_a_kv_cache_of_one_context(
+    make_engine: Any,
+) -> None:
+    engine = make_engine(kv_cache_tokens=1)  # one context: 512 tokens, 32 blocks
+    prompt = (ids(engine, PROMPTS[1]) * 60)[:505]  # all 32 blocks, with its next tokens
+
+    async def run() -> list[Chunk]:
+        stream = engine.stream(prompt, SamplingParams(max_tokens=6, temperature=0))
+        return [c async for c in stream]
+
+    chunks = await asyncio.wait_for(run(), 60)  # never kept waiting for room that cannot come
+    assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 6
+    assert engine.runner.blocks.held == 0
+
+
 async def test_cancelled_stream_leaves_the_batch_and_frees_its_slot(make_engine: Any) -> None:
     engine = make_engine(max_batch_size=1)
     stream = engine.stream(ids(engine, PROMPTS[1]), SamplingParams(max_tokens=200, temperature=0))

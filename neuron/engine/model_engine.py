@@ -284,16 +284,18 @@ class ModelEngine:
 
     def _admits(self) -> Callable[[Sequence], bool]:
         """Whether a waiting sequence may join the batch now: the KV cache has blocks for
-        its tokens and one more, beside a block of room for every row running or joining
-        (so that the next steps do not preempt at once)."""
+        its tokens and the next, beside a block of room for every row already running or
+        joining (so that the next steps do not preempt at once). Into an empty batch any
+        sequence fits: the cache holds at least one row at the whole context."""
         free = self.runner.blocks.available - len(self.running)
+        alone = not self.running  # the first to join an empty batch is never kept waiting
 
         def admits(seq: Sequence) -> bool:
-            nonlocal free
-            cost = needed(len(seq.prompt_ids) + len(seq.generated) + 1) + 1
-            if cost > free:
+            nonlocal free, alone
+            cost = needed(len(seq.prompt_ids) + len(seq.generated) + 1)
+            if cost > free and not alone:
                 return False
-            free -= cost
+            free, alone = free - cost - 1, False
             return True
 
         return admits
