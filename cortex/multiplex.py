@@ -66,8 +66,8 @@ class Generation:
     """
 
     __slots__ = (
-        "_accepted", "_alarm", "_call", "_failure", "_id", "_loop", "_messages", "_over",
-        "_timer", "_until", "_waiter", "request", "resent",
+        "_accepted", "_alarm", "_alarm_at", "_call", "_failure", "_id", "_loop", "_messages",
+        "_over", "_timer", "_until", "_waiter", "request", "resent",
     )  # fmt: skip
 
     def __init__(self, call: _Call, id: int, timeout: float, request: pb.GenerateRequest) -> None:
@@ -82,7 +82,10 @@ class Generation:
         self._waiter: asyncio.Future[None] | None = None
         self._accepted = False
         self._over = False  # nothing more will arrive: the last message, or a failure
-        self._alarm: asyncio.TimerHandle | None = None
+        # The alarm and when it rings (kept here: uvloop's call_at of a time already past
+        # gives a plain Handle, which has no ``when``).
+        self._alarm: asyncio.Handle | None = None
+        self._alarm_at = 0.0
         self._until = 0.0
         self._timer = self._loop.call_later(timeout, self._expire, timeout)
 
@@ -110,10 +113,10 @@ class Generation:
         if self._messages or self._over:
             return True
         self._until = until
-        if self._alarm is None or self._alarm.when() > until:
+        if self._alarm is None or self._alarm_at > until:
             if self._alarm is not None:
                 self._alarm.cancel()
-            self._alarm = self._loop.call_at(until, self._ring)
+            self._alarm, self._alarm_at = self._loop.call_at(until, self._ring), until
         await self._wait()
         return bool(self._messages) or self._over
 
@@ -150,7 +153,7 @@ class Generation:
         if self._waiter is None:
             return
         if self._loop.time() < self._until:  # a later deadline since it was set
-            self._alarm = self._loop.call_at(self._until, self._ring)
+            self._alarm, self._alarm_at = self._loop.call_at(self._until, self._ring), self._until
         else:
             self._wake()
 

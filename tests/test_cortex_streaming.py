@@ -515,6 +515,42 @@ async def test_starts_queued_together_go_in_messages_the_neuron_takes() -> None:
         await neuron.server.stop(None)
 
 
+def test_a_wait_while_an_alarm_already_past_is_pending_moves_it_under_uvloop() -> None:
+    """cortex runs on uvloop, whose ``call_at`` of a time already past gives a plain Handle
+    (no ``when``): a stream's next wait while such an alarm was still queued once failed the
+    request with an AttributeError (a client's TimeoutError in the CI run that found it)."""
+    import uvloop
+
+    async def scenario() -> None:
+        neuron = await ScriptedNeuron().start()
+        try:
+            async with grpc.aio.insecure_channel(neuron.endpoint) as channel:
+                many = CortexMultiplexer(pb_grpc.NeuronStub(channel))
+                request = pb.GenerateRequest(
+                    model=MODEL,
+                    chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="delay")]),
+                )
+                generation = many.start(request, 60)
+                loop = asyncio.get_running_loop()
+                # A wait whose deadline has passed: its alarm is queued, not yet rung...
+                early = asyncio.create_task(generation.wait(loop.time() - 1))
+                await asyncio.sleep(0)
+                assert not early.done()
+                # ...when the next waits ask for a later deadline (a wait also returns, False,
+                # when the neuron accepts the request).
+                deadline = loop.time() + 30
+                while not await generation.wait(deadline):
+                    assert loop.time() < deadline
+                assert generation.take()
+                early.cancel()
+                generation.cancel()
+                await many.close()
+        finally:
+            await neuron.server.stop(None)
+
+    uvloop.run(scenario())
+
+
 @pytest.mark.parametrize("one_scripted", [4 << 20], indirect=True)
 async def test_a_broken_call_fails_none_of_the_requests_that_had_no_token_yet(
     one_scripted: tuple[CortexProcess, ScriptedNeuron],
