@@ -82,16 +82,13 @@ def bare_step_ceiling(
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from neuron.engine.runner import Runner
-    from neuron.engine.sequence import SamplingParams, Sequence
-    from neuron.model.forward import Forward
-    from neuron.model.quant import int4_kernel_usable, load_int4
+    from bench.kvcache import load_forward, paged_step
 
-    dtype = getattr(torch, dtype_name)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
     if engine == "neuron":
-        use_int4 = int4_kernel_usable(torch.device("cpu"), dtype)
-        forward = Forward(model, load_int4(model_dir) if use_int4 else {}, use_int4)
+        forward = load_forward(model_dir, dtype_name)
+    else:
+        dtype = getattr(torch, dtype_name)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
     ceiling = {}
     with torch.inference_mode():
         for batch in batches:
@@ -99,13 +96,7 @@ def bare_step_ceiling(
             if engine == "neuron":
                 # The engine's runner over its paged cache, without prefix cache (the prompts
                 # are random): a step is its ``decode``.
-                runner = Runner("bench", forward, torch.device("cpu"), 0, 16 * batch + 1, 0)
-                seqs = [
-                    Sequence(str(i), row, SamplingParams(max_tokens=64), print, None)  # type: ignore[arg-type]
-                    for i, row in enumerate(prompt.tolist())
-                ]
-                runner.prefill(seqs)
-                step = functools.partial(_neuron_step, runner)
+                step = paged_step(forward, prompt, 64)
             else:
                 cache = DynamicCache(config=model.config)
                 model(input_ids=prompt, past_key_values=cache)
@@ -119,11 +110,6 @@ def bare_step_ceiling(
                 token = step(token).argmax(-1, keepdim=True)
             ceiling[batch] = batch * steps / (time.perf_counter() - started)
     return ceiling
-
-
-def _neuron_step(runner: Any, token: Any) -> Any:
-    runner.accept(0, token[:, 0])
-    return runner.decode()
 
 
 def _transformers_step(model: Any, cache: Any, token: Any) -> Any:

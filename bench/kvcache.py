@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def _resident(address: int) -> int:
     return resident
 
 
-def _load(model_dir: Path, dtype_name: str) -> Any:
+def load_forward(model_dir: Path, dtype_name: str) -> Any:
     """The demo model's forward, as the neuron builds it (int4 codes where the CPU kernel
     pays). Works with this checkout's ``neuron`` and the baseline's."""
     import torch
@@ -77,7 +78,7 @@ def memory(args: argparse.Namespace, model_dir: Path, workload: str) -> dict[str
     from neuron.engine.sequence import SamplingParams, Sequence
     from neuron.model.forward import BLOCK, kv_elements_per_token
 
-    forward = _load(model_dir, args.dtype)
+    forward = load_forward(model_dir, args.dtype)
     config = json.loads((model_dir / "config.json").read_text())
     element = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
     token_bytes = kv_elements_per_token(argparse.Namespace(**config)) * element
@@ -137,6 +138,33 @@ def memory(args: argparse.Namespace, model_dir: Path, workload: str) -> dict[str
     }
 
 
+def paged_step(forward: Any, prompt: Any, room: int) -> Callable[[Any], Any]:
+    """The engine's runner over its paged cache (no prefix cache), prefilled with the rows of
+    ``prompt`` [rows, tokens] with room for ``room`` more tokens each: its decode step, given
+    each row's next token [rows, 1]."""
+    import torch
+
+    from neuron.engine.blocks import needed
+    from neuron.engine.runner import Runner
+    from neuron.engine.sequence import SamplingParams, Sequence
+
+    rows, tokens = prompt.shape
+    blocks = rows * needed(tokens + room) + 1
+    runner = Runner("bench", forward, torch.device("cpu"), 0, blocks, 0)
+    seqs = [
+        Sequence(str(i), row, SamplingParams(max_tokens=room), print, None)  # type: ignore[arg-type]
+        for i, row in enumerate(prompt.tolist())
+    ]
+    for first in range(0, rows, 4):
+        runner.prefill(seqs[first : first + 4])
+
+    def step(token: Any) -> Any:
+        runner.accept(0, token[:, 0])
+        return runner.decode()
+
+    return step
+
+
 def step_rate(model_dir: Path, rows: int, context: int, dtype_name: str, steps: int) -> float:
     """Tokens/s of the bare decode step at ``rows`` rows of ``context`` tokens, with this
     process's ``neuron`` (this checkout's paged cache, or the baseline's padded one)."""
@@ -144,7 +172,7 @@ def step_rate(model_dir: Path, rows: int, context: int, dtype_name: str, steps: 
 
     from neuron.model import forward as module
 
-    forward = _load(model_dir, dtype_name)
+    forward = load_forward(model_dir, dtype_name)
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(1000, 40000, (rows, context), generator=generator)
     with torch.inference_mode():
@@ -157,23 +185,7 @@ def step_rate(model_dir: Path, rows: int, context: int, dtype_name: str, steps: 
                 mask = torch.ones(rows, cache.length + 1, dtype=torch.long)
                 return forward(token, torch.full((rows, 1), cache.length), mask, cache)
         else:
-            from neuron.engine.blocks import needed
-            from neuron.engine.runner import Runner
-            from neuron.engine.sequence import SamplingParams, Sequence
-
-            runner = Runner(
-                "bench", forward, torch.device("cpu"), 0, rows * needed(context + steps + 8) + 1, 0
-            )
-            seqs = [
-                Sequence(str(i), row, SamplingParams(max_tokens=steps), print, None)  # type: ignore[arg-type]
-                for i, row in enumerate(prompt.tolist())
-            ]
-            for first in range(0, rows, 4):
-                runner.prefill(seqs[first : first + 4])
-
-            def step(token: torch.Tensor) -> torch.Tensor:
-                runner.accept(0, token[:, 0])
-                return runner.decode()
+            step = paged_step(forward, prompt, steps + 8)
 
         token = torch.randint(1000, 40000, (rows, 1), generator=generator)
         for _ in range(3):  # warm up
