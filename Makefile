@@ -37,12 +37,13 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy neuron cortex
 
 # Tools the packaging, monitoring and fleet tests use (command:Debian package): ip and tc build
-# the fleet's hosts as network namespaces, nft drops a host's packets. Installed only when a
+# the fleet's hosts as network namespaces, nft drops a host's packets; cc builds the neuron's
+# CPU decode kernel (neuron/model/decode.c: without it decode steps run slower, in torch). Installed only when a
 # command is missing, so a rerun costs nothing; elsewhere (no apt-get, not root) they are named,
 # and the tests that need them fail in `make test` (a plain pytest run skips them).
 SYSTEM_TOOLS := rpm:rpm rpmbuild:rpm rpmspec:rpm rpm2cpio:rpm2cpio cpio:cpio rpmlint:rpmlint \
 	systemd-analyze:systemd systemd-sysusers:systemd promtool:prometheus prometheus:prometheus \
-	openssl:openssl ip:iproute2 tc:iproute2 nft:nftables
+	openssl:openssl ip:iproute2 tc:iproute2 nft:nftables cc:gcc
 
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do \
@@ -67,7 +68,8 @@ rpm: $(VENV)/.installed system-deps
 test: $(VENV)/.installed $(DEMO_GGUF) system-deps lint
 	HELEXA_NO_SKIPS=1 $(BIN)/python -m pytest -q
 
-run: $(VENV)/.installed $(DEMO_GGUF)
+run: SYSTEM_TOOLS = cc:gcc
+run: $(VENV)/.installed $(DEMO_GGUF) system-deps
 	$(BIN)/python scripts/run_demo.py
 
 # Benchmarks: figures for BENCHMARKS.md. transformers' own server is the baseline to beat, and

@@ -54,19 +54,22 @@ def _resident(address: int) -> int:
     return resident
 
 
-def load_forward(model_dir: Path, dtype_name: str) -> Any:
-    """The demo model's forward, as the neuron builds it (int4 codes where the CPU kernel
-    pays). Works with this checkout's ``neuron`` and the baseline's."""
+def load_forward(model_dir: Path, dtype_name: str, kernel: bool = True) -> Any:
+    """The demo model's forward, as the neuron builds it (its decode steps on the 4-bit
+    codes; without ``kernel``, in torch). Works with this checkout's ``neuron`` and the
+    baseline's."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from neuron.model import quant
     from neuron.model.forward import Forward
-    from neuron.model.quant import int4_kernel_usable, load_int4
 
     dtype = getattr(torch, dtype_name)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
-    use_int4 = int4_kernel_usable(torch.device("cpu"), dtype)
-    return Forward(model, load_int4(model_dir) if use_int4 else {}, use_int4)
+    if hasattr(Forward, "decode_path"):
+        return Forward(model, quant.load_int4(model_dir), True, decode_kernel=kernel)
+    use_int4 = quant.int4_kernel_usable(torch.device("cpu"), dtype)  # a baseline's neuron
+    return Forward(model, quant.load_int4(model_dir) if use_int4 else {}, use_int4)
 
 
 def memory(args: argparse.Namespace, model_dir: Path, workload: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from neuron.model.forward import (
     kv_elements_per_token,
     served_context,
 )
-from neuron.model.quant import int4_kernel_usable, load_int4
+from neuron.model.quant import load_int4
 from neuron.sources import parameter_bytes, resolve
 
 log = logging.getLogger(__name__)
@@ -376,11 +376,12 @@ def _load_weights(model_dir: Path, dtype: torch.dtype, device: Device) -> tuple[
         str(model_dir), dtype=dtype, device_map=device.name
     )
     model.eval()
-    use_int4 = int4_kernel_usable(torch.device(device.name), dtype)
-    forward = Forward(model, load_int4(model_dir) if use_int4 else {}, use_int4)
+    # 4-bit codes serve a CPU's decode steps (the forward picks how: neuron.model.forward).
+    on_cpu = torch.device(device.name).type == "cpu"
+    forward = Forward(model, load_int4(model_dir) if on_cpu else {}, on_cpu)
     log.info(
-        "model weights arranged dir=%s architecture=%s int4_projections=%d",
-        model_dir, architecture, forward.int4_layers(),
+        "model weights arranged dir=%s architecture=%s int4_projections=%d decode=%s",
+        model_dir, architecture, forward.int4_layers(), forward.decode_path(),
     )  # fmt: skip
     return model, forward, tokenizer
 

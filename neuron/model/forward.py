@@ -7,7 +7,8 @@ same arithmetic with fused projections (one matmul for q, k and v, one for gate 
 and values written in place into a paged pool (``KVPool``), attention with grouped heads
 (computed directly for a decode or verifying step), and the vocabulary projection for the
 last position only. Projections whose weights are exactly 4-bit run as 4-bit on the CPU
-(``neuron.model.quant``).
+(``neuron.model.quant``): where every layer's are, a decode step runs in one call of the CPU
+kernel (``neuron.model.kernel``), and prompts stay torch's.
 
 The cache is paged, as vLLM's: the pool is fixed-size blocks of ``BLOCK`` tokens, and each
 row reads and writes its tokens through its own block table, so a batch holds the memory of
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from neuron.devices import cpu_has_fast_bf16
-from neuron.model.quant import Codes, Linear
+from neuron.model import kernel
+from neuron.model.quant import Codes, Linear, int4_kernel_usable
 
 # Tokens per block of the paged KV cache (vLLM's default): the granularity of the memory a
 # row holds and of the prompt beginnings rows share.
@@ -83,7 +85,12 @@ def kv_elements_per_token(config: Any) -> int:
 class Forward:
     """A Llama-family decoder's weights, arranged for batched decoding."""
 
-    def __init__(self, model: Any, int4: dict[str, Codes], use_int4: bool) -> None:
+    def __init__(
+        self, model: Any, int4: dict[str, Codes], use_int4: bool, decode_kernel: bool = True
+    ) -> None:
+        """``int4``: the codes of the projections that are exactly 4-bit. With ``use_int4``,
+        decode steps run them: in the CPU kernel where every layer has them (and
+        ``decode_kernel``, and it builds here), else in torch's int4 matmul where it pays."""
         config = model.config
         inner = model.model
         self.dtype = model.dtype
@@ -110,7 +117,17 @@ class Forward:
         # Rows of the logits: may be wider than the tokenizer (padded vocabularies).
         self.vocab_size = int(model.lm_head.weight.shape[0])
 
-        def linear(prefix: str, names: tuple[str, ...]) -> Linear:
+        projections = {
+            "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+            "o": ("self_attn", ("o_proj",)),
+            "gate_up": ("mlp", ("gate_proj", "up_proj")),
+            "down": ("mlp", ("down_proj",)),
+        }
+
+        def fused(i: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None, Codes | None]:
+            """The weight, bias and codes (or None) of layer ``i``'s projection ``name``."""
+            block, names = projections[name]
+            prefix = f"model.layers.{i}.{block}"
             modules = [model.get_submodule(f"{prefix}.{n}") for n in names]
             weight = (
                 torch.cat([m.weight for m in modules]) if len(modules) > 1 else modules[0].weight
@@ -121,32 +138,75 @@ class Forward:
             codes = None
             if use_int4 and all(p is not None for p in parts):
                 codes = Codes.cat([p for p in parts if p is not None])
-            return Linear(weight.detach(), bias, codes, upcast)
+            return weight.detach(), bias, codes
 
-        self.layers = []
-        for i, layer in enumerate(inner.layers):
-            prefix = f"model.layers.{i}"
-            self.layers.append(
-                _Layer(
-                    layer.input_layernorm.weight,
-                    linear(f"{prefix}.self_attn", ("q_proj", "k_proj", "v_proj")),
-                    linear(f"{prefix}.self_attn", ("o_proj",)),
-                    layer.post_attention_layernorm.weight,
-                    linear(f"{prefix}.mlp", ("gate_proj", "up_proj")),
-                    linear(f"{prefix}.mlp", ("down_proj",)),
-                )
+        weights = [{n: fused(i, n) for n in projections} for i in range(len(inner.layers))]
+        self.kernel: kernel.Decoder | None = None
+        lib = None
+        if (
+            decode_kernel
+            and self.device.type == "cpu"
+            and self.dtype in (torch.float32, torch.bfloat16)
+            and all(w[n][2] is not None for w in weights for n in projections)
+        ):
+            lib = kernel.library()
+        if lib is not None:
+            shape = {
+                "hidden": config.hidden_size, "heads": self.heads, "kv_heads": self.kv_heads,
+                "head_dim": self.head_dim, "inter": config.intermediate_size, "eps": self.eps,
+            }  # fmt: skip
+            self.kernel = kernel.Decoder(
+                lib,
+                shape,
+                [
+                    {
+                        "attn_norm": layer.input_layernorm.weight,
+                        "mlp_norm": layer.post_attention_layernorm.weight,
+                        **{n: (w[n][2], w[n][1]) for n in projections},
+                    }
+                    for layer, w in zip(inner.layers, weights, strict=True)
+                ],
+                (self.norm, self.lm_head.weight, self.lm_head.bias),
             )
+        # torch's int4 matmul serves decode steps where the kernel does not.
+        torch_int4 = self.kernel is None and int4_kernel_usable(self.device, self.dtype)
+
+        def linear(w: tuple[torch.Tensor, torch.Tensor | None, Codes | None]) -> Linear:
+            return Linear(w[0], w[1], w[2] if torch_int4 else None, upcast)
+
+        self.layers = [
+            _Layer(
+                layer.input_layernorm.weight,
+                linear(w["qkv"]),
+                linear(w["o"]),
+                layer.post_attention_layernorm.weight,
+                linear(w["gate_up"]),
+                linear(w["down"]),
+            )
+            for layer, w in zip(inner.layers, weights, strict=True)
+        ]
         # The fused copies replace the model's own decoder layers.
         inner.layers = torch.nn.ModuleList()
 
     def resident_bytes(self) -> int:
         tensors = {id(t): t for t in [self.embed, self.norm, *self.lm_head.tensors()]}
+        for t in self.kernel.resident() if self.kernel is not None else []:
+            tensors[id(t)] = t
         for layer in self.layers:
             for t in layer.tensors():
                 tensors[id(t)] = t
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
+    def decode_path(self) -> str:
+        """How decode steps run: ``kernel``, ``int4`` (torch's int4 matmul) or ``dense``."""
+        if self.kernel is not None:
+            return "kernel"
+        return "int4" if self.int4_layers() else "dense"
+
     def int4_layers(self) -> int:
+        """Projections whose decode steps run 4-bit (in the kernel, or torch's matmul)."""
+        if self.kernel is not None:
+            return 4 * len(self.layers)
         return sum(
             lin.packed is not None
             for layer in self.layers
@@ -169,11 +229,13 @@ class Forward:
         ``tables`` [rows, blocks] is each row's block table: the blocks of the columns it
         attends to, in order (column ``j`` holds position ``j``, the new tokens' among them;
         block 0 pads a shorter table). A new token sees the columns up to its own position.
-        Padding tokens write to scratch (block 0) and their outputs are never used. Returns the logits of the last column, [rows, vocab];
-        with ``every`` (a decode step that verifies draft tokens), those of every new
-        column, [rows, n, vocab].
+        Padding tokens write to scratch (block 0) and their outputs are never used. Returns
+        the logits of the last column, [rows, vocab]; with ``every`` (a decode step that
+        verifies draft tokens), those of every new column, [rows, n, vocab].
         """
         rows, n = ids.shape
+        if self.kernel is not None and (n == 1 or every):
+            return self._kernel_step(ids, positions, slots, tables, pool.data, every=every)
         columns = tables.shape[1] * BLOCK
         x = F.embedding(ids, self.embed)
         cos, sin = self.rotary(x, positions)
@@ -205,6 +267,29 @@ class Forward:
             gate, up = layer.gate_up(h, decode).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up, decode)
         return self.lm_head(_rms_norm(x if every else x[:, -1], self.norm, self.eps))
+
+    def _kernel_step(
+        self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+        tables: torch.Tensor, pool: torch.Tensor, *, every: bool,
+    ) -> torch.Tensor:  # fmt: skip
+        """``__call__``'s decode or verifying step in the CPU kernel: the layers in float32,
+        each new token attending through its row's block table."""
+        assert self.kernel is not None
+        rows, n = ids.shape
+        x = F.embedding(ids.reshape(-1), self.embed).float()  # [tokens, hidden]
+        cos, sin = self.rotary(x, positions.reshape(1, -1))
+        tokens = torch.arange(rows * n)
+        logits = self.kernel(
+            x,
+            positions.reshape(-1),
+            slots.reshape(-1),
+            tables.repeat_interleave(n, 0) if n > 1 else tables,
+            cos[0],
+            sin[0],
+            pool,
+            tokens if every else tokens[n - 1 :: n],
+        )
+        return logits.view(rows, n, -1) if every else logits
 
     def _decode_mask(self, sees: torch.Tensor) -> torch.Tensor:
         """``sees`` as the direct attention adds it: [1, rows, groups * n, columns], 0 or -inf
