@@ -126,6 +126,15 @@ static void rms_norm(const float *x, const float *w, int64_t n, float eps, float
     for (int64_t i = 0; i < n; i++) out[i] = x[i] * r * w[i];
 }
 
+#ifdef HX_AVX2
+static inline float hsum(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+#endif
+
 /* A stage's input, prepared once per token for every projection that reads it: each group
  * of 32 as 16-bit integers with a scale (x ~ x16 * xs: off by at most 1/65534 of the group's
  * largest magnitude, finer than bfloat16 by 2^7), and its exact float sum. */
@@ -141,6 +150,29 @@ static void prepare(const Input *in, int64_t t, const float *x, int64_t n) {
     int16_t *q = in->x16 + t * in->stride;
     for (int64_t g = 0; g < n / GROUP; g++) {
         const float *v = x + g * GROUP;
+#ifdef HX_AVX2
+        const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256 x0 = _mm256_loadu_ps(v), x1 = _mm256_loadu_ps(v + 8);
+        __m256 x2 = _mm256_loadu_ps(v + 16), x3 = _mm256_loadu_ps(v + 24);
+        __m256 top8 = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(x0, magnitude),
+                                                  _mm256_and_ps(x1, magnitude)),
+                                    _mm256_max_ps(_mm256_and_ps(x2, magnitude),
+                                                  _mm256_and_ps(x3, magnitude)));
+        __m128 top4 = _mm_max_ps(_mm256_castps256_ps128(top8), _mm256_extractf128_ps(top8, 1));
+        top4 = _mm_max_ps(top4, _mm_movehl_ps(top4, top4));
+        float top = _mm_cvtss_f32(_mm_max_ss(top4, _mm_movehdup_ps(top4)));
+        float sum = hsum(_mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)));
+        __m256 inverse = _mm256_set1_ps(top > 0 ? 32767.0f / top : 0);
+        /* rounded to nearest even, as lrintf; packs interleaves 128-bit lanes: put back */
+        __m256i lo = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(x0, inverse)),
+                                        _mm256_cvtps_epi32(_mm256_mul_ps(x1, inverse)));
+        __m256i hi = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(x2, inverse)),
+                                        _mm256_cvtps_epi32(_mm256_mul_ps(x3, inverse)));
+        _mm256_storeu_si256((__m256i *)(q + g * GROUP), _mm256_permute4x64_epi64(lo, 0xd8));
+        _mm256_storeu_si256((__m256i *)(q + g * GROUP + 16), _mm256_permute4x64_epi64(hi, 0xd8));
+        in->xs[t * groups + g] = top / 32767.0f;
+        in->sums[t * groups + g] = sum;
+#else
         float top = 0, sum = 0;
         for (int i = 0; i < GROUP; i++) {
             float a = fabsf(v[i]);
@@ -151,17 +183,9 @@ static void prepare(const Input *in, int64_t t, const float *x, int64_t n) {
         for (int i = 0; i < GROUP; i++) q[g * GROUP + i] = (int16_t)lrintf(v[i] * inverse);
         in->xs[t * groups + g] = scale;
         in->sums[t * groups + g] = sum;
+#endif
     }
 }
-
-#ifdef HX_AVX2
-static inline float hsum(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
-}
-#endif
 
 static inline float dotf(const float *a, const float *b, int64_t n) {
     int64_t i = 0;
@@ -176,7 +200,7 @@ static inline float dotf(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* Row ``o`` of ``w`` against ``n`` tokens (1..4: a constant where inlined) of ``in`` from
+/* Row ``o`` of ``w`` against ``n`` tokens (1..8: a constant where inlined) of ``in`` from
  * token ``t``: sum(x * code * scale) by group, the codes of a group unpacked once for all of
  * them, the products exact in integers. */
 static inline __attribute__((always_inline)) void q4_tokens(const Q4 *w, int64_t o,
@@ -189,7 +213,8 @@ static inline __attribute__((always_inline)) void q4_tokens(const Q4 *w, int64_t
     int64_t st = in->stride;
 #ifdef HX_AVX2
     const __m128i mask = _mm_set1_epi8(0x0f);
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+           a7 = a0;
 #define HX_TOKEN(k, acc)                                                                    \
     do {                                                                                    \
         const int16_t *v = x + (k) * st + g * GROUP;                                        \
@@ -207,9 +232,13 @@ static inline __attribute__((always_inline)) void q4_tokens(const Q4 *w, int64_t
         if (n > 1) HX_TOKEN(1, a1);
         if (n > 2) HX_TOKEN(2, a2);
         if (n > 3) HX_TOKEN(3, a3);
+        if (n > 4) HX_TOKEN(4, a4);
+        if (n > 5) HX_TOKEN(5, a5);
+        if (n > 6) HX_TOKEN(6, a6);
+        if (n > 7) HX_TOKEN(7, a7);
     }
 #undef HX_TOKEN
-    __m256 accs[4] = {a0, a1, a2, a3};
+    __m256 accs[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
     for (int k = 0; k < n; k++) total[k] = hsum(accs[k]);
 #else
     for (int k = 0; k < n; k++) total[k] = 0;
@@ -225,21 +254,25 @@ static inline __attribute__((always_inline)) void q4_tokens(const Q4 *w, int64_t
 #endif
 }
 
-/* out[t * stride + o] (+)= x[t] . weight[o] + bias[o] for o in [o0, o1), four tokens at a
+/* out[t * stride + o] (+)= x[t] . weight[o] + bias[o] for o in [o0, o1), eight tokens at a
  * time; sum(x * (code * scale + low)) taken as sum(x * code * scale) + low . sums(x). */
 static void q4_rows(const Q4 *w, const Input *in, int64_t tokens, int64_t o0, int64_t o1,
                     float *out, int64_t stride, int add) {
-    float total[4];
+    float total[8] = {0};
     int64_t groups = w->in / GROUP, gs = in->stride / GROUP;
     for (int64_t o = o0; o < o1; o++)
-        for (int64_t t = 0; t < tokens; t += 4) {
+        for (int64_t t = 0; t < tokens; t += 8) {
             switch (tokens - t) {
             case 1: q4_tokens(w, o, in, t, 1, total); break;
             case 2: q4_tokens(w, o, in, t, 2, total); break;
             case 3: q4_tokens(w, o, in, t, 3, total); break;
-            default: q4_tokens(w, o, in, t, 4, total); break;
+            case 4: q4_tokens(w, o, in, t, 4, total); break;
+            case 5: q4_tokens(w, o, in, t, 5, total); break;
+            case 6: q4_tokens(w, o, in, t, 6, total); break;
+            case 7: q4_tokens(w, o, in, t, 7, total); break;
+            default: q4_tokens(w, o, in, t, 8, total); break;
             }
-            for (int64_t k = 0; k < 4 && t + k < tokens; k++) {
+            for (int64_t k = 0; k < 8 && t + k < tokens; k++) {
                 float v = total[k] + dotf(w->low + o * groups, in->sums + (t + k) * gs, groups);
                 if (w->bias) v += w->bias[o];
                 float *dst = out + (t + k) * stride + o;
@@ -248,38 +281,65 @@ static void q4_rows(const Q4 *w, const Input *in, int64_t tokens, int64_t o0, in
         }
 }
 
-/* logits[k * vocab + o] = h[k] . lm_head[o] (+ bias) for o in [o0, o1), four tokens at a
+/* lm_head row ``o`` against ``n`` tokens (1..8: a constant where inlined) of ``h`` from
+ * token ``t``, the weights converted once for all of them, the sums in registers. */
+static inline __attribute__((always_inline)) void dense_tokens(const Model *m, int64_t o,
+                                                               const float *h, int n,
+                                                               float *total) {
+    int64_t H = m->hidden, i = 0;
+    for (int k = 0; k < n; k++) total[k] = 0;
+#ifdef HX_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+           a7 = a0;
+    for (; i + 8 <= H; i += 8) {
+        __m256 wv;
+        if (m->lm_bf16) {
+            const uint16_t *row = (const uint16_t *)m->lm_head + o * H + i;
+            __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)row));
+            wv = _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+        } else {
+            wv = _mm256_loadu_ps((const float *)m->lm_head + o * H + i);
+        }
+        const float *v = h + i;
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v), wv, a0);
+        if (n > 1) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(v + H), wv, a1);
+        if (n > 2) a2 = _mm256_fmadd_ps(_mm256_loadu_ps(v + 2 * H), wv, a2);
+        if (n > 3) a3 = _mm256_fmadd_ps(_mm256_loadu_ps(v + 3 * H), wv, a3);
+        if (n > 4) a4 = _mm256_fmadd_ps(_mm256_loadu_ps(v + 4 * H), wv, a4);
+        if (n > 5) a5 = _mm256_fmadd_ps(_mm256_loadu_ps(v + 5 * H), wv, a5);
+        if (n > 6) a6 = _mm256_fmadd_ps(_mm256_loadu_ps(v + 6 * H), wv, a6);
+        if (n > 7) a7 = _mm256_fmadd_ps(_mm256_loadu_ps(v + 7 * H), wv, a7);
+    }
+    __m256 accs[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+    for (int k = 0; k < n; k++) total[k] = hsum(accs[k]);
+#endif
+    for (; i < H; i++) {
+        float wv = m->lm_bf16 ? bf16_to_f32(((const uint16_t *)m->lm_head)[o * H + i])
+                              : ((const float *)m->lm_head)[o * H + i];
+        for (int k = 0; k < n; k++) total[k] += h[k * H + i] * wv;
+    }
+}
+
+/* logits[k * vocab + o] = h[k] . lm_head[o] (+ bias) for o in [o0, o1), eight tokens at a
  * time, each weight row read once for them. */
 static void dense_rows(const Model *m, const float *h, int64_t n, int64_t o0, int64_t o1,
                        float *logits) {
-    int64_t H = m->hidden;
+    float total[8] = {0};
     for (int64_t o = o0; o < o1; o++)
-        for (int64_t t = 0; t < n; t += 4) {
-            int64_t k = n - t < 4 ? n - t : 4, i = 0;
-            float total[4] = {0, 0, 0, 0};
-#ifdef HX_AVX2
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                             _mm256_setzero_ps()};
-            for (; i + 8 <= H; i += 8) {
-                __m256 wv;
-                if (m->lm_bf16) {
-                    __m128i raw = _mm_loadu_si128((const __m128i *)((const uint16_t *)m->lm_head + o * H + i));
-                    wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-                } else {
-                    wv = _mm256_loadu_ps((const float *)m->lm_head + o * H + i);
-                }
-                for (int64_t j = 0; j < k; j++)
-                    acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(h + (t + j) * H + i), wv, acc[j]);
+        for (int64_t t = 0; t < n; t += 8) {
+            const float *v = h + t * m->hidden;
+            switch (n - t) {
+            case 1: dense_tokens(m, o, v, 1, total); break;
+            case 2: dense_tokens(m, o, v, 2, total); break;
+            case 3: dense_tokens(m, o, v, 3, total); break;
+            case 4: dense_tokens(m, o, v, 4, total); break;
+            case 5: dense_tokens(m, o, v, 5, total); break;
+            case 6: dense_tokens(m, o, v, 6, total); break;
+            case 7: dense_tokens(m, o, v, 7, total); break;
+            default: dense_tokens(m, o, v, 8, total); break;
             }
-            for (int64_t j = 0; j < k; j++) total[j] = hsum(acc[j]);
-#endif
-            for (; i < H; i++) {
-                float wv = m->lm_bf16 ? bf16_to_f32(((const uint16_t *)m->lm_head)[o * H + i])
-                                      : ((const float *)m->lm_head)[o * H + i];
-                for (int64_t j = 0; j < k; j++) total[j] += h[(t + j) * H + i] * wv;
-            }
-            for (int64_t j = 0; j < k; j++)
-                logits[(t + j) * m->vocab + o] = total[j] + (m->lm_bias ? m->lm_bias[o] : 0);
+            for (int64_t k = 0; k < 8 && t + k < n; k++)
+                logits[(t + k) * m->vocab + o] = total[k] + (m->lm_bias ? m->lm_bias[o] : 0);
         }
 }
 
@@ -299,7 +359,14 @@ static inline const float *cached(const Model *m, int64_t layer, int kv, int64_t
     int64_t at = (((layer * 2 + kv) * m->kv_heads + h) * m->slots + slot) * m->head_dim;
     if (!m->kv_bf16) return (const float *)m->pool + at;
     const uint16_t *v = (const uint16_t *)m->pool + at;
-    for (int64_t i = 0; i < m->head_dim; i++) buf[i] = bf16_to_f32(v[i]);
+    int64_t i = 0;
+#ifdef HX_AVX2
+    for (; i + 8 <= m->head_dim; i += 8) {
+        __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(v + i)));
+        _mm256_storeu_ps(buf + i, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+    }
+#endif
+    for (; i < m->head_dim; i++) buf[i] = bf16_to_f32(v[i]);
     return buf;
 }
 
