@@ -66,8 +66,9 @@ def load_forward(model_dir: Path, dtype_name: str, kernel: bool = True) -> Any:
 
     dtype = getattr(torch, dtype_name)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
-    if hasattr(Forward, "decode_path"):
-        return Forward(model, quant.load_int4(model_dir), True, decode_kernel=kernel)
+    if hasattr(quant, "load_int8"):
+        head8 = quant.load_int8(model_dir).get("lm_head")
+        return Forward(model, quant.load_int4(model_dir), True, kernel, head8)
     use_int4 = quant.int4_kernel_usable(torch.device("cpu"), dtype)  # a baseline's neuron
     return Forward(model, quant.load_int4(model_dir) if use_int4 else {}, use_int4)
 

@@ -35,7 +35,7 @@ from neuron.model.forward import (
     kv_elements_per_token,
     served_context,
 )
-from neuron.model.quant import load_int4
+from neuron.model.quant import load_int4, load_int8
 from neuron.sources import parameter_bytes, resolve
 
 log = logging.getLogger(__name__)
@@ -378,10 +378,12 @@ def _load_weights(model_dir: Path, dtype: torch.dtype, device: Device) -> tuple[
     model.eval()
     # 4-bit codes serve a CPU's decode steps (the forward picks how: neuron.model.forward).
     on_cpu = torch.device(device.name).type == "cpu"
-    forward = Forward(model, load_int4(model_dir) if on_cpu else {}, on_cpu)
+    head8 = load_int8(model_dir).get("lm_head") if on_cpu else None
+    forward = Forward(model, load_int4(model_dir) if on_cpu else {}, on_cpu, head8=head8)
     log.info(
-        "model weights arranged dir=%s architecture=%s int4_projections=%d decode=%s",
+        "model weights arranged dir=%s architecture=%s int4_projections=%d decode=%s head=%s",
         model_dir, architecture, forward.int4_layers(), forward.decode_path(),
+        "8-bit" if forward.kernel is not None and head8 is not None else "dense",
     )  # fmt: skip
     return model, forward, tokenizer
 

@@ -28,13 +28,14 @@ from neuron import metrics
 from neuron.errors import LoadFailed
 from neuron.loadpolicy import check_download_fits, free_disk
 from neuron.loadprogress import BYTES, DOWNLOADING, MATERIALISING, TENSORS, LoadProgress
-from neuron.model.quant import INT4_FILE, find_int4, save_int4
+from neuron.model.quant import INT4_FILE, INT8_FILE, codes8_of, find_int4, save_int4, save_int8
 
 log = logging.getLogger(__name__)
 
 # Bumped when what a materialised GGUF folder holds changes; older folders are redone.
-# 2: the 4-bit projections' codes (int4.safetensors).
-MATERIALISED_FORMAT = 2
+# 2: the 4-bit projections' codes (int4.safetensors). 3: the vocabulary projection's 8-bit
+# codes (int8.safetensors).
+MATERIALISED_FORMAT = 3
 # The files of a Hugging Face repository a load fetches (without a gguf_file).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 # Seconds to wait for the Hub's metadata.
@@ -271,8 +272,11 @@ def _dequantise_into(gguf: Path, out: Path, progress: LoadProgress | None) -> No
         model.config.architectures = [type(model).__name__]
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    # The projections that were 4-bit in the file keep their codes for the CPU's int4 kernel.
+    # The projections that were 4-bit in the file, and the vocabulary projection where it was
+    # 8-bit, keep their codes for the CPU's decode steps.
     save_int4(find_int4(model), out / INT4_FILE)
+    head = codes8_of(model.lm_head.weight)
+    save_int8({"lm_head": head} if head is not None else {}, out / INT8_FILE)
 
 
 # The load whose GGUF tensors this thread converts (contexts are per thread and per task).

@@ -127,32 +127,38 @@ def check(batch: Batch, reference: torch.nn.Module, logits: torch.Tensor, atol: 
 
 
 ARCHITECTURES = ["LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"]
-# How a decode step runs: (the model's dtype, the 4-bit codes given, the kernel allowed),
-# and how close to transformers' float32 logits it must come. bfloat16 rounds its weights
-# and prompts' activations (~0.003 here); a wrong code, scale or column is off by ~0.4.
+# How a decode step runs: (the model's dtype, the 4-bit codes given, the kernel allowed, the
+# vocabulary projection 8-bit), and how close to transformers' float32 logits it must come.
+# bfloat16 rounds its weights and prompts' activations (~0.003 here); a wrong code, scale or
+# column is off by ~0.4.
 PATHS = {
-    "dense": (torch.float32, False, False, 1e-4),
-    "kernel": (torch.float32, True, True, 1e-4),
-    "kernel-bf16": (torch.bfloat16, True, True, 0.02),
-    "int4-bf16": (torch.bfloat16, True, False, 0.02),
+    "dense": (torch.float32, False, False, False, 1e-4),
+    "kernel": (torch.float32, True, True, False, 1e-4),
+    "kernel-8bit-head": (torch.float32, True, True, True, 1e-4),
+    "kernel-bf16": (torch.bfloat16, True, True, False, 0.02),
+    "int4-bf16": (torch.bfloat16, True, False, False, 0.02),
 }
 
 
 def forward_for(architecture: str, path: str) -> tuple[Forward, torch.nn.Module, float]:
     """The forward of a tiny model taking ``path``, its float32 reference, the tolerance."""
-    dtype, int4, allow_kernel, atol = PATHS[path]
+    dtype, int4, allow_kernel, eight, atol = PATHS[path]
     model = tiny(architecture)
     if int4:
         four_bit(model)
+    if eight:
+        eight_bit_head(model)
     reference = copy.deepcopy(model)
     codes = quant.find_int4(model) if int4 else {}
-    forward = Forward(model.to(dtype), codes, int4, decode_kernel=allow_kernel)
-    want = {"dense": "dense", "kernel": "kernel", "kernel-bf16": "kernel", "int4-bf16": "int4"}
+    head8 = quant.codes8_of(model.lm_head.weight) if eight else None
+    assert (head8 is not None) == eight
+    forward = Forward(model.to(dtype), codes, int4, allow_kernel, head8)
+    want = {"dense": "dense", "int4-bf16": "int4"}.get(path, "kernel")
     if path == "int4-bf16" and not quant.int4_kernel_usable(torch.device("cpu"), dtype):
         pytest.skip("this torch has no CPU int4 kernel")
     # A neuron host has a C compiler (the RPM requires one; `make` installs it): the kernel
     # path failing to build is a failure here, not a skip.
-    assert forward.decode_path() == want[path], kernel.library()
+    assert forward.decode_path() == want, kernel.library()
     return forward, reference, atol
 
 
@@ -261,6 +267,31 @@ def four_bit(model: torch.nn.Module) -> None:
                     scale = (w.amax(-1, keepdim=True) - low) / 15
                     codes = torch.round((w - low) / scale)
                     proj.weight.copy_((codes * scale + low).reshape_as(proj.weight))
+
+
+def eight_bit_head(model: torch.nn.Module) -> None:
+    """Make the vocabulary projection's weight exactly 8-bit groups, as GGUF's Q8_0."""
+    with torch.no_grad():
+        w = model.lm_head.weight.reshape(model.lm_head.out_features, -1, quant.GROUP)
+        scale = w.abs().amax(-1, keepdim=True) / 127
+        model.lm_head.weight.copy_(
+            (torch.round(w / scale) * scale).reshape_as(model.lm_head.weight)
+        )
+
+
+def test_an_eight_bit_vocabulary_projection_is_found_and_saved(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = tiny("LlamaForCausalLM")
+    assert quant.codes8_of(model.lm_head.weight) is None  # random weights are not 8-bit
+    eight_bit_head(model)
+    head = quant.codes8_of(model.lm_head.weight)
+    assert head is not None and int(head.codes.abs().max()) == 127
+    rebuilt = (
+        head.codes.float().reshape(head.codes.shape[0], -1, quant.GROUP) * head.scale[..., None]
+    )
+    assert torch.allclose(rebuilt.reshape_as(model.lm_head.weight), model.lm_head.weight)
+    quant.save_int8({"lm_head": head}, tmp_path / quant.INT8_FILE)
+    loaded = quant.load_int8(tmp_path)["lm_head"]
+    assert torch.equal(loaded.codes, head.codes) and torch.equal(loaded.scale, head.scale)
 
 
 def test_four_bit_weights_are_found_and_saved(tmp_path) -> None:  # type: ignore[no-untyped-def]

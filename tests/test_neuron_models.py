@@ -306,9 +306,12 @@ def test_gguf_is_materialised_once_and_reused(demo_dir: Path, shared_neuron: Neu
     assert marker.stat().st_mtime_ns == stamp
     assert sorted(p.name for p in demo_dir.iterdir() if p.suffix == ".safetensors") == [
         "int4.safetensors",  # the codes of the 4-bit projections (quant.find_int4)
+        "int8.safetensors",  # the vocabulary projection's 8-bit codes (quant.codes8_of)
         "model.safetensors",
     ]
     assert "gguf materialised" not in shared_neuron.log()
+    # On a CPU the demo's decode steps run in the kernel, its vocabulary projection 8-bit.
+    assert "int4_projections=120 decode=kernel head=8-bit" in shared_neuron.log()
 
 
 def _fake_hub_cache(cache: Path, repo: str, source: Path, commit: str = "a" * 40) -> None:

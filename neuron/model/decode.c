@@ -53,6 +53,8 @@ typedef struct {
     const Layer *layer;
     const float *norm;    /* the final norm: [hidden] */
     const void *lm_head;  /* [vocab, hidden], float32 or bfloat16 */
+    const int8_t *lm_codes; /* or, where it is exactly 8-bit groups: codes [vocab, hidden] */
+    const float *lm_scale;  /* and their scales [vocab, hidden / GROUP] */
     const float *lm_bias; /* [vocab] or NULL */
     int64_t vocab, lm_bf16;
 } Model;
@@ -200,17 +202,18 @@ static inline float dotf(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* Row ``o`` of ``w`` against ``n`` tokens (1..8: a constant where inlined) of ``in`` from
- * token ``t``: sum(x * code * scale) by group, the codes of a group unpacked once for all of
- * them, the products exact in integers. */
-static inline __attribute__((always_inline)) void q4_tokens(const Q4 *w, int64_t o,
-                                                            const Input *in, int64_t t,
-                                                            int n, float *total) {
-    int64_t groups = w->in / GROUP, gs = in->stride / GROUP;
-    const uint8_t *c = w->codes + o * (w->in / 2);
-    const float *scale = w->scale + o * groups, *xs = in->xs + t * gs;
+/* One weight row of ``groups`` groups, as 4-bit codes ``c4`` (the Q4 packing) or else 8-bit
+ * ones ``c8``, against ``n`` tokens (1..8: a constant where inlined) of ``in`` from token
+ * ``t``: sum(x * code * scale) by group, the codes of a group unpacked once for all of them,
+ * the products exact in integers. */
+static inline __attribute__((always_inline)) void codes_tokens(const uint8_t *c4,
+                                                               const int8_t *c8,
+                                                               const float *scale,
+                                                               int64_t groups, const Input *in,
+                                                               int64_t t, int n, float *total) {
+    int64_t gs = in->stride / GROUP, st = in->stride;
+    const float *xs = in->xs + t * gs;
     const int16_t *x = in->x16 + t * in->stride;
-    int64_t st = in->stride;
 #ifdef HX_AVX2
     const __m128i mask = _mm_set1_epi8(0x0f);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
@@ -225,9 +228,15 @@ static inline __attribute__((always_inline)) void q4_tokens(const Q4 *w, int64_t
                               acc);                                                         \
     } while (0)
     for (int64_t g = 0; g < groups; g++) {
-        __m128i bytes = _mm_loadu_si128((const __m128i *)(c + g * 16));
-        __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));
-        __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+        __m256i lo, hi;
+        if (c4) {
+            __m128i bytes = _mm_loadu_si128((const __m128i *)(c4 + g * 16));
+            lo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));
+            hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+        } else {
+            lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c8 + g * GROUP)));
+            hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c8 + g * GROUP + 16)));
+        }
         HX_TOKEN(0, a0);
         if (n > 1) HX_TOKEN(1, a1);
         if (n > 2) HX_TOKEN(2, a2);
@@ -243,11 +252,15 @@ static inline __attribute__((always_inline)) void q4_tokens(const Q4 *w, int64_t
 #else
     for (int k = 0; k < n; k++) total[k] = 0;
     for (int64_t g = 0; g < groups; g++) {
-        const uint8_t *b = c + g * 16;
+        int32_t code[GROUP];
+        for (int i = 0; i < 16; i++) {
+            code[i] = c4 ? c4[g * 16 + i] & 15 : c8[g * GROUP + i];
+            code[i + 16] = c4 ? c4[g * 16 + i] >> 4 : c8[g * GROUP + i + 16];
+        }
         for (int k = 0; k < n; k++) {
             const int16_t *v = x + k * st + g * GROUP;
             int32_t p = 0;
-            for (int i = 0; i < 16; i++) p += v[i] * (b[i] & 15) + v[i + 16] * (b[i] >> 4);
+            for (int i = 0; i < GROUP; i++) p += v[i] * code[i];
             total[k] += (float)p * (scale[g] * xs[k * gs + g]);
         }
     }
@@ -256,22 +269,28 @@ static inline __attribute__((always_inline)) void q4_tokens(const Q4 *w, int64_t
 
 /* out[t * stride + o] (+)= x[t] . weight[o] + bias[o] for o in [o0, o1), eight tokens at a
  * time; sum(x * (code * scale + low)) taken as sum(x * code * scale) + low . sums(x). */
+static void codes_row(const uint8_t *c4, const int8_t *c8, const float *scale,
+                      int64_t groups, const Input *in, int64_t t, int64_t n, float *total) {
+    switch (n) {
+    case 1: codes_tokens(c4, c8, scale, groups, in, t, 1, total); break;
+    case 2: codes_tokens(c4, c8, scale, groups, in, t, 2, total); break;
+    case 3: codes_tokens(c4, c8, scale, groups, in, t, 3, total); break;
+    case 4: codes_tokens(c4, c8, scale, groups, in, t, 4, total); break;
+    case 5: codes_tokens(c4, c8, scale, groups, in, t, 5, total); break;
+    case 6: codes_tokens(c4, c8, scale, groups, in, t, 6, total); break;
+    case 7: codes_tokens(c4, c8, scale, groups, in, t, 7, total); break;
+    default: codes_tokens(c4, c8, scale, groups, in, t, 8, total); break;
+    }
+}
+
 static void q4_rows(const Q4 *w, const Input *in, int64_t tokens, int64_t o0, int64_t o1,
                     float *out, int64_t stride, int add) {
     float total[8] = {0};
     int64_t groups = w->in / GROUP, gs = in->stride / GROUP;
     for (int64_t o = o0; o < o1; o++)
         for (int64_t t = 0; t < tokens; t += 8) {
-            switch (tokens - t) {
-            case 1: q4_tokens(w, o, in, t, 1, total); break;
-            case 2: q4_tokens(w, o, in, t, 2, total); break;
-            case 3: q4_tokens(w, o, in, t, 3, total); break;
-            case 4: q4_tokens(w, o, in, t, 4, total); break;
-            case 5: q4_tokens(w, o, in, t, 5, total); break;
-            case 6: q4_tokens(w, o, in, t, 6, total); break;
-            case 7: q4_tokens(w, o, in, t, 7, total); break;
-            default: q4_tokens(w, o, in, t, 8, total); break;
-            }
+            codes_row(w->codes + o * (w->in / 2), NULL, w->scale + o * groups, groups, in, t,
+                      tokens - t, total);
             for (int64_t k = 0; k < 8 && t + k < tokens; k++) {
                 float v = total[k] + dotf(w->low + o * groups, in->sums + (t + k) * gs, groups);
                 if (w->bias) v += w->bias[o];
@@ -338,6 +357,21 @@ static void dense_rows(const Model *m, const float *h, int64_t n, int64_t o0, in
             case 7: dense_tokens(m, o, v, 7, total); break;
             default: dense_tokens(m, o, v, 8, total); break;
             }
+            for (int64_t k = 0; k < 8 && t + k < n; k++)
+                logits[(t + k) * m->vocab + o] = total[k] + (m->lm_bias ? m->lm_bias[o] : 0);
+        }
+}
+
+/* logits[k * vocab + o] = x[k] . lm_head[o] (+ bias) for o in [o0, o1), from its 8-bit
+ * codes, eight tokens at a time. */
+static void q8_rows(const Model *m, const Input *in, int64_t n, int64_t o0, int64_t o1,
+                    float *logits) {
+    float total[8] = {0};
+    int64_t H = m->hidden, groups = H / GROUP;
+    for (int64_t o = o0; o < o1; o++)
+        for (int64_t t = 0; t < n; t += 8) {
+            codes_row(NULL, m->lm_codes + o * H, m->lm_scale + o * groups, groups, in, t, n - t,
+                      total);
             for (int64_t k = 0; k < 8 && t + k < n; k++)
                 logits[(t + k) * m->vocab + o] = total[k] + (m->lm_bias ? m->lm_bias[o] : 0);
         }
@@ -489,11 +523,16 @@ static void run(const Model *m, const Step *s, Scratch *w, int tid, int threads,
         barrier(&pool_, sense);
     }
     /* the chosen tokens' logits */
-    for (int64_t k = tid; k < s->outputs; k += threads)
+    for (int64_t k = tid; k < s->outputs; k += threads) {
         rms_norm(s->x + s->chosen[k] * H, m->norm, H, m->eps, w->h + k * H);
+        if (m->lm_codes) prepare(&w->in, k, w->h + k * H, H);
+    }
     barrier(&pool_, sense);
     slice(m->vocab, tid, threads, &a, &b);
-    dense_rows(m, w->h, s->outputs, a, b, s->logits);
+    if (m->lm_codes)
+        q8_rows(m, &w->in, s->outputs, a, b, s->logits);
+    else
+        dense_rows(m, w->h, s->outputs, a, b, s->logits);
     barrier(&pool_, sense);
 }
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from neuron.devices import cpu_has_fast_bf16
 from neuron.model import kernel
-from neuron.model.quant import Codes, Linear, int4_kernel_usable
+from neuron.model.quant import Codes, Codes8, Linear, int4_kernel_usable
 
 # Tokens per block of the paged KV cache (vLLM's default): the granularity of the memory a
 # row holds and of the prompt beginnings rows share.
@@ -86,11 +86,17 @@ class Forward:
     """A Llama-family decoder's weights, arranged for batched decoding."""
 
     def __init__(
-        self, model: Any, int4: dict[str, Codes], use_int4: bool, decode_kernel: bool = True
+        self,
+        model: Any,
+        int4: dict[str, Codes],
+        use_int4: bool,
+        decode_kernel: bool = True,
+        head8: Codes8 | None = None,
     ) -> None:
         """``int4``: the codes of the projections that are exactly 4-bit. With ``use_int4``,
         decode steps run them: in the CPU kernel where every layer has them (and
-        ``decode_kernel``, and it builds here), else in torch's int4 matmul where it pays."""
+        ``decode_kernel``, and it builds here), else in torch's int4 matmul where it pays.
+        ``head8``: the vocabulary projection's 8-bit codes, which the kernel then runs."""
         config = model.config
         inner = model.model
         self.dtype = model.dtype
@@ -166,7 +172,7 @@ class Forward:
                     }
                     for layer, w in zip(inner.layers, weights, strict=True)
                 ],
-                (self.norm, self.lm_head.weight, self.lm_head.bias),
+                (self.norm, self.lm_head.weight, self.lm_head.bias, head8),
             )
         # torch's int4 matmul serves decode steps where the kernel does not.
         torch_int4 = self.kernel is None and int4_kernel_usable(self.device, self.dtype)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from neuron.model.quant import GROUP, Codes
+from neuron.model.quant import GROUP, Codes, Codes8
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ class _Model(ctypes.Structure):
         ("layers", _I64), ("hidden", _I64), ("heads", _I64), ("kv_heads", _I64),
         ("head_dim", _I64), ("inter", _I64), ("eps", _F32), ("kv_bf16", _I64),
         ("pool", _PTR), ("slots", _I64), ("layer", ctypes.POINTER(_Layer)),
-        ("norm", _PTR), ("lm_head", _PTR), ("lm_bias", _PTR), ("vocab", _I64), ("lm_bf16", _I64),
+        ("norm", _PTR), ("lm_head", _PTR), ("lm_codes", _PTR), ("lm_scale", _PTR),
+        ("lm_bias", _PTR), ("vocab", _I64), ("lm_bf16", _I64),
     ]  # fmt: skip
 
 
@@ -104,14 +105,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 class Decoder:
     """A model's layers as the kernel takes them: 4-bit codes, float32 norms and biases; and
-    its final norm and vocabulary projection (float32 or bfloat16, as the model holds it)."""
+    its final norm and vocabulary projection (its 8-bit codes where it has them, else its
+    weight, float32 or bfloat16 as the model holds it)."""
 
     def __init__(
         self,
         lib: ctypes.CDLL,
         shape: dict[str, Any],
         layers: list[dict[str, Any]],
-        head: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        head: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Codes8 | None],
     ) -> None:
         self._lib = lib
         self._keep: list[torch.Tensor] = []  # every tensor the structures point into
@@ -122,13 +124,15 @@ class Decoder:
             for name in ("qkv", "o", "gate_up", "down"):
                 codes, bias = layer[name]
                 setattr(self._layers[i], name, self._q4(codes, bias))
-        norm, lm_head, lm_bias = head
+        norm, lm_head, lm_bias, head8 = head
         self.vocab = lm_head.shape[0]
         self._model = _Model(
             layers=len(layers), hidden=shape["hidden"], heads=shape["heads"],
             kv_heads=shape["kv_heads"], head_dim=shape["head_dim"], inter=shape["inter"],
             eps=shape["eps"], layer=self._layers, norm=self._hold(norm.float()),
             lm_head=self._hold(lm_head), lm_bf16=int(lm_head.dtype == torch.bfloat16),
+            lm_codes=None if head8 is None else self._hold(head8.codes),
+            lm_scale=None if head8 is None else self._hold(head8.scale.float()),
             lm_bias=None if lm_bias is None else self._hold(lm_bias.float()), vocab=self.vocab,
         )  # fmt: skip
 

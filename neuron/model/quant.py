@@ -27,6 +27,8 @@ from torch import nn
 
 GROUP = 32
 INT4_FILE = "int4.safetensors"
+# The vocabulary projection's codes where it is exactly 8-bit groups (GGUF's Q8_0).
+INT8_FILE = "int8.safetensors"
 # A group is "exactly 4-bit" when rebuilding it from 4-bit codes is off by at most this
 # fraction of the group's range (dequantised GGUF groups rebuild to float32 rounding).
 _TOLERANCE = 1e-5
@@ -68,6 +70,52 @@ def codes_of(weight: torch.Tensor) -> Codes | None:
         scale.squeeze(-1),
         low.squeeze(-1),
     )
+
+
+class Codes8:
+    """A weight as 8-bit codes: ``weight = codes * scale`` per group of 32 inputs."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        self.codes = codes  # int8 [out, in], values -127..127
+        self.scale = scale  # float32 [out, in / GROUP]
+
+
+def codes8_of(weight: torch.Tensor) -> Codes8 | None:
+    """The 8-bit codes of a float32 weight (a GGUF Q8_0 tensor dequantised: each group
+    ``d * q`` with its largest ``|q|`` 127), or None where it is not exactly that."""
+    out_features, in_features = weight.shape
+    if in_features % GROUP or weight.dtype != torch.float32:
+        return None
+    w = weight.detach().reshape(out_features, in_features // GROUP, GROUP)
+    top = w.abs().amax(-1, keepdim=True)
+    scale = top / 127
+    codes = torch.round(w / torch.where(top > 0, scale, torch.ones_like(scale)))
+    error = (codes * scale - w).abs().amax(-1, keepdim=True)
+    if bool((error > _TOLERANCE * top.clamp(min=1e-30)).any()):
+        return None
+    return Codes8(codes.reshape(out_features, in_features).to(torch.int8), scale.squeeze(-1))
+
+
+def save_int8(found: dict[str, Codes8], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, c in found.items():
+        tensors[f"{name}.codes"] = c.codes.contiguous()
+        tensors[f"{name}.scale"] = c.scale.contiguous()
+    save_file(tensors, str(path))
+
+
+def load_int8(model_dir: Path) -> dict[str, Codes8]:
+    """The 8-bit codes saved beside a materialised model, or none."""
+    path = model_dir / INT8_FILE
+    if not path.exists():
+        return {}
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    names = [k.removesuffix(".codes") for k in tensors if k.endswith(".codes")]
+    return {n: Codes8(tensors[f"{n}.codes"], tensors[f"{n}.scale"]) for n in names}
 
 
 def find_int4(model: nn.Module) -> dict[str, Codes]:
