@@ -97,25 +97,35 @@ def codes8_of(weight: torch.Tensor) -> Codes8 | None:
 
 
 def save_int8(found: dict[str, Codes8], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for name, c in found.items():
-        tensors[f"{name}.codes"] = c.codes.contiguous()
-        tensors[f"{name}.scale"] = c.scale.contiguous()
-    save_file(tensors, str(path))
+    _save({n: {"codes": c.codes, "scale": c.scale} for n, c in found.items()}, path)
 
 
 def load_int8(model_dir: Path) -> dict[str, Codes8]:
     """The 8-bit codes saved beside a materialised model, or none."""
-    path = model_dir / INT8_FILE
+    return {n: Codes8(t["codes"], t["scale"]) for n, t in _load(model_dir / INT8_FILE).items()}
+
+
+def _save(found: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
+    """Each weight's tensors as ``<weight>.<part>`` in one safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        f"{n}.{part}": t.contiguous() for n, parts in found.items() for part, t in parts.items()
+    }
+    save_file(tensors, str(path))
+
+
+def _load(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """What ``_save`` wrote, by weight; nothing where there is no such file."""
     if not path.exists():
         return {}
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
-    names = [k.removesuffix(".codes") for k in tensors if k.endswith(".codes")]
-    return {n: Codes8(tensors[f"{n}.codes"], tensors[f"{n}.scale"]) for n in names}
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(path)).items():
+        name, part = key.rsplit(".", 1)
+        found.setdefault(name, {})[part] = tensor
+    return found
 
 
 def find_int4(model: nn.Module) -> dict[str, Codes]:
@@ -130,32 +140,21 @@ def find_int4(model: nn.Module) -> dict[str, Codes]:
 
 
 def save_int4(found: dict[str, Codes], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for name, c in found.items():
-        # Two codes to a byte: even columns in the low nibble.
-        tensors[f"{name}.codes"] = (c.codes[:, ::2] | (c.codes[:, 1::2] << 4)).contiguous()
-        tensors[f"{name}.scale"] = c.scale.contiguous()
-        tensors[f"{name}.low"] = c.low.contiguous()
-    save_file(tensors, str(path))
+    # Two codes to a byte: even columns in the low nibble.
+    packed = {
+        n: {"codes": c.codes[:, ::2] | (c.codes[:, 1::2] << 4), "scale": c.scale, "low": c.low}
+        for n, c in found.items()
+    }
+    _save(packed, path)
 
 
 def load_int4(model_dir: Path) -> dict[str, Codes]:
     """The codes saved beside a materialised model, or none."""
-    path = model_dir / INT4_FILE
-    if not path.exists():
-        return {}
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
     found = {}
-    for key in tensors:
-        if key.endswith(".codes"):
-            name = key.removesuffix(".codes")
-            packed = tensors[key]
-            codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
-            found[name] = Codes(codes, tensors[f"{name}.scale"], tensors[f"{name}.low"])
+    for name, t in _load(model_dir / INT4_FILE).items():
+        packed = t["codes"]
+        codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+        found[name] = Codes(codes, t["scale"], t["low"])
     return found
 
 
