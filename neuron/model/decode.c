@@ -16,6 +16,7 @@
  */
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -89,6 +90,20 @@ typedef struct {
 
 static Pool pool_ = {.n = 0};
 
+/* Spins a waiting thread makes before it yields its core at each further look: another
+ * thread of the process (the server's) may hold the core the late one needs. */
+#define SPINS 2000
+
+static inline void relax(int *spins) {
+    if (++*spins > SPINS) {
+        sched_yield();
+        return;
+    }
+#ifdef HX_AVX2
+    _mm_pause();
+#endif
+}
+
 static void barrier(Pool *p, int *local) {
     if (p->n == 1) return;
     *local = !*local;
@@ -96,11 +111,8 @@ static void barrier(Pool *p, int *local) {
         atomic_store(&p->arrived, 0);
         atomic_store(&p->sense, *local);
     } else {
-        while (atomic_load_explicit(&p->sense, memory_order_acquire) != *local) {
-#ifdef HX_AVX2
-            _mm_pause();
-#endif
-        }
+        int spins = 0;
+        while (atomic_load_explicit(&p->sense, memory_order_acquire) != *local) relax(&spins);
     }
 }
 
@@ -639,11 +651,8 @@ static int decode_locked(const Model *m, const Step *s, int threads) {
         pthread_mutex_unlock(&pool_.lock);
     }
     run(m, s, &w, 0, threads, &main_sense);
-    while (atomic_load(&pool_.done) < threads - 1) {
-#ifdef HX_AVX2
-        _mm_pause();
-#endif
-    }
+    int spins = 0;
+    while (atomic_load(&pool_.done) < threads - 1) relax(&spins);
     free(block);
     return 0;
 }
