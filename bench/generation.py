@@ -76,16 +76,17 @@ def bare_step_ceiling(
 ) -> dict[int, float]:
     """Tokens/s of the bare decode step at each batch size: no server, no sampling.
 
-    ``engine`` is "transformers" (its own forward, what ``transformers serve`` runs) or
-    "neuron" (neuron's forward, with the int4 codes where the CPU kernel pays).
+    ``engine`` is "transformers" (its own forward, what ``transformers serve`` runs),
+    "neuron" (neuron's forward as it serves: its decode steps in the CPU kernel) or
+    "neuron-torch" (the same forward with its decode steps left to torch).
     """
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
     from bench.kvcache import load_forward, paged_step
 
-    if engine == "neuron":
-        forward = load_forward(model_dir, dtype_name)
+    if engine.startswith("neuron"):
+        forward = load_forward(model_dir, dtype_name, kernel=engine == "neuron")
     else:
         dtype = getattr(torch, dtype_name)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
@@ -93,7 +94,7 @@ def bare_step_ceiling(
     with torch.inference_mode():
         for batch in batches:
             prompt = torch.randint(0, 1000, (batch, 64))
-            if engine == "neuron":
+            if engine.startswith("neuron"):
                 # The engine's runner over its paged cache, without prefix cache (the prompts
                 # are random): a step is its ``decode``.
                 step = paged_step(forward, prompt, 64)
@@ -119,6 +120,7 @@ def _transformers_step(model: Any, cache: Any, token: Any) -> Any:
 PATHS = {
     "transformers": "model forward over a DynamicCache, as serve without continuous batching",
     "neuron": "neuron.model.forward, as neuron serves",
+    "neuron-torch": "neuron.model.forward, its decode steps in torch, not the CPU kernel",
 }
 
 
@@ -368,8 +370,8 @@ async def run(args: argparse.Namespace) -> tuple[str, int]:
     }
     servers = [every[key] for key in keys]
     try:
-        for engine in ("transformers", "neuron"):
-            if engine not in {ENGINES.get(key) for key in keys}:
+        for engine in PATHS:
+            if engine.removesuffix("-torch") not in {ENGINES.get(key) for key in keys}:
                 continue
             ceiling = bare_step_ceiling(model_dir, args.concurrency, engine, args.dtype)
             path = PATHS[engine]
