@@ -328,11 +328,11 @@ def parameter_bytes(model_dir: Path, dtype_bytes: int | None) -> int:
     """Bytes the weights take once loaded: read from the safetensors headers, not the data.
 
     ``dtype_bytes`` is the size of one element in the dtype the model will be loaded in, or
-    None to keep each tensor's stored dtype. 4-bit codes count as stored.
+    None to keep each tensor's stored dtype. 4-bit and 8-bit codes count as stored.
     """
     total = 0
     for file in sorted(model_dir.glob("*.safetensors")):
-        element = None if file.name == INT4_FILE else dtype_bytes
+        element = None if file.name in (INT4_FILE, INT8_FILE) else dtype_bytes
         with open(file, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length))

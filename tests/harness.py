@@ -476,7 +476,7 @@ def cortex_config(
 
 
 def catalogue_model(model_id: str, memory: str = "350MB", **extra: Any) -> dict[str, Any]:
-    """A models.toml entry for the demo GGUF under ``model_id`` (bf16: 335,385,216 bytes)."""
+    """A models.toml entry for the demo GGUF under ``model_id`` (bf16: 380,647,296 bytes)."""
     return {"id": model_id, "path": str(DEMO_GGUF), "memory": memory, **extra}
 
 

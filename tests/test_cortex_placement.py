@@ -1,8 +1,9 @@
 """Placement and eviction end to end: a real cortex over one neuron with a small memory budget.
 
-Each bf16 copy of the demo model takes 335,385,216 bytes on the neuron (its dense weights and
-the int4 codes of its 4-bit projections; the neuron reserves 348,656,256 to load one); an
-1100MiB budget holds three copies (under different ids), not four. Requests for catalogue models that are not
+Each bf16 copy of the demo model takes 380,647,296 bytes on the neuron (its dense weights, and
+for the CPU decode kernel the codes of its 4-bit projections and of its 8-bit vocabulary
+projection; the neuron reserves 380,506,752 to load one, and 12,165,120 for its KV cache); a
+1200MiB budget holds three copies (under different ids), not four. Requests for catalogue models that are not
 loaded place them; with no room the least recently used unpinned idle model is unloaded first;
 the pinned one never is, even when it is the least recently used. The copies ask for bf16:
 "auto" is float32 on a CPU without native bf16, and three of those do not fit.
@@ -40,7 +41,7 @@ SMALL = {"dtype": "bfloat16", "max_batch_size": 2, "max_context": 256}
 async def small_fleet(
     demo_dir: Path, tmp_path: Path, neurons: list[NeuronProcess]
 ) -> AsyncIterator[tuple[CortexProcess, NeuronProcess]]:
-    neuron = NeuronProcess(tmp_path / "neuron", neuron_config(cpu_memory_budget="1100MiB"))
+    neuron = NeuronProcess(tmp_path / "neuron", neuron_config(cpu_memory_budget="1200MiB"))
     neurons.append(neuron.start())
     await neuron.wait_serving()
     cortex = CortexProcess(

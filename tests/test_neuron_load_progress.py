@@ -90,7 +90,10 @@ def _watch(config: Path, lines: int) -> tuple[list[str], int]:
         assert proc.stdout is not None
         read = [proc.stdout.readline() for _ in range(lines)]
         proc.send_signal(signal.SIGINT)
-        return read, proc.wait(timeout=30)
+        # Read what it still writes until it exits: a pipe left full would hold it in a write.
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode is not None, rest
+        return read, proc.returncode
     finally:
         if proc.poll() is None:
             proc.kill()
