@@ -11,6 +11,7 @@ pass silently as a run with fewer tests.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -35,6 +36,13 @@ from tests.netns import namespaces_refusal
 from tests.packages import Package, build, counting_index, install_venv, unpack, wheelhouse
 
 NO_SKIPS = os.environ.get("HELEXA_NO_SKIPS") == "1"
+
+# A run started in the background by a shell without job control (`make test &`, nohup, some
+# CI runners) inherits SIGINT ignored, and so would every process it starts: a Python program
+# then never sees Ctrl-C (`cortex status --watch`, whose end is a Ctrl-C, waited forever).
+# Handled here, it is the default again in every child (exec resets a handled signal).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _cuda_available() -> bool:
