@@ -128,13 +128,14 @@ async def test_neuron_sigterm_lets_the_stream_finish_and_new_requests_go_elsewhe
     cortex, (n0, n1) = fleet
     await wait_up(cortex, ["n0", "n1"])
     story = "Write a long story about a dragon."
+    # Counted before n0's streams open: one may finish before the last opens.
+    served_n0 = served(n0)
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         on_n0 = await _open(session, cortex, content=story, max_tokens=150)
         on_n1 = await _open(session, cortex, content=story + " Another.", max_tokens=60)
         # A second stream on n0 (its prompt's neuron, and the tie's by name): n1 is now the
         # less loaded, the one new requests would go to if its draining were ignored.
         also_n0 = await _open(session, cortex, content=story, max_tokens=150)
-        served_n0 = served(n0)
         n1.send(signal.SIGTERM)
         # Each is answered, by n0: one cortex sent to the draining n1 before a poll told it
         # so is refused there (UNAVAILABLE, before any token) and retried on n0.
